@@ -1,0 +1,26 @@
+"""DynamicLoRA: a hierarchical LoRA memory that lets many agents learn continuously on one base model."""
+
+from .circuits import Circuit
+from .config import TIERS, AdapterConfig, DynamicLoRAConfig, GenerationConfig, LearningConfig
+from .core import Agent, DynamicLoRA, GenerationResult
+from .errors import (
+    ConfigError,
+    CorruptStateError,
+    DynamicLoRAError,
+    IncompatibleAdapterError,
+    PromptTooLongError,
+    StateMismatchError,
+    UnknownAgentError,
+    UnknownScopeError,
+)
+from .hierarchy import ScopeKey, Snapshot
+from .learning import LearnResult
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "TIERS", "AdapterConfig", "Agent", "Circuit", "ConfigError", "CorruptStateError", "DynamicLoRA",
+    "DynamicLoRAConfig", "DynamicLoRAError", "GenerationConfig", "GenerationResult", "IncompatibleAdapterError",
+    "LearnResult", "LearningConfig", "PromptTooLongError", "ScopeKey", "Snapshot", "StateMismatchError",
+    "UnknownAgentError", "UnknownScopeError", "__version__",
+]

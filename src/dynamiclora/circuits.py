@@ -1,0 +1,147 @@
+"""Circuits: the unit of memory.
+
+A circuit holds, for every adapted module m, low-rank factors ``A_m (r × in)`` and ``B_m (out × r)``
+and a scale ``s``; its delta on module m is ``s · B_m A_m``. A circuit moves between tiers whole.
+Factors are kept in float32 whatever the base model's dtype: deltas are computed in float32.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]  # module name -> (A (r, in), B (out, r))
+
+
+def new_circuit_id() -> str:
+    return uuid.uuid4().hex[:16]
+
+
+def tensor_digest(hasher: Any, tensor: torch.Tensor) -> None:
+    """Feed a tensor's dtype, shape and exact bytes to a hashlib object."""
+    t = tensor.detach().contiguous().cpu()
+    hasher.update(str(t.dtype).encode())
+    hasher.update(struct.pack(f"<{t.dim()}q", *t.shape))
+    hasher.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+
+
+@dataclass
+class Circuit:
+    """Low-rank factors on every adapted module plus the record that tracks the circuit's life."""
+
+    factors: Factors
+    tier: str
+    scope: str
+    scale: float = 1.0
+    id: str = field(default_factory=new_circuit_id)
+    label: str = ""
+    origin_agents: list[str] = field(default_factory=list)
+    origin_interactions: list[int] = field(default_factory=list)
+    created_tick: int = 0
+    updated_tick: int = 0
+    usage: float = 0.0  # last observed normalized activation
+    critical: bool = False  # learned with critical=True
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        for name, (a, b) in self.factors.items():
+            if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
+                raise ValueError(
+                    f"circuit {self.id}: factors of {name!r} must be A (r × in) and B (out × r) with equal r, "
+                    f"got A {tuple(a.shape)} and B {tuple(b.shape)}"
+                )
+
+    @property
+    def rank(self) -> int:
+        return max((a.shape[0] for a, _ in self.factors.values()), default=0)
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(a.numel() + b.numel() for a, b in self.factors.values())
+
+    def delta(self, module: str) -> torch.Tensor:
+        """Dense ``s · B A`` of one module (out × in), for tests and merging."""
+        a, b = self.factors[module]
+        return self.scale * (b.float() @ a.float())
+
+    def content_hash(self) -> str:
+        """sha256 over the scale and every module's factors, modules in sorted order."""
+        h = hashlib.sha256()
+        h.update(struct.pack("<d", float(self.scale)))
+        for name in sorted(self.factors):
+            a, b = self.factors[name]
+            h.update(name.encode())
+            tensor_digest(h, a)
+            tensor_digest(h, b)
+        return h.hexdigest()
+
+    def record(self) -> dict[str, Any]:
+        """Everything but the tensors, as JSON-ready data."""
+        return {
+            "id": self.id,
+            "tier": self.tier,
+            "scope": self.scope,
+            "scale": self.scale,
+            "rank": self.rank,
+            "label": self.label,
+            "origin_agents": list(self.origin_agents),
+            "origin_interactions": list(self.origin_interactions),
+            "created_tick": self.created_tick,
+            "updated_tick": self.updated_tick,
+            "usage": self.usage,
+            "critical": self.critical,
+            "history": list(self.history),
+        }
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any], factors: Factors) -> Circuit:
+        keys = ("id", "tier", "scope", "scale", "label", "origin_agents", "origin_interactions", "created_tick",
+                "updated_tick", "usage", "critical", "history")
+        return cls(factors=factors, **{k: record[k] for k in keys if k in record})
+
+
+def frobenius_inner(c1: Circuit, c2: Circuit) -> float:
+    """⟨s₁B₁A₁, s₂B₂A₂⟩ summed over shared modules, without forming a dense matrix.
+
+    ``⟨B₁A₁, B₂A₂⟩ = sum((B₁ᵀB₂) ⊙ (A₁A₂ᵀ))``: two r×r products per module.
+    """
+    total = 0.0
+    for name in c1.factors.keys() & c2.factors.keys():
+        a1, b1 = c1.factors[name]
+        a2, b2 = c2.factors[name]
+        total += float(((b1.float().T @ b2.float()) * (a1.float() @ a2.float().T)).sum())
+    return c1.scale * c2.scale * total
+
+
+def concat_factors(circuits: list[Circuit], module: str, in_features: int, out_features: int,
+                   dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack circuits along the rank axis with their scales folded into B.
+
+    Returns ``A_cat (R, in)`` and ``B_cat (out, R)`` such that ``B_cat A_cat = Σ s·B A``. A circuit that does
+    not cover ``module`` contributes zero columns of its rank, so rank offsets agree across modules.
+    """
+    a_parts, b_parts = [], []
+    device = next((f[0].device for c in circuits for f in c.factors.values()), None)
+    for c in circuits:
+        if module in c.factors:
+            a, b = c.factors[module]
+            if a.shape[0] < c.rank:  # modules of one circuit may differ in rank (imported rank patterns)
+                a = torch.cat([a, a.new_zeros(c.rank - a.shape[0], a.shape[1])], 0)
+                b = torch.cat([b, b.new_zeros(b.shape[0], c.rank - b.shape[1])], 1)
+            a_parts.append(a)
+            b_parts.append(b * c.scale)
+        elif c.rank:
+            a_parts.append(torch.zeros(c.rank, in_features, device=device))
+            b_parts.append(torch.zeros(out_features, c.rank, device=device))
+    if not a_parts:
+        return torch.zeros(0, in_features, dtype=dtype, device=device), torch.zeros(out_features, 0, dtype=dtype,
+                                                                                     device=device)
+    a_cat, b_cat = torch.cat(a_parts, 0), torch.cat(b_parts, 1)
+    if dtype is not None:
+        a_cat, b_cat = a_cat.to(dtype), b_cat.to(dtype)
+    return a_cat, b_cat

@@ -1,0 +1,176 @@
+"""Configuration dataclasses. Every knob lives here, validated once, at construction.
+
+Fields carry help texts in their metadata; ``__post_init__`` checks ranges and cross-field rules and
+raises :class:`~dynamiclora.errors.ConfigError` naming the field and the fix. Configs round-trip
+through sorted JSON; unknown keys on load warn instead of failing, so that newer states stay loadable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from .errors import ConfigError
+
+#: Tiers from slowest to fastest; this is also the order of an agent's stack.
+TIERS: tuple[str, ...] = ("foundation", "domain", "swarm", "agent", "context")
+Tier = Literal["foundation", "domain", "swarm", "agent", "context"]
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+@dataclass
+class AdapterConfig:
+    """Where circuits attach and how the stacked forward pass is computed."""
+
+    target_modules: tuple[str, ...] | None = field(
+        default=None,
+        metadata=_help(
+            "Regular expressions matched (re.search) against module names. None adapts every Linear/Conv1D "
+            "inside the transformer blocks, i.e. all linear layers except the output head (PEFT's 'all-linear')."
+        ),
+    )
+    exclude_modules: tuple[str, ...] = field(
+        default=(), metadata=_help("Regular expressions of module names never adapted, applied after target_modules.")
+    )
+    circuit_rank: int = field(default=8, metadata=_help("Rank r of a newly spawned circuit (factors B: out×r, A: r×in)."))
+    merged_tiers: tuple[str, ...] = field(
+        default=("foundation", "domain", "swarm"),
+        metadata=_help(
+            "Tiers folded into a cached effective weight W + ΔW when every row of a batch shares them. "
+            "The remaining tiers are applied as concatenated low-rank factors."
+        ),
+    )
+    merge_cache_size: int = field(
+        default=4, metadata=_help("How many effective-weight sets (one per distinct merged content) are kept.")
+    )
+    observe_usage: bool = field(
+        default=True, metadata=_help("Record each unmerged circuit's activation ‖A x‖ during every forward.")
+    )
+    merged_usage_sample_rate: float = field(
+        default=0.1, metadata=_help("Fraction of forwards on which circuits of merged tiers are observed too.")
+    )
+
+    def __post_init__(self) -> None:
+        if self.target_modules is not None:
+            self.target_modules = tuple(self.target_modules)
+            _check(len(self.target_modules) > 0, "AdapterConfig.target_modules is empty; use None for all linear layers")
+        self.exclude_modules = tuple(self.exclude_modules)
+        self.merged_tiers = tuple(self.merged_tiers)
+        _check(self.circuit_rank >= 1, f"AdapterConfig.circuit_rank must be >= 1, got {self.circuit_rank}")
+        for tier in self.merged_tiers:
+            _check(tier in TIERS, f"AdapterConfig.merged_tiers holds unknown tier {tier!r}; choose from {TIERS}")
+        _check(
+            "context" not in self.merged_tiers,
+            "AdapterConfig.merged_tiers must not contain 'context': it changes on every learn call",
+        )
+        _check(self.merge_cache_size >= 1, f"AdapterConfig.merge_cache_size must be >= 1, got {self.merge_cache_size}")
+        _check(
+            0.0 <= self.merged_usage_sample_rate <= 1.0,
+            f"AdapterConfig.merged_usage_sample_rate must lie in [0, 1], got {self.merged_usage_sample_rate}",
+        )
+
+
+@dataclass
+class LearningConfig:
+    """Online learning into the context tier (the only tier with an optimizer)."""
+
+    learning_rate: float = field(default=5e-3, metadata=_help("Adam learning rate of context circuits."))
+    steps_per_learn: int = field(default=4, metadata=_help("Gradient steps taken by one learn() call."))
+    max_grad_norm: float = field(default=1.0, metadata=_help("Gradient clipping norm; 0 disables clipping."))
+    context_capacity: int = field(
+        default=16, metadata=_help("Maximum circuits in one context scope; the weakest is dropped when full.")
+    )
+    attribution_threshold: float = field(
+        default=0.6,
+        metadata=_help(
+            "A learn() call updates the context circuit whose normalized activation on the input is the strongest, "
+            "if it is at least this; otherwise a new circuit is spawned. In [0, 1]."
+        ),
+    )
+    init_from_activations: bool = field(
+        default=True,
+        metadata=_help(
+            "Initialise a new circuit's A rows to the top right-singular vectors of the input activations "
+            "(explained-variance init), so that its activation measures how much an input resembles its origin."
+        ),
+    )
+
+    def __post_init__(self) -> None:
+        _check(self.learning_rate > 0, f"LearningConfig.learning_rate must be > 0, got {self.learning_rate}")
+        _check(self.steps_per_learn >= 1, f"LearningConfig.steps_per_learn must be >= 1, got {self.steps_per_learn}")
+        _check(self.max_grad_norm >= 0, f"LearningConfig.max_grad_norm must be >= 0, got {self.max_grad_norm}")
+        _check(self.context_capacity >= 1, f"LearningConfig.context_capacity must be >= 1, got {self.context_capacity}")
+        _check(
+            0.0 <= self.attribution_threshold <= 1.0,
+            f"LearningConfig.attribution_threshold must lie in [0, 1], got {self.attribution_threshold}",
+        )
+
+
+@dataclass
+class GenerationConfig:
+    """Decoding parameters; temperature 0 means greedy."""
+
+    max_new_tokens: int = field(default=48, metadata=_help("Tokens to generate at most."))
+    temperature: float = field(default=0.0, metadata=_help("0 for greedy decoding, > 0 for sampling."))
+    top_k: int = field(default=0, metadata=_help("Sample among the k most likely tokens; 0 disables."))
+    top_p: float = field(default=1.0, metadata=_help("Nucleus sampling mass in (0, 1]; 1 disables."))
+    stop_at_eos: bool = field(default=True, metadata=_help("Stop a row when it emits the tokenizer's EOS token."))
+
+    def __post_init__(self) -> None:
+        _check(self.max_new_tokens >= 1, f"GenerationConfig.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        _check(self.temperature >= 0, f"GenerationConfig.temperature must be >= 0, got {self.temperature}")
+        _check(self.top_k >= 0, f"GenerationConfig.top_k must be >= 0, got {self.top_k}")
+        _check(0 < self.top_p <= 1, f"GenerationConfig.top_p must lie in (0, 1], got {self.top_p}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass
+class DynamicLoRAConfig:
+    """The whole configuration of a DynamicLoRA instance."""
+
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    learning: LearningConfig = field(default_factory=LearningConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    seed: int = field(default=0, metadata=_help("Seed of circuit initialisation and sampling."))
+
+    def __post_init__(self) -> None:
+        for name, cls in (("adapter", AdapterConfig), ("learning", LearningConfig), ("generation", GenerationConfig)):
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                setattr(self, name, _from_dict(cls, value, f"DynamicLoRAConfig.{name}"))
+            elif not isinstance(value, cls):
+                raise ConfigError(f"DynamicLoRAConfig.{name} must be a {cls.__name__} or a dict, got {type(value)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DynamicLoRAConfig:
+        return _from_dict(cls, data, "DynamicLoRAConfig")
+
+
+def _from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must be a mapping, got {type(data).__name__}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        warnings.warn(f"{where}: ignoring unknown keys {unknown} (written by another version?)", stacklevel=3)
+    kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items() if k in known}
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # wrong field types surface here
+        raise ConfigError(f"{where}: {exc}") from exc

@@ -1,0 +1,344 @@
+"""DynamicLoRA: one frozen base model, many agents, a hierarchy of LoRA tiers.
+
+This module ties the pieces together: it wraps a Transformers causal LM (``stack``), keeps the scopes
+and agents (``hierarchy``), builds per-batch plans (``planner``), decodes (``generation``), learns into
+the context tier (``learning``), and persists and exchanges state (``store``, ``peft_io``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .circuits import Circuit
+from .config import TIERS, DynamicLoRAConfig, GenerationConfig
+from .errors import ConfigError, PromptTooLongError
+from .fingerprint import model_fingerprint, tokenizer_fingerprint
+from .generation import decode
+from .hierarchy import Hierarchy, ScopeKey, Snapshot
+from .learning import ContextLearner, LearnResult
+from .planner import BatchPlan, Planner
+from .stack import Session, StackedLinear, find_target_modules, inject
+
+
+@dataclass
+class GenerationResult:
+    agent_id: str
+    prompt: str
+    text: str
+    token_ids: list[int]
+    finished: bool  # stopped on EOS rather than on max_new_tokens
+    snapshot_hash: str
+    circuits_touched: dict[str, float] = field(default_factory=dict)  # circuit id -> activation
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class DynamicLoRA:
+    """A base causal LM with a hierarchical LoRA memory shared by many agents."""
+
+    def __init__(self, model: nn.Module, tokenizer: Any, config: DynamicLoRAConfig | None = None,
+                 model_id: str | None = None) -> None:
+        if config is None:
+            config = DynamicLoRAConfig()
+        if not isinstance(config, DynamicLoRAConfig):
+            raise ConfigError(f"config must be a DynamicLoRAConfig, got {type(config).__name__}")
+        self.config = config
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.model_id = model_id or getattr(model.config, "_name_or_path", "") or type(model).__name__
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.base_fingerprint = model_fingerprint(self.model)
+        self.tokenizer_fingerprint = tokenizer_fingerprint(tokenizer)
+        names = find_target_modules(self.model, config.adapter.target_modules, config.adapter.exclude_modules)
+        if not names:
+            raise ConfigError(
+                f"AdapterConfig.target_modules={config.adapter.target_modules!r} matches no Linear/Conv1D module of "
+                f"{type(model).__name__}; list module names with model.named_modules() and adjust the patterns"
+            )
+        self.layers: dict[str, StackedLinear] = inject(self.model, names)
+        self.hierarchy = Hierarchy()
+        self.planner = Planner(self.layers, self.hierarchy, config.adapter)
+        self.learner = ContextLearner(self)
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.tick_count = 0
+        self.interactions = 0
+        if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
+            tokenizer.pad_token = tokenizer.eos_token
+
+    # -- construction -------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path_or_id: str | Path, config: DynamicLoRAConfig | None = None, *,
+                        dtype: torch.dtype | str | None = None, device: str | torch.device | None = None,
+                        **model_kwargs: Any) -> DynamicLoRA:
+        """Load any Transformers causal LM (local directory or hub id) and its tokenizer, and wrap it."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        path_or_id = str(path_or_id)
+        if dtype is not None:
+            model_kwargs["dtype"] = dtype
+        model = AutoModelForCausalLM.from_pretrained(path_or_id, **model_kwargs)
+        if device is not None:
+            model = model.to(device)
+        tokenizer = AutoTokenizer.from_pretrained(path_or_id)
+        return cls(model, tokenizer, config, model_id=path_or_id)
+
+    @classmethod
+    def default(cls, config: DynamicLoRAConfig | None = None, data_dir: str | Path | None = None,
+                progress: bool = True, **kwargs: Any) -> DynamicLoRA:
+        """The built-in model, pretrained once on the Python standard library and cached (see default_model)."""
+        from .default_model import ensure_default_model
+
+        return cls.from_pretrained(ensure_default_model(data_dir, progress=progress), config, **kwargs)
+
+    @classmethod
+    def load(cls, state_dir: str | Path, model: nn.Module | None = None, tokenizer: Any = None,
+             **kwargs: Any) -> DynamicLoRA:
+        """Restore a state saved by :meth:`save`. Without ``model``, the recorded base model is loaded."""
+        from .store import load_state
+
+        return load_state(cls, Path(state_dir), model, tokenizer, **kwargs)
+
+    # -- agents and scopes --------------------------------------------------------------------------
+    def agent(self, agent_id: str, swarm: str | None = None, domain: str | None = None) -> Agent:
+        """Register an agent (id, swarm, domain), or return a registered one when swarm/domain are omitted."""
+        if swarm is None and domain is None:
+            self.hierarchy.agent(agent_id)
+        else:
+            self.hierarchy.register(agent_id, swarm or "default", domain or "general")
+        return Agent(self, agent_id)
+
+    @property
+    def agents(self) -> list[str]:
+        return sorted(self.hierarchy.agents)
+
+    def snapshot(self, agent_id: str) -> Snapshot:
+        scopes = self.hierarchy.stack_scopes(agent_id)
+        return Snapshot(agent_id, self.base_fingerprint, self.tokenizer_fingerprint,
+                        tuple((str(s.key), s.content_hash()) for s in scopes))
+
+    def add_circuit(self, scope: str | ScopeKey, circuit: Circuit) -> Circuit:
+        """Put a circuit into a scope (shared scopes are created on demand). Factors move to the model's device."""
+        unknown = sorted(set(circuit.factors) - set(self.layers))
+        if unknown:
+            raise ConfigError(f"circuit {circuit.id} has factors for modules that are not adapted: {unknown[:5]}")
+        for name, (a, b) in circuit.factors.items():
+            layer = self.layers[name]
+            if a.shape[1] != layer.in_features or b.shape[0] != layer.out_features:
+                raise ConfigError(
+                    f"circuit {circuit.id}: module {name!r} expects A (r × {layer.in_features}) and "
+                    f"B ({layer.out_features} × r), got {tuple(a.shape)} and {tuple(b.shape)}"
+                )
+            circuit.factors[name] = (a.detach().float().to(self.device), b.detach().float().to(self.device))
+        self.hierarchy.scope(scope, create=True).add(circuit)
+        return circuit
+
+    def circuits(self, tier: str | None = None, scope: str | None = None, agent: str | None = None) -> list[dict]:
+        """Records (no tensors) of circuits, filtered by tier, scope ('tier:name') or an agent's stack."""
+        if tier is not None and tier not in TIERS:
+            raise ConfigError(f"unknown tier {tier!r}; choose from {TIERS}")
+        keys = set(self.hierarchy.agent(agent).stack()) if agent else None
+        wanted = ScopeKey.parse(scope) if scope else None
+        if wanted is not None:
+            self.hierarchy.scope(wanted)
+        rows = []
+        for key, s in sorted(self.hierarchy.scopes.items(), key=lambda kv: (TIERS.index(kv[0].tier), kv[0].name)):
+            if (tier and key.tier != tier) or (wanted and key != wanted) or (keys is not None and key not in keys):
+                continue
+            rows.extend(c.record() for c in s.circuits.values())
+        return rows
+
+    # -- running the stack --------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def max_positions(self) -> int | None:
+        cfg = self.model.config
+        return getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+
+    def new_session(self, plan: BatchPlan, observe: bool | None = None, capture: bool = False,
+                    mask: torch.Tensor | None = None) -> Session:
+        rate = self.config.adapter.merged_usage_sample_rate
+        sample = bool(plan.merged_circuits) and rate > 0 and float(torch.rand((), generator=self.generator)) < rate
+        return Session(len(plan.agent_ids), len(plan.circuits), len(plan.merged_circuits),
+                       observe=self.config.adapter.observe_usage if observe is None else observe,
+                       sample_merged=sample, mask=mask, capture={} if capture else None)
+
+    @contextlib.contextmanager
+    def activate(self, plan: BatchPlan, session: Session | None = None) -> Iterator[Session | None]:
+        """Make every adapted layer apply ``plan`` (and record into ``session``) inside the block."""
+        for name, layer in self.layers.items():
+            layer.plan, layer.session = plan.modules[name], session
+        try:
+            yield session
+        finally:
+            for layer in self.layers.values():
+                layer.plan = layer.session = None
+
+    def forward(self, agent_ids: Sequence[str], input_ids: torch.Tensor,
+                attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, Session]:
+        """Logits (B, T, V) of a batch whose row i runs agent_ids[i]'s stack, and the usage session."""
+        if len(agent_ids) != input_ids.shape[0]:
+            raise ValueError(f"got {len(agent_ids)} agent ids for a batch of {input_ids.shape[0]} rows; give one per row")
+        self.check_length(input_ids.shape[1])
+        plan = self.planner.plan(list(agent_ids))
+        session = self.new_session(plan, mask=attention_mask)
+        with torch.no_grad(), self.activate(plan, session):
+            out = self.model(input_ids=input_ids.to(self.device),
+                             attention_mask=None if attention_mask is None else attention_mask.to(self.device),
+                             use_cache=False)
+        self._record_usage(plan, session)
+        return out.logits, session
+
+    def _record_usage(self, plan: BatchPlan, session: Session) -> dict[str, float]:
+        """Store the last observed activation on each circuit; returns the first row's map."""
+        acts = session.activations()
+        for row, columns in enumerate(plan.row_columns):
+            for col in columns:
+                plan.circuits[col].usage = float(acts[row, col])
+        if session.merged_observations:
+            macts = session.merged_activations().max(0).values
+            for col, c in enumerate(plan.merged_circuits):
+                c.usage = float(macts[col])
+        return {plan.circuits[col].id: float(acts[0, col]) for col in plan.row_columns[0]} if plan.row_columns else {}
+
+    def check_length(self, total: int, prompt_tokens: int | None = None, new_tokens: int = 0) -> None:
+        limit = self.max_positions
+        if limit is not None and total > limit:
+            detail = f"{prompt_tokens} prompt tokens + {new_tokens} new tokens" if prompt_tokens is not None else \
+                f"{total} tokens"
+            raise PromptTooLongError(
+                f"{detail} = {total} exceed the model's context of {limit} positions; shorten the prompt "
+                f"or lower max_new_tokens so that the sum is at most {limit}"
+            )
+
+    def encode(self, text: str, special: bool = True) -> list[int]:
+        if not isinstance(text, str):
+            raise TypeError(f"expected text (str), got {type(text).__name__}")
+        return list(self.tokenizer(text, add_special_tokens=special)["input_ids"])
+
+    def generate_batch(self, requests: Sequence[tuple[str, str]], generation: GenerationConfig | None = None,
+                       **overrides: Any) -> list[GenerationResult]:
+        """Generate for (agent id, prompt) pairs in one heterogeneous batch, with the model's KV cache."""
+        cfg = replace(generation or self.config.generation, **overrides)
+        if not requests:
+            return []
+        agent_ids = [a for a, _ in requests]
+        snapshots = [self.snapshot(a) for a in agent_ids]
+        prompts = [self.encode(p) for _, p in requests]
+        for ids in prompts:
+            if not ids:
+                raise ValueError("the prompt is empty after tokenization; give at least one token of text")
+            self.check_length(len(ids) + cfg.max_new_tokens, len(ids), cfg.max_new_tokens)
+        t0 = time.perf_counter()
+        plan = self.planner.plan(agent_ids)
+        session = self.new_session(plan)
+        t_plan = time.perf_counter()
+        timings = {"plan_s": t_plan - t0}
+
+        def forward(ids, mask, pos, past):
+            session.mask = mask if past is None else None
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=past,
+                             use_cache=True, logits_to_keep=1)
+            return out.logits[:, -1], out.past_key_values
+
+        def prefill_done():
+            timings["prefill_s"] = time.perf_counter() - t_plan
+
+        with self.activate(plan, session):
+            decoded = decode(forward, prompts, cfg, pad_id=self.tokenizer.pad_token_id or 0,
+                             eos_id=self.tokenizer.eos_token_id, device=self.device, generator=self.generator,
+                             on_prefill_done=prefill_done)
+        timings["total_s"] = time.perf_counter() - t0
+        acts = session.activations()
+        self._record_usage(plan, session)
+        self.interactions += len(requests)
+        results = []
+        for row, ((agent_id, prompt), toks, fin, snap) in enumerate(
+                zip(requests, decoded.tokens, decoded.finished, snapshots)):
+            touched = {plan.circuits[c].id: float(acts[row, c]) for c in plan.row_columns[row]}
+            results.append(GenerationResult(agent_id, prompt, self.tokenizer.decode(toks, skip_special_tokens=True),
+                                            toks, fin, snap.provenance_hash, touched, dict(timings)))
+        return results
+
+    # -- persistence and interop --------------------------------------------------------------------
+    def save(self, state_dir: str | Path, overwrite_other_model: bool = False) -> Path:
+        """Atomically write the whole state (circuits as safetensors, records in SQLite) to a directory."""
+        from .store import save_state
+
+        return save_state(self, Path(state_dir), overwrite_other_model=overwrite_other_model)
+
+    def export_peft(self, out_dir: str | Path, scope: str | None = None, agent: str | None = None) -> Path:
+        """Write one scope (``scope='swarm:team'``) or an agent's whole stack (``agent='id'``) as a PEFT adapter."""
+        from .peft_io import export_peft
+
+        return export_peft(self, Path(out_dir), scope=scope, agent=agent)
+
+    def import_peft(self, adapter_dir: str | Path, scope: str = "foundation", label: str | None = None) -> Circuit:
+        """Bring a PEFT LoRA adapter in as one circuit of ``scope`` (e.g. 'foundation', 'domain:python')."""
+        from .peft_io import import_peft
+
+        return import_peft(self, Path(adapter_dir), scope=scope, label=label)
+
+    def __repr__(self) -> str:
+        n = len(self.hierarchy.all_circuits())
+        return (f"DynamicLoRA(model={self.model_id!r}, adapted_modules={len(self.layers)}, agents={len(self.agents)}, "
+                f"circuits={n})")
+
+
+class Agent:
+    """A handle on one registered agent; every call goes through the shared DynamicLoRA."""
+
+    def __init__(self, dl: DynamicLoRA, agent_id: str) -> None:
+        self.dl = dl
+        self.id = agent_id
+
+    @property
+    def info(self):
+        return self.dl.hierarchy.agent(self.id)
+
+    def generate(self, prompt: str, **overrides: Any) -> GenerationResult:
+        return self.dl.generate_batch([(self.id, prompt)], **overrides)[0]
+
+    def learn(self, prompt: str, completion: str, critical: bool = False) -> LearnResult:
+        """Gradient steps of the completion's next-token loss into this agent's context circuits only."""
+        dl = self.dl
+        dl.hierarchy.agent(self.id)
+        prompt_ids, completion_ids = dl.encode(prompt), dl.encode(completion, special=False)
+        if not completion_ids:
+            raise ValueError("the completion is empty after tokenization; give the text the agent should learn")
+        if dl.tokenizer.eos_token_id is not None:
+            completion_ids = completion_ids + [dl.tokenizer.eos_token_id]
+        dl.check_length(len(prompt_ids) + len(completion_ids), len(prompt_ids), len(completion_ids))
+        result = dl.learner.learn(self.id, prompt_ids, completion_ids, critical)
+        dl.interactions += 1
+        return result
+
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if input_ids.dim() == 1:
+            input_ids = input_ids.unsqueeze(0)
+        return self.dl.forward([self.id] * input_ids.shape[0], input_ids)[0]
+
+    def score(self, prompt: str, completion: str) -> float:
+        """Sum of log-probabilities of the completion's tokens given the prompt."""
+        p, c = self.dl.encode(prompt), self.dl.encode(completion, special=False)
+        ids = torch.tensor([p + c])
+        logp = self.logits(ids)[0, :-1].float().log_softmax(-1)
+        targets = ids[0, 1:].to(logp.device)
+        return float(logp[len(p) - 1 :].gather(-1, targets[len(p) - 1 :, None]).sum())
+
+    def snapshot(self) -> Snapshot:
+        return self.dl.snapshot(self.id)
+
+    def __repr__(self) -> str:
+        i = self.info
+        return f"Agent(id={i.id!r}, swarm={i.swarm!r}, domain={i.domain!r})"

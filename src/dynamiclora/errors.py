@@ -1,0 +1,45 @@
+"""Errors raised at the library's boundaries.
+
+Every error names what is wrong and how to fix it. They subclass the builtin that a caller would
+naturally catch (``ValueError``, ``KeyError``) so that generic handlers keep working.
+"""
+
+from __future__ import annotations
+
+
+class DynamicLoRAError(Exception):
+    """Base class of every error the library raises on purpose."""
+
+
+class ConfigError(DynamicLoRAError, ValueError):
+    """A configuration field has an invalid value."""
+
+
+class UnknownAgentError(DynamicLoRAError, KeyError):
+    """An agent id that was never registered."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; keep it readable
+        return str(self.args[0])
+
+
+class UnknownScopeError(DynamicLoRAError, KeyError):
+    """A scope (tier + name) that does not exist."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class PromptTooLongError(DynamicLoRAError, ValueError):
+    """A prompt (plus the tokens to generate) does not fit the model's context window."""
+
+
+class StateMismatchError(DynamicLoRAError, ValueError):
+    """A saved state belongs to another base model, tokenizer or format version."""
+
+
+class CorruptStateError(DynamicLoRAError, OSError):
+    """A file of a saved state is missing, unreadable or does not match its recorded hash."""
+
+
+class IncompatibleAdapterError(DynamicLoRAError, ValueError):
+    """A PEFT adapter cannot be imported into this model (unknown modules, wrong shapes, ...)."""

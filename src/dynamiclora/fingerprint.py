@@ -1,0 +1,33 @@
+"""Content fingerprints of the base model and the tokenizer (parts of every provenance hash)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from torch import nn
+
+from .circuits import tensor_digest
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """sha256 over every parameter and buffer of the (unwrapped) model, by sorted name."""
+    h = hashlib.sha256(b"model")
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        tensor_digest(h, tensor)
+    return h.hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """sha256 of the tokenizer's full serialized form when it has one, else of its vocabulary and specials."""
+    h = hashlib.sha256(b"tokenizer")
+    backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(tokenizer, "_tokenizer", None)
+    if backend is not None and hasattr(backend, "to_str"):
+        h.update(backend.to_str().encode())
+    else:
+        h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    specials = getattr(tokenizer, "special_tokens_map", {})
+    h.update(json.dumps(specials, sort_keys=True, default=str).encode())
+    return h.hexdigest()

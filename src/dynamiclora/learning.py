@@ -1,0 +1,131 @@
+"""Online learning into the context tier: attribution, spawning, and gradient steps.
+
+Only the agent's context circuits receive gradients. An interaction is attributed to the context
+circuit whose normalized activation on it is the strongest, if that reaches
+``LearningConfig.attribution_threshold``; otherwise a new circuit is spawned. A new circuit's A rows
+are the top right-singular vectors of the interaction's own input activations on each module
+(explained-variance initialisation, cf. EVA, Paischer et al. 2024) and B starts at zero, so the
+stack's output is unchanged at spawn and the circuit's activation afterwards measures how much an
+input resembles the one it was made for.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from .circuits import Circuit
+
+if TYPE_CHECKING:
+    from .core import DynamicLoRA
+
+
+@dataclass
+class LearnResult:
+    circuit_id: str
+    spawned: bool
+    activation: float  # attribution activation of the chosen circuit before the update (0 when spawned)
+    loss_before: float
+    loss_after: float
+    dropped: str | None = None  # id of a circuit dropped to make room
+
+
+def init_factors(inputs: dict[str, torch.Tensor], out_features: dict[str, int], rank: int, from_activations: bool,
+                 generator: torch.Generator) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """A (r, in) with orthonormal rows and B (out, r) = 0 for every module."""
+    factors = {}
+    for name, x in inputs.items():
+        x = x.reshape(-1, x.shape[-1]).float().cpu()  # (T, in)
+        in_features = x.shape[1]
+        rows = torch.zeros(0, in_features)
+        if from_activations:
+            _, _, vh = torch.linalg.svd(x, full_matrices=False)  # (min(T, in), in)
+            rows = vh[:rank]
+        if rows.shape[0] < rank:  # fewer tokens than rank: complete with random directions
+            extra = torch.randn(rank - rows.shape[0], in_features, generator=generator)
+            full = torch.cat([rows, extra], 0)
+            q, _ = torch.linalg.qr(full.T)  # orthonormal columns, first ones span `rows`
+            rows = q.T[:rank].contiguous()
+        factors[name] = (rows.contiguous(), torch.zeros(out_features[name], rank))
+    return factors
+
+
+class ContextLearner:
+    """Keeps one Adam optimizer per context circuit; nothing above the context tier is ever optimized."""
+
+    def __init__(self, dl: DynamicLoRA) -> None:
+        self.dl = dl
+        self._optimizers: dict[str, torch.optim.Optimizer] = {}
+
+    def forget(self, circuit_id: str) -> None:
+        self._optimizers.pop(circuit_id, None)
+
+    def _loss(self, agent_id: str, ids: torch.Tensor, labels: torch.Tensor, trainable: bool) -> torch.Tensor:
+        dl = self.dl
+        plan = dl.planner.plan([agent_id], trainable=trainable)
+        with dl.activate(plan, dl.new_session(plan, observe=False)):
+            return dl.model(input_ids=ids, labels=labels, use_cache=False).loss
+
+    def learn(self, agent_id: str, prompt_ids: list[int], completion_ids: list[int], critical: bool) -> LearnResult:
+        dl, cfg = self.dl, self.dl.config.learning
+        ids = torch.tensor([prompt_ids + completion_ids], device=dl.device)
+        labels = ids.clone()
+        labels[:, : len(prompt_ids)] = -100
+        scope = dl.hierarchy.scope(("context", agent_id))
+
+        # Attribution: one no-grad forward observing every circuit and capturing each module's input.
+        plan = dl.planner.plan([agent_id])
+        session = dl.new_session(plan, capture=True)
+        with torch.no_grad(), dl.activate(plan, session):
+            loss_before = float(dl.model(input_ids=ids, labels=labels, use_cache=False).loss)
+        acts = session.activations()[0]
+        best, best_act = None, 0.0
+        for c in scope.circuits.values():
+            col = next(i for i, pc in enumerate(plan.circuits) if pc.id == c.id)
+            if float(acts[col]) > best_act:
+                best, best_act = c, float(acts[col])
+
+        dropped = None
+        spawned = best is None or best_act < cfg.attribution_threshold
+        if spawned:
+            if len(scope) >= cfg.context_capacity:
+                weakest = min(scope.circuits.values(), key=lambda c: (c.critical, c.usage, c.updated_tick))
+                dropped = weakest.id
+                scope.remove(weakest.id)
+                self.forget(weakest.id)
+            factors = init_factors(session.capture, {n: layer.out_features for n, layer in dl.layers.items()},
+                                   dl.config.adapter.circuit_rank, cfg.init_from_activations, dl.generator)
+            best = Circuit(factors=factors, tier="context", scope=agent_id, created_tick=dl.tick_count,
+                           label=dl.tokenizer.decode(prompt_ids, skip_special_tokens=True)[:60])
+            dl.add_circuit(scope.key, best)
+            best_act = 0.0
+
+        params = [t for pair in best.factors.values() for t in pair]
+        if best.id not in self._optimizers:
+            self._optimizers[best.id] = torch.optim.Adam(params, lr=cfg.learning_rate)
+        opt = self._optimizers[best.id]
+        for t in params:
+            t.requires_grad_(True)
+        try:
+            for _ in range(cfg.steps_per_learn):
+                loss = self._loss(agent_id, ids, labels, trainable=True)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.max_grad_norm:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                opt.step()
+        finally:
+            for t in params:
+                t.requires_grad_(False)
+                t.grad = None
+        scope.touch()
+        best.critical = best.critical or critical
+        best.updated_tick = dl.tick_count
+        best.origin_interactions.append(dl.interactions)
+        if agent_id not in best.origin_agents:
+            best.origin_agents.append(agent_id)
+        with torch.no_grad():
+            loss_after = float(self._loss(agent_id, ids, labels, trainable=False))
+        return LearnResult(best.id, spawned, best_act, loss_before, loss_after, dropped)

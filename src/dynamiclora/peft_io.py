@@ -1,0 +1,134 @@
+"""PEFT interoperability: scopes and stacks out as standard LoRA adapters, adapters in as circuits.
+
+Export concatenates the chosen circuits along the rank axis with each circuit's scale folded into B,
+and writes ``lora_alpha = r`` so PEFT's scaling is 1: the adapter's delta on every module is exactly
+``Σ s·B A``. Keys follow PEFT's saved layout, ``base_model.model.<module>.lora_A.weight`` (r × in) and
+``.lora_B.weight`` (out × r). Import reads PEFT's scaling (``lora_alpha / r``, or ``/ √r`` with rsLoRA,
+per-module rank and alpha patterns) and folds it into B.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .circuits import Circuit, concat_factors
+from .errors import IncompatibleAdapterError, UnknownScopeError
+from .hierarchy import ScopeKey
+from .store import atomic_write
+
+if TYPE_CHECKING:
+    from .core import DynamicLoRA
+
+PREFIX = "base_model.model."
+KEY_RE = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")
+
+
+def export_peft(dl: DynamicLoRA, out_dir: Path, scope: str | None = None, agent: str | None = None) -> Path:
+    if (scope is None) == (agent is None):
+        raise ValueError("export_peft needs exactly one of scope='tier:name' (one scope) or agent='id' (whole stack)")
+    if agent is not None:
+        scopes = dl.hierarchy.stack_scopes(agent)
+        what = f"agent {agent!r}'s stack"
+    else:
+        scopes = [dl.hierarchy.scope(ScopeKey.parse(scope))]
+        what = f"scope {scope!r}"
+    circuits = [c for s in scopes for c in s.circuits.values()]
+    if not circuits:
+        raise UnknownScopeError(f"{what} holds no circuits: there is nothing to export")
+    tensors, rank, conv1d = {}, 0, set()
+    for name, layer in dl.layers.items():
+        a, b = concat_factors(circuits, name, layer.in_features, layer.out_features)
+        rank = a.shape[0]
+        tensors[f"{PREFIX}{name}.lora_A.weight"] = a.detach().float().cpu().contiguous()
+        tensors[f"{PREFIX}{name}.lora_B.weight"] = b.detach().float().cpu().contiguous()
+        if layer.is_conv1d:
+            conv1d.add(name)
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": dl.model_id,
+        "r": rank,
+        "lora_alpha": rank,
+        "lora_dropout": 0.0,
+        "target_modules": sorted(dl.layers),
+        "bias": "none",
+        "fan_in_fan_out": bool(conv1d),
+        "use_rslora": False,
+        "use_dora": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+        "revision": None,
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write(out_dir / "adapter_model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    atomic_write(out_dir / "adapter_config.json",
+                 lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2, sort_keys=True)))
+    return out_dir
+
+
+def _pattern_value(patterns: dict, module: str, default: float) -> float:
+    for key, value in patterns.items():  # PEFT matches a pattern key against the end of the module name
+        if module == key or module.endswith("." + key) or re.fullmatch(key, module):
+            return value
+    return default
+
+
+def import_peft(dl: DynamicLoRA, adapter_dir: Path, scope: str = "foundation", label: str | None = None) -> Circuit:
+    cfg_path, weights_path = adapter_dir / "adapter_config.json", adapter_dir / "adapter_model.safetensors"
+    for path in (cfg_path, weights_path):
+        if not path.exists():
+            raise IncompatibleAdapterError(f"{path} is missing: {adapter_dir} is not a PEFT adapter directory "
+                                           "(expected adapter_config.json and adapter_model.safetensors)")
+    config = json.loads(cfg_path.read_text())
+    if config.get("peft_type", "LORA") != "LORA":
+        raise IncompatibleAdapterError(f"{cfg_path}: peft_type is {config.get('peft_type')!r}; only LORA imports")
+    if config.get("use_dora"):
+        raise IncompatibleAdapterError(f"{cfg_path}: DoRA adapters are not low-rank deltas and cannot be imported")
+    r, alpha = config["r"], config.get("lora_alpha", config["r"])
+    rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    rslora = bool(config.get("use_rslora"))
+    raw: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in load_file(weights_path).items():
+        m = KEY_RE.match(key)
+        if m is None:
+            continue  # biases, modules_to_save, embeddings: not part of the low-rank delta
+        raw.setdefault(m["module"], {})[m["which"]] = tensor
+    unknown = sorted(set(raw) - set(dl.layers))
+    if unknown:
+        raise IncompatibleAdapterError(
+            f"{adapter_dir} adapts modules this DynamicLoRA does not: {unknown[:5]}; include them with "
+            "AdapterConfig(target_modules=...) or import into a model with the same architecture"
+        )
+    factors = {}
+    for module, ab in raw.items():
+        missing = {"A", "B"} - set(ab)
+        if missing:
+            raise IncompatibleAdapterError(f"{weights_path}: module {module!r} lacks lora_{missing.pop()}.weight")
+        layer = dl.layers[module]
+        if ab["A"].shape[1] != layer.in_features or ab["B"].shape[0] != layer.out_features:
+            raise IncompatibleAdapterError(
+                f"{weights_path}: module {module!r} has A {tuple(ab['A'].shape)} and B {tuple(ab['B'].shape)}, but "
+                f"this model needs A (r × {layer.in_features}) and B ({layer.out_features} × r): the adapter was "
+                "trained on another base model"
+            )
+        rank = _pattern_value(rank_pattern, module, r)
+        mod_alpha = _pattern_value(alpha_pattern, module, alpha)
+        scaling = mod_alpha / (math.sqrt(rank) if rslora else rank)
+        factors[module] = (ab["A"].float(), ab["B"].float() * scaling)
+    if not factors:
+        raise IncompatibleAdapterError(f"{weights_path} holds no lora_A/lora_B weights")
+    key = ScopeKey.parse(scope)
+    if key.tier not in ("foundation", "domain", "swarm"):
+        dl.hierarchy.agent(key.name)
+    circuit = Circuit(factors=factors, tier=key.tier, scope=key.name, created_tick=dl.tick_count,
+                      label=label or f"imported from {adapter_dir.name}",
+                      history=[{"event": "imported", "from": str(adapter_dir), "tick": dl.tick_count}])
+    return dl.add_circuit(key, circuit)

@@ -1,0 +1,148 @@
+"""Builds the per-module plans that the adapted layers apply, and caches what can be cached.
+
+For a batch of rows (each row an agent), a scope is *merged* when its tier is in
+``AdapterConfig.merged_tiers`` and every row shares it: its circuits go into an effective weight
+``W + Σ s·B A`` cached by the content hashes of the merged scopes, so it is rebuilt only when their
+content changes. All other scopes of a row are *unmerged*: their circuits are concatenated along
+the rank axis; rows with different unmerged stacks are padded to a common rank and gathered per row.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .circuits import Circuit, concat_factors
+from .config import TIERS, AdapterConfig
+from .hierarchy import Hierarchy, ScopeKey
+from .stack import ModulePlan, StackedLinear
+
+
+@dataclass
+class BatchPlan:
+    agent_ids: tuple[str, ...]
+    modules: dict[str, ModulePlan]
+    circuits: list[Circuit]  # usage columns of unmerged circuits
+    merged_circuits: list[Circuit]  # usage columns of merged circuits
+    row_columns: list[list[int]]  # per row: which usage columns belong to its stack
+    hetero: bool
+
+
+class Planner:
+    def __init__(self, layers: dict[str, StackedLinear], hierarchy: Hierarchy, config: AdapterConfig) -> None:
+        self.layers = layers
+        self.hierarchy = hierarchy
+        self.config = config
+        self._merged: OrderedDict[tuple, dict[str, torch.Tensor]] = OrderedDict()
+        self._plans: OrderedDict[tuple, BatchPlan] = OrderedDict()
+        self.merge_builds = 0  # how many effective-weight sets were computed (for tests and benchmarks)
+
+    # -- public -----------------------------------------------------------------------------------
+    def plan(self, agent_ids: list[str] | tuple[str, ...], trainable: bool = False) -> BatchPlan:
+        """A plan for rows of these agents. Cached by scope versions unless ``trainable`` (factors need grads)."""
+        agent_ids = tuple(agent_ids)
+        stacks = [self.hierarchy.agent(a).stack() for a in agent_ids]
+        involved = sorted({k for s in stacks for k in s})
+        key = (agent_ids, tuple(self.hierarchy.scopes[k].version for k in involved))
+        if not trainable and key in self._plans:
+            self._plans.move_to_end(key)
+            return self._plans[key]
+        plan = self._build(agent_ids, stacks)
+        if not trainable:
+            self._plans[key] = plan
+            while len(self._plans) > 16:
+                self._plans.popitem(last=False)
+        return plan
+
+    def clear(self) -> None:
+        self._merged.clear()
+        self._plans.clear()
+
+    # -- building ---------------------------------------------------------------------------------
+    def _build(self, agent_ids: tuple[str, ...], stacks: list[tuple[ScopeKey, ...]]) -> BatchPlan:
+        scopes = self.hierarchy.scopes
+        merged_keys, unmerged_pos = [], []
+        for pos, tier in enumerate(TIERS):
+            keys = {s[pos] for s in stacks}
+            if tier in self.config.merged_tiers and len(keys) == 1:
+                merged_keys.append(stacks[0][pos])
+            else:
+                unmerged_pos.append(pos)
+        row_keys = [tuple(s[p] for p in unmerged_pos) for s in stacks]
+        groups = list(dict.fromkeys(row_keys))
+        row_group = [groups.index(rk) for rk in row_keys]
+        group_circuits = [[c for k in g for c in scopes[k].circuits.values()] for g in groups]
+
+        circuits: list[Circuit] = list({c.id: c for gc in group_circuits for c in gc}.values())
+        column = {c.id: i for i, c in enumerate(circuits)}
+        merged_circuits = [c for k in merged_keys for c in scopes[k].circuits.values()]
+        weights = self._merged_weights(merged_keys, merged_circuits)
+        hetero = len(groups) > 1
+        row_index = torch.tensor(row_group)
+
+        modules = {}
+        for name, layer in self.layers.items():
+            w = layer.base_layer.weight
+            dtype, device = w.dtype, w.device
+            mp = ModulePlan(weight=None if weights is None else weights[name], hetero=hetero)
+            parts = [self._factors(gc, layer, column, len(circuits)) for gc in group_circuits]
+            r_max = max(p[0].shape[0] for p in parts)
+            if r_max > 0:
+                if not hetero:
+                    a, b, obs = parts[0]
+                    mp.a, mp.b, mp.obs = a.to(device, dtype), b.to(device, dtype), obs.to(device)
+                else:
+                    a = torch.stack([F.pad(p[0], (0, 0, 0, r_max - p[0].shape[0])) for p in parts])  # (U, R, in)
+                    b = torch.stack([F.pad(p[1], (0, r_max - p[1].shape[1])) for p in parts])  # (U, out, R)
+                    obs = torch.stack([F.pad(p[2], (0, 0, 0, r_max - p[2].shape[0])) for p in parts])  # (U, R, C)
+                    mp.a = a[row_index].transpose(1, 2).contiguous().to(device, dtype)  # (B, in, R)
+                    mp.b = b[row_index].transpose(1, 2).contiguous().to(device, dtype)  # (B, R, out)
+                    mp.obs = obs[row_index].to(device)
+            if merged_circuits and self.config.merged_usage_sample_rate > 0:
+                ma, _, mobs = self._factors(merged_circuits, layer, {c.id: i for i, c in enumerate(merged_circuits)},
+                                            len(merged_circuits))
+                mp.merged_a, mp.merged_obs = ma.detach().to(device, dtype), mobs.to(device)
+            modules[name] = mp
+
+        row_columns = [[column[c.id] for c in group_circuits[g]] for g in row_group]
+        return BatchPlan(agent_ids, modules, circuits, merged_circuits, row_columns, hetero)
+
+    @staticmethod
+    def _factors(circuits: list[Circuit], layer: StackedLinear, column: dict[str, int], num_columns: int):
+        """A_cat (R, in), B_cat (out, R) and the observation map (R, C) of circuits on one layer."""
+        a, b = concat_factors(circuits, layer.name, layer.in_features, layer.out_features)
+        obs = torch.zeros(a.shape[0], num_columns)
+        offset = 0
+        for c in circuits:
+            r = c.rank
+            if layer.name in c.factors:
+                ca = c.factors[layer.name][0].detach().float()
+                rms2 = float(ca.pow(2).sum()) / max(r, 1)
+                if rms2 > 0:
+                    obs[offset : offset + r, column[c.id]] = 1.0 / rms2
+            offset += r
+        return a, b, obs
+
+    def _merged_weights(self, keys: list[ScopeKey], circuits: list[Circuit]) -> dict[str, torch.Tensor] | None:
+        if not circuits:
+            return None
+        scopes = self.hierarchy.scopes
+        cache_key = tuple((str(k), scopes[k].content_hash()) for k in keys)
+        if cache_key in self._merged:
+            self._merged.move_to_end(cache_key)
+            return self._merged[cache_key]
+        weights = {}
+        with torch.no_grad():
+            for name, layer in self.layers.items():
+                base = layer.base_weight()
+                a, b = concat_factors(circuits, name, layer.in_features, layer.out_features)
+                delta = b.to(base.device) @ a.to(base.device)  # float32
+                weights[name] = (base.float() + delta).to(base.dtype).contiguous()
+        self._merged[cache_key] = weights
+        self.merge_builds += 1
+        while len(self._merged) > self.config.merge_cache_size:
+            self._merged.popitem(last=False)
+        return weights

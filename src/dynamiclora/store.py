@@ -1,0 +1,222 @@
+"""Persistence: circuits as safetensors (one content-addressed file per scope), records in SQLite.
+
+Layout of a state directory::
+
+    state.sqlite                 meta, agents, scopes, circuits (WAL mode)
+    scopes/<content-hash>.safetensors
+
+A save writes each changed scope to a new file named by its content hash (temporary file, fsync,
+rename, fsync of the directory), then replaces every record in one SQLite transaction, and only after
+the commit deletes files no committed record points at. A process killed at any moment therefore
+leaves either the previous or the new state, both complete. Loading recomputes every scope's content
+hash and names the file that is missing or does not match.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import tempfile
+from contextlib import closing
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .circuits import Circuit
+from .config import DynamicLoRAConfig
+from .errors import CorruptStateError, StateMismatchError
+from .hierarchy import Scope, ScopeKey
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from .core import DynamicLoRA
+
+FORMAT_VERSION = 1
+DB_NAME = "state.sqlite"
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS agents (id TEXT PRIMARY KEY, swarm TEXT NOT NULL, domain TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS scopes (tier TEXT NOT NULL, name TEXT NOT NULL, content_hash TEXT NOT NULL,
+                                   file TEXT, circuits INTEGER NOT NULL, PRIMARY KEY (tier, name));
+CREATE TABLE IF NOT EXISTS circuits (id TEXT PRIMARY KEY, tier TEXT NOT NULL, scope TEXT NOT NULL,
+                                     record TEXT NOT NULL);
+"""
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    con = sqlite3.connect(path, timeout=30, isolation_level=None)
+    con.execute("PRAGMA journal_mode=WAL")
+    con.execute("PRAGMA synchronous=FULL")
+    con.executescript(SCHEMA)
+    return con
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, write: Any) -> None:
+    """Call ``write(tmp_path)``, fsync the file, rename it over ``path``, fsync the directory."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _tensor_key(circuit_id: str, module: str, which: str) -> str:
+    return f"{circuit_id}/{module}/{which}"
+
+
+def write_scope(scope: Scope, directory: Path) -> str | None:
+    """Write a scope's tensors to ``<hash>.safetensors`` unless that file already exists; returns its name."""
+    if not scope.circuits:
+        return None
+    digest = scope.content_hash()
+    name = f"{digest}.safetensors"
+    path = directory / name
+    if path.exists():
+        return name
+    tensors = {}
+    for c in scope.circuits.values():
+        for module, (a, b) in c.factors.items():
+            tensors[_tensor_key(c.id, module, "A")] = a.detach().float().cpu().contiguous()
+            tensors[_tensor_key(c.id, module, "B")] = b.detach().float().cpu().contiguous()
+    metadata = {"scope": str(scope.key), "content_hash": digest, "format_version": str(FORMAT_VERSION)}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    return name
+
+
+def read_meta(con: sqlite3.Connection) -> dict[str, str]:
+    return dict(con.execute("SELECT key, value FROM meta").fetchall())
+
+
+def save_state(dl: DynamicLoRA, state_dir: Path, overwrite_other_model: bool = False) -> Path:
+    state_dir.mkdir(parents=True, exist_ok=True)
+    scope_dir = state_dir / "scopes"
+    scope_dir.mkdir(exist_ok=True)
+    with closing(connect(state_dir / DB_NAME)) as con:
+        meta = read_meta(con)
+        if meta and meta.get("base_fingerprint") != dl.base_fingerprint and not overwrite_other_model:
+            raise StateMismatchError(
+                f"{state_dir} holds a state of another base model ({meta.get('base_model')!r}, fingerprint "
+                f"{meta.get('base_fingerprint', '')[:12]}…); save to another directory, or pass "
+                "overwrite_other_model=True to replace it"
+            )
+        files = {key: write_scope(scope, scope_dir) for key, scope in dl.hierarchy.scopes.items()}
+        new_meta = {
+            "format_version": str(FORMAT_VERSION),
+            "base_model": dl.model_id,
+            "base_fingerprint": dl.base_fingerprint,
+            "tokenizer_fingerprint": dl.tokenizer_fingerprint,
+            "config": json.dumps(dl.config.to_dict(), sort_keys=True),
+            "tick_count": str(dl.tick_count),
+            "interactions": str(dl.interactions),
+        }
+        con.execute("BEGIN IMMEDIATE")
+        try:
+            for table in ("meta", "agents", "scopes", "circuits"):
+                con.execute(f"DELETE FROM {table}")
+            con.executemany("INSERT INTO meta VALUES (?, ?)", sorted(new_meta.items()))
+            con.executemany("INSERT INTO agents VALUES (?, ?, ?)",
+                            [(a.id, a.swarm, a.domain) for a in dl.hierarchy.agents.values()])
+            con.executemany("INSERT INTO scopes VALUES (?, ?, ?, ?, ?)",
+                            [(k.tier, k.name, s.content_hash(), files[k], len(s)) for k, s in dl.hierarchy.scopes.items()])
+            con.executemany("INSERT INTO circuits VALUES (?, ?, ?, ?)",
+                            [(c.id, c.tier, c.scope, json.dumps(c.record(), sort_keys=True))
+                             for c in dl.hierarchy.all_circuits()])
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+        live = {f for f in files.values() if f}
+    for path in scope_dir.iterdir():  # after the commit: nothing committed points at these
+        if path.name not in live and path.suffix == ".safetensors":
+            path.unlink(missing_ok=True)
+    return state_dir
+
+
+def load_state(cls: type[DynamicLoRA], state_dir: Path, model: nn.Module | None, tokenizer: Any,
+               **kwargs: Any) -> DynamicLoRA:
+    db = state_dir / DB_NAME
+    if not db.exists():
+        raise CorruptStateError(f"{db} does not exist: {state_dir} is not a saved DynamicLoRA state (see dl.save)")
+    try:
+        with closing(connect(db)) as con:
+            meta = read_meta(con)
+            agents = con.execute("SELECT id, swarm, domain FROM agents ORDER BY id").fetchall()
+            scopes = con.execute("SELECT tier, name, content_hash, file FROM scopes").fetchall()
+            records = [json.loads(r) for (r,) in con.execute("SELECT record FROM circuits").fetchall()]
+    except sqlite3.DatabaseError as exc:
+        raise CorruptStateError(f"{db} is not a readable SQLite database ({exc}); restore it from a backup") from exc
+    if not meta:
+        raise CorruptStateError(f"{db} holds no committed state; save one with dl.save({str(state_dir)!r})")
+    if int(meta["format_version"]) > FORMAT_VERSION:
+        raise StateMismatchError(f"{state_dir} was written by a newer format ({meta['format_version']}); upgrade "
+                                 "dynamiclora to load it")
+    config = DynamicLoRAConfig.from_dict(json.loads(meta["config"]))
+    if model is None:
+        dl = cls.from_pretrained(meta["base_model"], config, **kwargs)
+    else:
+        if tokenizer is None:
+            raise ValueError("pass the tokenizer together with the model to DynamicLoRA.load")
+        dl = cls(model, tokenizer, config, model_id=meta["base_model"])
+    for what, saved, actual in (("base model", meta["base_fingerprint"], dl.base_fingerprint),
+                                ("tokenizer", meta["tokenizer_fingerprint"], dl.tokenizer_fingerprint)):
+        if saved != actual:
+            raise StateMismatchError(
+                f"{state_dir} was saved for another {what} (fingerprint {saved[:12]}…, this one is {actual[:12]}…, "
+                f"recorded model {meta['base_model']!r}); load it with the {what} it was saved with"
+            )
+    for agent_id, swarm, domain in agents:
+        dl.hierarchy.register(agent_id, swarm, domain)
+    by_scope: dict[tuple[str, str], list[dict]] = {}
+    for r in records:
+        by_scope.setdefault((r["tier"], r["scope"]), []).append(r)
+    for tier, name, digest, file in scopes:
+        key = ScopeKey(tier, name)
+        scope = dl.hierarchy.scope(key, create=True)
+        if file is None:
+            continue
+        path = state_dir / "scopes" / file
+        if not path.exists():
+            raise CorruptStateError(f"{path} is missing (scope {key}); the state directory is incomplete")
+        try:
+            tensors = load_file(path, device=str(dl.device))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CorruptStateError(f"{path} (scope {key}) cannot be read: {exc}") from exc
+        for r in by_scope.get((tier, name), []):
+            prefix = f"{r['id']}/"
+            factors: dict[str, list[torch.Tensor]] = {}
+            for k, t in tensors.items():
+                if k.startswith(prefix):
+                    module, which = k[len(prefix):].rsplit("/", 1)
+                    factors.setdefault(module, [None, None])[0 if which == "A" else 1] = t
+            if not factors or any(t is None for ab in factors.values() for t in ab):
+                raise CorruptStateError(f"{path} (scope {key}) lacks tensors of circuit {r['id']}; the file is "
+                                        "corrupted or belongs to another state; restore it from a backup")
+            scope.circuits[r["id"]] = Circuit.from_record(r, {m: (ab[0], ab[1]) for m, ab in factors.items()})
+        scope.touch()
+        if scope.content_hash() != digest:
+            raise CorruptStateError(
+                f"{path} does not match its recorded content hash (scope {key}, expected {digest[:12]}…, "
+                f"got {scope.content_hash()[:12]}…): the file is corrupted; restore it from a backup"
+            )
+    dl.tick_count = int(meta.get("tick_count", 0))
+    dl.interactions = int(meta.get("interactions", 0))
+    return dl
