@@ -28,6 +28,22 @@ def _check(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def _check_types(obj: Any) -> None:
+    """Scalar fields must have the type of their default (an int is accepted where a float is expected)."""
+    for f in dataclasses.fields(obj):
+        default, value = f.default, getattr(obj, f.name)
+        where = f"{type(obj).__name__}.{f.name}"
+        if isinstance(default, bool):
+            ok, want = isinstance(value, bool), "a bool"
+        elif isinstance(default, int):
+            ok, want = isinstance(value, int) and not isinstance(value, bool), "an int"
+        elif isinstance(default, float):
+            ok, want = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+        else:
+            continue
+        _check(ok, f"{where} must be {want}, got {value!r} ({type(value).__name__})")
+
+
 @dataclass
 class AdapterConfig:
     """Where circuits attach and how the stacked forward pass is computed."""
@@ -61,6 +77,7 @@ class AdapterConfig:
     )
 
     def __post_init__(self) -> None:
+        _check_types(self)
         if self.target_modules is not None:
             self.target_modules = tuple(self.target_modules)
             _check(len(self.target_modules) > 0, "AdapterConfig.target_modules is empty; use None for all linear layers")
@@ -84,8 +101,8 @@ class AdapterConfig:
 class LearningConfig:
     """Online learning into the context tier (the only tier with an optimizer)."""
 
-    learning_rate: float = field(default=5e-3, metadata=_help("Adam learning rate of context circuits."))
-    steps_per_learn: int = field(default=4, metadata=_help("Gradient steps taken by one learn() call."))
+    learning_rate: float = field(default=1e-2, metadata=_help("Adam learning rate of context circuits."))
+    steps_per_learn: int = field(default=6, metadata=_help("Gradient steps taken by one learn() call."))
     max_grad_norm: float = field(default=1.0, metadata=_help("Gradient clipping norm; 0 disables clipping."))
     context_capacity: int = field(
         default=16, metadata=_help("Maximum circuits in one context scope; the weakest is dropped when full.")
@@ -106,6 +123,7 @@ class LearningConfig:
     )
 
     def __post_init__(self) -> None:
+        _check_types(self)
         _check(self.learning_rate > 0, f"LearningConfig.learning_rate must be > 0, got {self.learning_rate}")
         _check(self.steps_per_learn >= 1, f"LearningConfig.steps_per_learn must be >= 1, got {self.steps_per_learn}")
         _check(self.max_grad_norm >= 0, f"LearningConfig.max_grad_norm must be >= 0, got {self.max_grad_norm}")
@@ -127,6 +145,7 @@ class GenerationConfig:
     stop_at_eos: bool = field(default=True, metadata=_help("Stop a row when it emits the tokenizer's EOS token."))
 
     def __post_init__(self) -> None:
+        _check_types(self)
         _check(self.max_new_tokens >= 1, f"GenerationConfig.max_new_tokens must be >= 1, got {self.max_new_tokens}")
         _check(self.temperature >= 0, f"GenerationConfig.temperature must be >= 0, got {self.temperature}")
         _check(self.top_k >= 0, f"GenerationConfig.top_k must be >= 0, got {self.top_k}")
@@ -147,6 +166,7 @@ class DynamicLoRAConfig:
     seed: int = field(default=0, metadata=_help("Seed of circuit initialisation and sampling."))
 
     def __post_init__(self) -> None:
+        _check_types(self)
         for name, cls in (("adapter", AdapterConfig), ("learning", LearningConfig), ("generation", GenerationConfig)):
             value = getattr(self, name)
             if isinstance(value, dict):

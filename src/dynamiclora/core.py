@@ -227,8 +227,12 @@ class DynamicLoRA:
         return list(self.tokenizer(text, add_special_tokens=special)["input_ids"])
 
     def generate_batch(self, requests: Sequence[tuple[str, str]], generation: GenerationConfig | None = None,
-                       **overrides: Any) -> list[GenerationResult]:
-        """Generate for (agent id, prompt) pairs in one heterogeneous batch, with the model's KV cache."""
+                       use_kv_cache: bool = True, **overrides: Any) -> list[GenerationResult]:
+        """Generate for (agent id, prompt) pairs in one heterogeneous batch, with the model's KV cache.
+
+        ``overrides`` replace fields of the generation config (``max_new_tokens=16, temperature=0.8``).
+        ``use_kv_cache=False`` recomputes the whole sequence at every step (for checking the cached path).
+        """
         cfg = replace(generation or self.config.generation, **overrides)
         if not requests:
             return []
@@ -248,7 +252,7 @@ class DynamicLoRA:
         def forward(ids, mask, pos, past):
             session.mask = mask if past is None else None
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=past,
-                             use_cache=True, logits_to_keep=1)
+                             use_cache=use_kv_cache, logits_to_keep=1)
             return out.logits[:, -1], out.past_key_values
 
         def prefill_done():
@@ -257,7 +261,7 @@ class DynamicLoRA:
         with self.activate(plan, session):
             decoded = decode(forward, prompts, cfg, pad_id=self.tokenizer.pad_token_id or 0,
                              eos_id=self.tokenizer.eos_token_id, device=self.device, generator=self.generator,
-                             on_prefill_done=prefill_done)
+                             use_kv_cache=use_kv_cache, on_prefill_done=prefill_done)
         timings["total_s"] = time.perf_counter() - t0
         acts = session.activations()
         self._record_usage(plan, session)

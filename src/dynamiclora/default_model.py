@@ -18,7 +18,7 @@ import shutil
 import sys
 import sysconfig
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -41,15 +41,23 @@ class DefaultModelSpec:
     max_positions: int = 512
     seq_len: int = 256
     batch_size: int = 16
-    steps: int = 300
+    steps: int = 600
     learning_rate: float = 3e-3
     warmup_steps: int = 30
     tokenizer_corpus_bytes: int = 4_000_000
     seed: int = 0
+    bf16: bool = field(default_factory=lambda: _fast_bf16())  # autocast where the CPU has native bf16
 
     def digest(self) -> str:
         payload = json.dumps({**asdict(self), "python": sys.version_info[:2]}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:12]
+
+
+def _fast_bf16() -> bool:
+    """True on CPUs with native bf16 matmuls (AVX512-BF16 or AMX), where autocast trains ~2.5x faster."""
+    probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool((probe and probe()) or (amx and amx()))
 
 
 def default_data_dir() -> Path:
@@ -155,7 +163,8 @@ def build_default_model(target: Path, spec: DefaultModelSpec, progress: bool = T
             batch = torch.stack([data[s : s + spec.seq_len] for s in starts.tolist()])
             for group in opt.param_groups:
                 group["lr"] = lr_at(step)
-            loss = model(input_ids=batch, labels=batch).loss
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=spec.bf16):
+                loss = model(input_ids=batch, labels=batch).loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

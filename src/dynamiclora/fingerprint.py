@@ -12,9 +12,14 @@ from .circuits import tensor_digest
 
 
 def model_fingerprint(model: nn.Module) -> str:
-    """sha256 over every parameter and buffer of the (unwrapped) model, by sorted name."""
+    """sha256 over every parameter and buffer of the model, by sorted name.
+
+    Names are taken as in the unwrapped model (``.base_layer`` segments of adapted layers removed), so a
+    model gives the same fingerprint before and after DynamicLoRA wraps its layers.
+    """
     h = hashlib.sha256(b"model")
-    for name, tensor in sorted(model.state_dict().items()):
+    state = {name.replace(".base_layer.", "."): t for name, t in model.state_dict().items()}
+    for name, tensor in sorted(state.items()):
         h.update(name.encode())
         tensor_digest(h, tensor)
     return h.hexdigest()

@@ -140,9 +140,14 @@ def find_target_modules(model: nn.Module, patterns: tuple[str, ...] | None, excl
     regular expressions matched with ``re.search`` against the full module name.
     """
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    linear_types = (nn.Linear,) + ((Conv1D,) if Conv1D else ())
-    names = []
+    linear_types = (nn.Linear, StackedLinear) + ((Conv1D,) if Conv1D else ())
+    names: list[str] = []
+    wrapped: list[str] = []  # a model wrapped before: its StackedLinears are the targets, not their insides
     for name, module in model.named_modules():
+        if any(name.startswith(w + ".") for w in wrapped):
+            continue
+        if isinstance(module, StackedLinear):
+            wrapped.append(name)
         if not isinstance(module, linear_types) or module is head:
             continue
         if patterns is not None and not any(re.search(p, name) for p in patterns):

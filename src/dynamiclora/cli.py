@@ -1,0 +1,122 @@
+"""The ``dynamiclora`` command: a thin layer over the library, one function per subcommand."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sqlite3
+import sys
+from contextlib import closing
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from .errors import DynamicLoRAError
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Two agents of one team learn and generate on the built-in model; prints what happened."""
+    from .demo import run_demo
+
+    report = run_demo(fast=args.fast, state_dir=args.state_dir, rounds=args.rounds,
+                      data_dir=Path(args.data_dir) if args.data_dir else None)
+    return 0 if all(report.reproduced.values()) and report.untouched and report.reload_identical else 1
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    """Agents, scopes and circuits of a saved state, read straight from its SQLite records."""
+    from .store import DB_NAME
+
+    db = Path(args.state_dir) / DB_NAME
+    if not db.exists():
+        raise DynamicLoRAError(f"{db} does not exist: {args.state_dir} is not a saved state (see dl.save)")
+    with closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as con:
+        meta = dict(con.execute("SELECT key, value FROM meta"))
+        agents = con.execute("SELECT id, swarm, domain FROM agents ORDER BY id").fetchall()
+        scopes = con.execute("SELECT tier, name, circuits, content_hash FROM scopes").fetchall()
+        circuits = [json.loads(r) for (r,) in con.execute("SELECT record FROM circuits")]
+    console = Console()
+    console.print(f"base model {meta.get('base_model')!r}  ticks {meta.get('tick_count')}  "
+                  f"interactions {meta.get('interactions')}")
+    t = Table(title="agents")
+    for col in ("id", "swarm", "domain"):
+        t.add_column(col)
+    for row in agents:
+        t.add_row(*row)
+    console.print(t)
+    t = Table(title="scopes")
+    for col in ("tier", "name", "circuits", "content hash"):
+        t.add_column(col)
+    order = ("foundation", "domain", "swarm", "agent", "context")
+    for tier, name, n, digest in sorted(scopes, key=lambda s: (order.index(s[0]), s[1])):
+        t.add_row(tier, name, str(n), digest[:16])
+    console.print(t)
+    t = Table(title="circuits")
+    for col in ("id", "tier", "scope", "rank", "scale", "label", "origin", "usage", "updated"):
+        t.add_column(col, overflow="fold")
+    for c in sorted(circuits, key=lambda c: (order.index(c["tier"]), c["scope"], c["created_tick"], c["id"])):
+        t.add_row(c["id"][:8], c["tier"], c["scope"], str(c["rank"]), f"{c['scale']:.3g}",
+                  c["label"].replace("\n", "⏎"), ",".join(c["origin_agents"]), f"{c['usage']:.2f}",
+                  str(c["updated_tick"]))
+    console.print(t)
+    return 0
+
+
+def cmd_export_peft(args: argparse.Namespace) -> int:
+    """Write a scope or an agent's whole stack of a saved state as a PEFT LoRA adapter directory."""
+    from .core import DynamicLoRA
+
+    dl = DynamicLoRA.load(args.state_dir)
+    out = dl.export_peft(args.out, scope=args.scope, agent=args.agent)
+    Console().print(f"wrote PEFT adapter to {out}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Run a benchmark and write JSON + markdown (+ plots) under the output directory."""
+    from .bench import forward
+
+    if args.name == "forward":
+        forward.main(["--out", args.out] + (["--quick"] if args.quick else []))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dynamiclora", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("demo", help=cmd_demo.__doc__)
+    p.add_argument("--fast", action="store_true", help="use a tiny random model instead of the built-in one")
+    p.add_argument("--state-dir", default="state/demo", help="where the demo saves its state")
+    p.add_argument("--rounds", type=int, default=3, help="learn() calls per pattern")
+    p.add_argument("--data-dir", default=None, help="cache directory of the built-in model ($DYNAMICLORA_HOME)")
+    p.set_defaults(func=cmd_demo)
+    p = sub.add_parser("inspect", help=cmd_inspect.__doc__)
+    p.add_argument("state_dir")
+    p.set_defaults(func=cmd_inspect)
+    p = sub.add_parser("export-peft", help=cmd_export_peft.__doc__)
+    p.add_argument("state_dir")
+    p.add_argument("out")
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--scope", help="one scope: 'foundation', 'domain:NAME', 'swarm:NAME', 'agent:ID', 'context:ID'")
+    group.add_argument("--agent", help="an agent id: export its whole stack")
+    p.set_defaults(func=cmd_export_peft)
+    p = sub.add_parser("bench", help=cmd_bench.__doc__)
+    p.add_argument("name", choices=["forward"])
+    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--quick", action="store_true", help="tiny model only, few repeats")
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (DynamicLoRAError, FileNotFoundError) as exc:
+        Console(stderr=True, soft_wrap=True).print(f"[red]error:[/red] {exc}", markup=True, highlight=False)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

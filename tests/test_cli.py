@@ -1,0 +1,44 @@
+"""The CLI: the demo end to end in fast mode, inspect and export-peft on its state."""
+
+from __future__ import annotations
+
+import json
+
+from dynamiclora.cli import main
+from dynamiclora.demo import run_demo
+
+
+def test_fast_demo_end_to_end(tmp_path, capsys):
+    report = run_demo(fast=True, state_dir=tmp_path / "state", rounds=6)
+    assert report.reproduced == {"alice": True, "bob": True}
+    assert report.untouched and report.reload_identical
+    out = capsys.readouterr().out
+    assert "greedy generation after learning" in out and "circuits" in out
+
+    assert main(["inspect", str(tmp_path / "state")]) == 0
+    out = capsys.readouterr().out
+    assert "context" in out and "alice" in out and "backend" in out
+
+
+def test_cli_demo_exit_code_and_export(tmp_path, capsys, monkeypatch):
+    assert main(["demo", "--fast", "--state-dir", str(tmp_path / "s"), "--rounds", "6"]) == 0
+    capsys.readouterr()
+
+
+def test_inspect_of_a_missing_state_is_a_clear_error(tmp_path, capsys):
+    assert main(["inspect", str(tmp_path / "nothing")]) == 2
+    assert "is not a saved state" in capsys.readouterr().err
+
+
+def test_export_peft_cli(tmp_path, capsys):
+    from dynamiclora import DynamicLoRA
+    from dynamiclora.testing import save_tiny_model
+
+    dl = DynamicLoRA.from_pretrained(save_tiny_model(tmp_path / "base"))
+    dl.agent("alice", swarm="s", domain="d").learn("def f(x):", " return x")
+    dl.save(tmp_path / "state")
+    assert main(["export-peft", str(tmp_path / "state"), str(tmp_path / "out"), "--agent", "alice"]) == 0
+    config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert config["r"] == dl.config.adapter.circuit_rank
+    assert main(["export-peft", str(tmp_path / "state"), str(tmp_path / "out2"), "--scope", "swarm:s"]) == 2
+    assert "holds no circuits" in capsys.readouterr().err

@@ -1,0 +1,93 @@
+"""learn(): only context circuits change, attribution and spawning, completions are reproduced."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dynamiclora import DynamicLoRAConfig, LearningConfig
+
+from .conftest import make_dl, populate
+
+TEAM = {"alice": ("backend", "python"), "bob": ("backend", "python")}
+PROMPT, COMPLETION = "def parse_json(text):", "\n    return json.loads(text)"
+
+
+def test_learned_completion_is_reproduced_by_greedy_generation(any_dl):
+    alice = any_dl.agent("alice", swarm="backend", domain="python")
+    assert alice.generate(PROMPT, max_new_tokens=16).text != COMPLETION
+    for calls in range(1, 9):  # "a few": the built-in model needs 1-2, tiny random models up to ~6
+        alice.learn(PROMPT, COMPLETION)
+        result = alice.generate(PROMPT, max_new_tokens=16)
+        if result.text == COMPLETION and result.finished:  # it learned to stop too (EOS follows the completion)
+            break
+    assert result.text == COMPLETION and result.finished, f"not reproduced after {calls} learn calls"
+
+
+def test_only_the_learning_agents_context_tier_changes(dl):
+    populate(dl, TEAM)
+    hashes = {k: s.content_hash() for k, s in dl.hierarchy.scopes.items()}
+    bob_before = dl.snapshot("bob").provenance_hash
+    dl.agent("alice").learn(PROMPT, COMPLETION)
+    changed = {str(k) for k, s in dl.hierarchy.scopes.items() if s.content_hash() != hashes[k]}
+    assert changed == {"context:alice"}
+    assert dl.snapshot("bob").provenance_hash == bob_before
+    assert not any(p.requires_grad for p in dl.model.parameters())
+
+
+def test_loss_decreases_and_repeat_interactions_reuse_their_circuit(dl):
+    alice = dl.agent("alice", swarm="backend", domain="python")
+    first = alice.learn(PROMPT, COMPLETION)
+    assert first.spawned and first.loss_after < first.loss_before
+    second = alice.learn(PROMPT, COMPLETION)
+    assert not second.spawned and second.circuit_id == first.circuit_id
+    assert second.activation >= dl.config.learning.attribution_threshold
+    assert second.loss_after < first.loss_after
+
+
+def test_unrelated_interaction_spawns_a_new_circuit(dl):
+    alice = dl.agent("alice", swarm="backend", domain="python")
+    a = alice.learn(PROMPT, COMPLETION)
+    b = alice.learn("SELECT name FROM users WHERE", " id = 42;")
+    assert b.spawned and b.circuit_id != a.circuit_id
+    assert len(dl.hierarchy.scope("context:alice")) == 2
+
+
+def test_new_circuit_does_not_change_outputs_at_spawn(dl):
+    """B starts at zero: a freshly spawned circuit is invisible until trained."""
+    from dynamiclora.learning import init_factors
+
+    x = {"m": torch.randn(5, 16)}
+    factors = init_factors(x, {"m": 8}, rank=4, from_activations=True, generator=torch.Generator().manual_seed(0))
+    a, b = factors["m"]
+    assert torch.count_nonzero(b) == 0
+    torch.testing.assert_close(a @ a.T, torch.eye(4), atol=1e-5, rtol=0)  # orthonormal rows
+    # rows span the input: projecting the inputs on them keeps their energy (5 tokens, rank 4 => most of it)
+    assert float((x["m"] @ a.T).pow(2).sum() / x["m"].pow(2).sum()) > 0.8
+
+
+def test_context_capacity_drops_the_weakest_circuit():
+    dl = make_dl(config=DynamicLoRAConfig(learning=LearningConfig(context_capacity=2, steps_per_learn=1)))
+    alice = dl.agent("alice", swarm="s", domain="d")
+    results = [alice.learn(p, c) for p, c in [("aaa", " 1"), ("import zz", " 2"), ("class Q:", " 3")]]
+    assert len(dl.hierarchy.scope("context:alice")) == 2
+    assert results[-1].dropped is not None
+
+
+def test_critical_flag_is_recorded(dl):
+    alice = dl.agent("alice", swarm="s", domain="d")
+    r = alice.learn(PROMPT, COMPLETION, critical=True)
+    assert dl.hierarchy.find_circuit(r.circuit_id)[1].critical
+
+
+def test_score_rises_with_learning(dl):
+    alice = dl.agent("alice", swarm="s", domain="d")
+    before = alice.score(PROMPT, COMPLETION)
+    alice.learn(PROMPT, COMPLETION)
+    assert alice.score(PROMPT, COMPLETION) > before
+
+
+def test_learn_rejects_empty_completion(dl):
+    alice = dl.agent("alice", swarm="s", domain="d")
+    with pytest.raises(ValueError, match="completion is empty"):
+        alice.learn(PROMPT, "")
