@@ -32,7 +32,7 @@ SKIP_DIRS = {"test", "tests", "idlelib", "lib2to3", "site-packages", "turtledemo
 class DefaultModelSpec:
     """Everything that determines the built-in model; its hash names the cache directory."""
 
-    version: int = 1
+    version: int = 2
     vocab_size: int = 4096
     hidden_size: int = 256
     intermediate_size: int = 704
@@ -104,7 +104,7 @@ def llama_config(spec: DefaultModelSpec, eos_id: int):
                        intermediate_size=spec.intermediate_size, num_hidden_layers=spec.num_layers,
                        num_attention_heads=spec.num_heads, num_key_value_heads=spec.num_heads,
                        max_position_embeddings=spec.max_positions, tie_word_embeddings=True,
-                       bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id)
+                       bos_token_id=eos_id, eos_token_id=eos_id)  # no pad id: see testing.tiny_config
 
 
 def ensure_default_model(data_dir: str | Path | None = None, spec: DefaultModelSpec | None = None,

@@ -23,6 +23,8 @@ def tiny_tokenizer(vocab_size: int = 512):
     return train_tokenizer(read_texts(files), vocab_size)
 
 
+# No pad_token_id: an embedding's padding row starts at zero, and with tied embeddings that pins the
+# logit of EOS (which doubles as pad here) at zero forever. Padding is the tokenizer's business anyway.
 def tiny_config(arch: Arch = "llama", vocab_size: int = 512, hidden: int = 64, layers: int = 2, heads: int = 4,
                 max_positions: int = 256, eos_id: int = 0) -> Any:
     from transformers import GPT2Config, LlamaConfig, Qwen2Config
@@ -31,16 +33,21 @@ def tiny_config(arch: Arch = "llama", vocab_size: int = 512, hidden: int = 64, l
         return LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=hidden * 2,
                            num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads // 2,
                            max_position_embeddings=max_positions, bos_token_id=eos_id, eos_token_id=eos_id,
-                           pad_token_id=eos_id, tie_word_embeddings=False)
+                           tie_word_embeddings=False)
     if arch == "qwen2":
         return Qwen2Config(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=hidden * 2,
                            num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads // 2,
                            max_position_embeddings=max_positions, bos_token_id=eos_id, eos_token_id=eos_id,
-                           pad_token_id=eos_id, tie_word_embeddings=True)
+                           tie_word_embeddings=True)
     if arch == "gpt2":
         return GPT2Config(vocab_size=vocab_size, n_embd=hidden, n_layer=layers, n_head=heads, n_positions=max_positions,
-                          bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id)
+                          bos_token_id=eos_id, eos_token_id=eos_id)
     raise ValueError(f"unknown tiny architecture {arch!r}; choose llama, qwen2 or gpt2")
+
+
+# Random weights at the usual std 0.02 give a tiny model logits within about ±1, so no token can ever
+# become confident and a tied head cannot learn to stop; a wider init gives it a usable logit range.
+TINY_INIT_RANGE = 0.1
 
 
 def tiny_model(arch: Arch = "llama", seed: int = 0, **config_kwargs: Any):
@@ -49,6 +56,7 @@ def tiny_model(arch: Arch = "llama", seed: int = 0, **config_kwargs: Any):
 
     tokenizer = tiny_tokenizer(config_kwargs.pop("vocab_size", 512))
     config = tiny_config(arch, vocab_size=len(tokenizer), eos_id=tokenizer.eos_token_id, **config_kwargs)
+    config.initializer_range = TINY_INIT_RANGE
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     return model.eval(), tokenizer

@@ -1,0 +1,32 @@
+# Everything sets itself up: a virtual environment in .venv with the CPU build of torch 2.13.0.
+# GPU users: `make demo TORCH=torch` (or any torch requirement) installs a CUDA build instead.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+BIN := $(VENV)/bin
+
+.PHONY: demo test test-slow bench lint clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet "$(TORCH)"
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $@
+
+demo: $(BIN)/.installed  ## the demo on the built-in model (pretrains it once, ~4 min on 2 cores)
+	$(BIN)/dynamiclora demo
+
+test: $(BIN)/.installed  ## the default test suite (fast, tiny models built in process)
+	$(BIN)/python -m pytest -q
+
+test-slow: $(BIN)/.installed  ## tests marked slow
+	$(BIN)/python -m pytest -q -m slow
+
+bench: $(BIN)/.installed  ## benchmarks: JSON + markdown + plots under benchmarks/results
+	$(BIN)/python benchmarks/forward.py
+
+lint: $(BIN)/.installed
+	$(BIN)/ruff check src tests benchmarks
+
+clean:
+	rm -rf $(VENV) state
