@@ -25,7 +25,7 @@ from .generation import decode
 from .hierarchy import Hierarchy, ScopeKey, Snapshot
 from .learning import ContextLearner, LearnResult
 from .planner import BatchPlan, Planner
-from .stack import Session, StackedLinear, find_target_modules, inject
+from .stack import Session, StackedLinear, find_target_modules, inject, probe_input_groups
 
 
 @dataclass
@@ -63,9 +63,10 @@ class DynamicLoRA:
                 f"AdapterConfig.target_modules={config.adapter.target_modules!r} matches no Linear/Conv1D module of "
                 f"{type(model).__name__}; list module names with model.named_modules() and adjust the patterns"
             )
-        self.layers: dict[str, StackedLinear] = inject(self.model, names)
+        self.layers: dict[str, StackedLinear]
+        self.layers, self.binding = inject(self.model, names)
         self.hierarchy = Hierarchy()
-        self.planner = Planner(self.layers, self.hierarchy, config.adapter)
+        self.planner = Planner(self.layers, self.hierarchy, config.adapter, probe_input_groups(self.model, self.layers))
         self.learner = ContextLearner(self)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.tick_count = 0
@@ -176,22 +177,23 @@ class DynamicLoRA:
     @contextlib.contextmanager
     def activate(self, plan: BatchPlan, session: Session | None = None) -> Iterator[Session | None]:
         """Make every adapted layer apply ``plan`` (and record into ``session``) inside the block."""
-        for name, layer in self.layers.items():
-            layer.plan, layer.session = plan.modules[name], session
+        self.binding.plans, self.binding.session = plan.module_list, session
         try:
             yield session
         finally:
-            for layer in self.layers.values():
-                layer.plan = layer.session = None
+            self.binding.clear()
 
-    def forward(self, agent_ids: Sequence[str], input_ids: torch.Tensor,
-                attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, Session]:
-        """Logits (B, T, V) of a batch whose row i runs agent_ids[i]'s stack, and the usage session."""
+    def forward(self, agent_ids: Sequence[str], input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                observe: bool | None = None) -> tuple[torch.Tensor, Session]:
+        """Logits (B, T, V) of a batch whose row i runs agent_ids[i]'s stack, and the usage session.
+
+        ``observe=False`` skips the usage probe (default: ``AdapterConfig.observe_usage``).
+        """
         if len(agent_ids) != input_ids.shape[0]:
             raise ValueError(f"got {len(agent_ids)} agent ids for a batch of {input_ids.shape[0]} rows; give one per row")
         self.check_length(input_ids.shape[1])
         plan = self.planner.plan(list(agent_ids))
-        session = self.new_session(plan, mask=attention_mask)
+        session = self.new_session(plan, observe=observe, mask=attention_mask)
         with torch.no_grad(), self.activate(plan, session):
             out = self.model(input_ids=input_ids.to(self.device),
                              attention_mask=None if attention_mask is None else attention_mask.to(self.device),
@@ -199,17 +201,18 @@ class DynamicLoRA:
         self._record_usage(plan, session)
         return out.logits, session
 
-    def _record_usage(self, plan: BatchPlan, session: Session) -> dict[str, float]:
-        """Store the last observed activation on each circuit; returns the first row's map."""
+    def _record_usage(self, plan: BatchPlan, session: Session) -> torch.Tensor:
+        """Store the last observed activation on each circuit; returns the (rows, circuits) activations."""
         acts = session.activations()
+        values = acts.tolist()
         for row, columns in enumerate(plan.row_columns):
             for col in columns:
-                plan.circuits[col].usage = float(acts[row, col])
+                plan.circuits[col].usage = values[row][col]
         if session.merged_observations:
-            macts = session.merged_activations().max(0).values
+            merged = session.merged_activations().max(0).values.tolist()
             for col, c in enumerate(plan.merged_circuits):
-                c.usage = float(macts[col])
-        return {plan.circuits[col].id: float(acts[0, col]) for col in plan.row_columns[0]} if plan.row_columns else {}
+                c.usage = merged[col]
+        return acts
 
     def check_length(self, total: int, prompt_tokens: int | None = None, new_tokens: int = 0) -> None:
         limit = self.max_positions
@@ -263,8 +266,7 @@ class DynamicLoRA:
                              eos_id=self.tokenizer.eos_token_id, device=self.device, generator=self.generator,
                              use_kv_cache=use_kv_cache, on_prefill_done=prefill_done)
         timings["total_s"] = time.perf_counter() - t0
-        acts = session.activations()
-        self._record_usage(plan, session)
+        acts = self._record_usage(plan, session)
         self.interactions += len(requests)
         results = []
         for row, ((agent_id, prompt), toks, fin, snap) in enumerate(

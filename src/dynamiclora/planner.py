@@ -30,10 +30,15 @@ class BatchPlan:
     row_columns: list[list[int]]  # per row: which usage columns belong to its stack
     hetero: bool
 
+    def __post_init__(self) -> None:
+        self.module_list = list(self.modules.values())  # in layer index order (the planner iterates layers)
+
 
 class Planner:
-    def __init__(self, layers: dict[str, StackedLinear], hierarchy: Hierarchy, config: AdapterConfig) -> None:
+    def __init__(self, layers: dict[str, StackedLinear], hierarchy: Hierarchy, config: AdapterConfig,
+                 input_groups: list[list[str]] | None = None) -> None:
         self.layers = layers
+        self.input_groups = input_groups or [[name] for name in layers]
         self.hierarchy = hierarchy
         self.config = config
         self._merged: OrderedDict[tuple, dict[str, torch.Tensor]] = OrderedDict()
@@ -107,8 +112,26 @@ class Planner:
                 mp.merged_a, mp.merged_obs = ma.detach().to(device, dtype), mobs.to(device)
             modules[name] = mp
 
+        self._share_projections(modules, hetero)
         row_columns = [[column[c.id] for c in group_circuits[g]] for g in row_group]
         return BatchPlan(agent_ids, modules, circuits, merged_circuits, row_columns, hetero)
+
+    def _share_projections(self, modules: dict[str, ModulePlan], hetero: bool) -> None:
+        """Give each input group's first module the concatenated A of the group (one matmul instead of several)."""
+        dim = 2 if hetero else 0  # rank axis of A: (B, in, R) or (R, in)
+        obs_dim = 1 if hetero else 0  # rank axis of the observation map: (B, R, C) or (R, C)
+        for group in self.input_groups:
+            plans = [modules[name] for name in group]
+            if len(plans) < 2 or any(p.a is None for p in plans):
+                continue
+            offset = 0
+            for p in plans:
+                width = p.a.shape[dim]
+                p.grouped, p.lo, p.hi = True, offset, offset + width
+                offset += width
+            plans[0].group_size = len(plans)
+            plans[0].group_a = torch.cat([p.a for p in plans], dim).contiguous()
+            plans[0].group_obs = torch.cat([p.obs for p in plans], obs_dim)
 
     @staticmethod
     def _factors(circuits: list[Circuit], layer: StackedLinear, column: dict[str, int], num_columns: int):
