@@ -9,8 +9,9 @@ from dynamiclora import Circuit, DynamicLoRA, DynamicLoRAConfig
 from dynamiclora.testing import tiny_model
 
 
-def random_circuit(dl: DynamicLoRA, rank: int, generator: torch.Generator, scale: float = 1.0,
-                   magnitude: float = 0.05) -> Circuit:
+def random_circuit(
+    dl: DynamicLoRA, rank: int, generator: torch.Generator, scale: float = 1.0, magnitude: float = 0.05
+) -> Circuit:
     """A circuit with random A and B on every adapted module (B non-zero, so it changes outputs)."""
     factors = {}
     for name, layer in dl.layers.items():
@@ -20,8 +21,9 @@ def random_circuit(dl: DynamicLoRA, rank: int, generator: torch.Generator, scale
     return Circuit(factors=factors, tier="context", scope="", scale=scale)
 
 
-def populate(dl: DynamicLoRA, agents: dict[str, tuple[str, str]], per_scope: int = 2, rank: int = 4,
-             seed: int = 0) -> None:
+def populate(
+    dl: DynamicLoRA, agents: dict[str, tuple[str, str]], per_scope: int = 2, rank: int = 4, seed: int = 0
+) -> None:
     """Register agents {id: (swarm, domain)} and give every scope of their stacks random circuits."""
     g = torch.Generator().manual_seed(seed)
     for agent_id, (swarm, domain) in agents.items():

@@ -21,20 +21,23 @@ from dynamiclora.testing import tiny_model
 from .conftest import make_dl
 
 
-@pytest.mark.parametrize("build, message", [
-    (lambda: AdapterConfig(circuit_rank=0), r"AdapterConfig.circuit_rank must be >= 1, got 0"),
-    (lambda: AdapterConfig(merged_tiers=("context",)), r"merged_tiers must not contain 'context'"),
-    (lambda: AdapterConfig(merged_tiers=("galaxy",)), r"unknown tier 'galaxy'"),
-    (lambda: AdapterConfig(merged_usage_sample_rate=2.0), r"merged_usage_sample_rate must lie in \[0, 1\]"),
-    (lambda: AdapterConfig(target_modules=()), r"target_modules is empty"),
-    (lambda: LearningConfig(learning_rate=-1), r"LearningConfig.learning_rate must be > 0"),
-    (lambda: LearningConfig(attribution_threshold=1.5), r"attribution_threshold must lie in \[0, 1\]"),
-    (lambda: LearningConfig(context_capacity=0), r"context_capacity must be >= 1"),
-    (lambda: GenerationConfig(top_p=0), r"GenerationConfig.top_p must lie in \(0, 1\]"),
-    (lambda: GenerationConfig(max_new_tokens=0), r"max_new_tokens must be >= 1"),
-    (lambda: DynamicLoRAConfig(adapter="big"), r"DynamicLoRAConfig.adapter must be a AdapterConfig or a dict"),
-    (lambda: DynamicLoRAConfig.from_dict({"adapter": {"circuit_rank": "eight", "x": 1}}), r"circuit_rank"),
-])
+@pytest.mark.parametrize(
+    "build, message",
+    [
+        (lambda: AdapterConfig(circuit_rank=0), r"AdapterConfig.circuit_rank must be >= 1, got 0"),
+        (lambda: AdapterConfig(merged_tiers=("context",)), r"merged_tiers must not contain 'context'"),
+        (lambda: AdapterConfig(merged_tiers=("galaxy",)), r"unknown tier 'galaxy'"),
+        (lambda: AdapterConfig(merged_usage_sample_rate=2.0), r"merged_usage_sample_rate must lie in \[0, 1\]"),
+        (lambda: AdapterConfig(target_modules=()), r"target_modules is empty"),
+        (lambda: LearningConfig(learning_rate=-1), r"LearningConfig.learning_rate must be > 0"),
+        (lambda: LearningConfig(attribution_threshold=1.5), r"attribution_threshold must lie in \[0, 1\]"),
+        (lambda: LearningConfig(context_capacity=0), r"context_capacity must be >= 1"),
+        (lambda: GenerationConfig(top_p=0), r"GenerationConfig.top_p must lie in \(0, 1\]"),
+        (lambda: GenerationConfig(max_new_tokens=0), r"max_new_tokens must be >= 1"),
+        (lambda: DynamicLoRAConfig(adapter="big"), r"DynamicLoRAConfig.adapter must be a AdapterConfig or a dict"),
+        (lambda: DynamicLoRAConfig.from_dict({"adapter": {"circuit_rank": "eight", "x": 1}}), r"circuit_rank"),
+    ],
+)
 def test_invalid_configuration(build, message):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -59,8 +62,13 @@ def test_target_modules_that_match_nothing():
 
 def test_target_modules_patterns_select_modules():
     model, tok = tiny_model("llama")
-    dl = DynamicLoRA(model, tok, DynamicLoRAConfig(adapter=AdapterConfig(target_modules=(r"q_proj$", r"v_proj$"),
-                                                                         exclude_modules=(r"layers\.1\.",))))
+    dl = DynamicLoRA(
+        model,
+        tok,
+        DynamicLoRAConfig(
+            adapter=AdapterConfig(target_modules=(r"q_proj$", r"v_proj$"), exclude_modules=(r"layers\.1\.",))
+        ),
+    )
     assert sorted(dl.layers) == ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"]
 
 

@@ -59,8 +59,9 @@ def test_sampling_is_seeded_and_varies(dl):
 def test_top_k_one_is_greedy(dl):
     populate(dl, TEAM)
     greedy = dl.agent("bob").generate(PROMPTS[1], max_new_tokens=10, stop_at_eos=False).token_ids
-    top1 = dl.agent("bob").generate(PROMPTS[1], temperature=0.7, top_k=1, max_new_tokens=10,
-                                    stop_at_eos=False).token_ids
+    top1 = (
+        dl.agent("bob").generate(PROMPTS[1], temperature=0.7, top_k=1, max_new_tokens=10, stop_at_eos=False).token_ids
+    )
     assert greedy == top1
 
 

@@ -68,8 +68,11 @@ def test_new_circuit_does_not_change_outputs_at_spawn(dl):
 
 def test_context_capacity_drops_the_weakest_circuit():
     # threshold 1.0: every interaction spawns (attribution quality is not what this test is about)
-    dl = make_dl(config=DynamicLoRAConfig(learning=LearningConfig(context_capacity=2, steps_per_learn=1,
-                                                                  attribution_threshold=1.0)))
+    dl = make_dl(
+        config=DynamicLoRAConfig(
+            learning=LearningConfig(context_capacity=2, steps_per_learn=1, attribution_threshold=1.0)
+        )
+    )
     alice = dl.agent("alice", swarm="s", domain="d")
     results = [alice.learn(p, c) for p, c in [("aaa", " 1"), ("import zz", " 2"), ("class Q:", " 3")]]
     assert len(dl.hierarchy.scope("context:alice")) == 2

@@ -54,8 +54,15 @@ def test_export_loads_in_peft_with_equal_logits(base_dir, tmp_path, ids, what):
 def test_peft_trained_adapter_imports_with_peft_logits(base_dir, tmp_path, ids):
     model = AutoModelForCausalLM.from_pretrained(base_dir)
     targets = ["q_proj", "v_proj", "down_proj"] if "llama" in base_dir.name else ["c_attn", "c_fc"]
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0, rank_pattern={targets[0]: 2},
-                        alpha_pattern={targets[0]: 3}, fan_in_fan_out="gpt2" in base_dir.name)
+    config = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=targets,
+        lora_dropout=0.0,
+        rank_pattern={targets[0]: 2},
+        alpha_pattern={targets[0]: 3},
+        fan_in_fan_out="gpt2" in base_dir.name,
+    )
     pm = get_peft_model(model, config)
     opt = torch.optim.Adam([p for p in pm.parameters() if p.requires_grad], lr=1e-2)
     for _ in range(5):  # a few real training steps so that B is not zero
@@ -76,15 +83,17 @@ def test_peft_trained_adapter_imports_with_peft_logits(base_dir, tmp_path, ids):
 
 def test_rslora_scaling_is_respected(tmp_path, ids):
     base = save_tiny_model(tmp_path / "base")
-    pm = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
-                        LoraConfig(r=4, lora_alpha=16, use_rslora=True, target_modules=["q_proj"],
-                                   init_lora_weights=False))
+    pm = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(base),
+        LoraConfig(r=4, lora_alpha=16, use_rslora=True, target_modules=["q_proj"], init_lora_weights=False),
+    )
     pm.save_pretrained(tmp_path / "rs")
     dl = DynamicLoRA.from_pretrained(base)
     dl.agent("a", swarm="s", domain="d")
     dl.import_peft(tmp_path / "rs")
-    torch.testing.assert_close(dl.agent("a").logits(ids), peft_logits(base, tmp_path / "rs", ids), rtol=1e-4,
-                               atol=1e-4)
+    torch.testing.assert_close(
+        dl.agent("a").logits(ids), peft_logits(base, tmp_path / "rs", ids), rtol=1e-4, atol=1e-4
+    )
 
 
 def test_import_errors_name_the_problem(tmp_path):

@@ -8,7 +8,6 @@ import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -31,6 +30,7 @@ def test_save_load_gives_identical_logits_and_records(tmp_path, ids):
     for agent in TEAM:
         assert torch.equal(again.agent(agent).logits(ids), dl.agent(agent).logits(ids))
         assert again.snapshot(agent).provenance_hash == dl.snapshot(agent).provenance_hash
+
     def records(d):  # usage of merged circuits is sampled at random moments: compare everything else
         return [{k: v for k, v in r.items() if k != "usage"} for r in d.circuits()]
 
@@ -145,8 +145,13 @@ def test_kill_during_save_leaves_a_loadable_committed_state(tmp_path):
     env = {**os.environ, "PYTHONHASHSEED": "0"}
     kills = 0
     for attempt in range(6):
-        proc = subprocess.Popen([sys.executable, str(script), str(state)], stdout=subprocess.PIPE,
-                                stderr=subprocess.DEVNULL, text=True, env=env)
+        proc = subprocess.Popen(
+            [sys.executable, str(script), str(state)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            env=env,
+        )
         acks = []
         deadline = time.time() + 60
         wait_acks = 2 + int(torch.randint(0, 3, (), generator=rng))

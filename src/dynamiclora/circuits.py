@@ -100,8 +100,20 @@ class Circuit:
 
     @classmethod
     def from_record(cls, record: dict[str, Any], factors: Factors) -> Circuit:
-        keys = ("id", "tier", "scope", "scale", "label", "origin_agents", "origin_interactions", "created_tick",
-                "updated_tick", "usage", "critical", "history")
+        keys = (
+            "id",
+            "tier",
+            "scope",
+            "scale",
+            "label",
+            "origin_agents",
+            "origin_interactions",
+            "created_tick",
+            "updated_tick",
+            "usage",
+            "critical",
+            "history",
+        )
         return cls(factors=factors, **{k: record[k] for k in keys if k in record})
 
 
@@ -118,8 +130,9 @@ def frobenius_inner(c1: Circuit, c2: Circuit) -> float:
     return c1.scale * c2.scale * total
 
 
-def concat_factors(circuits: list[Circuit], module: str, in_features: int, out_features: int,
-                   dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def concat_factors(
+    circuits: list[Circuit], module: str, in_features: int, out_features: int, dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Stack circuits along the rank axis with their scales folded into B.
 
     Returns ``A_cat (R, in)`` and ``B_cat (out, R)`` such that ``B_cat A_cat = Σ s·B A``. A circuit that does
@@ -139,8 +152,9 @@ def concat_factors(circuits: list[Circuit], module: str, in_features: int, out_f
             a_parts.append(torch.zeros(c.rank, in_features, device=device))
             b_parts.append(torch.zeros(out_features, c.rank, device=device))
     if not a_parts:
-        return torch.zeros(0, in_features, dtype=dtype, device=device), torch.zeros(out_features, 0, dtype=dtype,
-                                                                                     device=device)
+        return torch.zeros(0, in_features, dtype=dtype, device=device), torch.zeros(
+            out_features, 0, dtype=dtype, device=device
+        )
     a_cat, b_cat = torch.cat(a_parts, 0), torch.cat(b_parts, 1)
     if dtype is not None:
         a_cat, b_cat = a_cat.to(dtype), b_cat.to(dtype)

@@ -19,8 +19,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """Two agents of one team learn and generate on the built-in model; prints what happened."""
     from .demo import run_demo
 
-    report = run_demo(fast=args.fast, state_dir=args.state_dir, rounds=args.rounds,
-                      data_dir=Path(args.data_dir) if args.data_dir else None)
+    report = run_demo(
+        fast=args.fast,
+        state_dir=args.state_dir,
+        rounds=args.rounds,
+        data_dir=Path(args.data_dir) if args.data_dir else None,
+    )
     return 0 if all(report.reproduced.values()) and report.untouched and report.reload_identical else 1
 
 
@@ -37,8 +41,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         scopes = con.execute("SELECT tier, name, circuits, content_hash FROM scopes").fetchall()
         circuits = [json.loads(r) for (r,) in con.execute("SELECT record FROM circuits")]
     console = Console()
-    console.print(f"base model {meta.get('base_model')!r}  ticks {meta.get('tick_count')}  "
-                  f"interactions {meta.get('interactions')}")
+    console.print(
+        f"base model {meta.get('base_model')!r}  ticks {meta.get('tick_count')}  "
+        f"interactions {meta.get('interactions')}"
+    )
     t = Table(title="agents")
     for col in ("id", "swarm", "domain"):
         t.add_column(col)
@@ -56,9 +62,17 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     for col in ("id", "tier", "scope", "rank", "scale", "label", "origin", "usage", "updated"):
         t.add_column(col, overflow="fold")
     for c in sorted(circuits, key=lambda c: (order.index(c["tier"]), c["scope"], c["created_tick"], c["id"])):
-        t.add_row(c["id"][:8], c["tier"], c["scope"], str(c["rank"]), f"{c['scale']:.3g}",
-                  c["label"].replace("\n", "⏎"), ",".join(c["origin_agents"]), f"{c['usage']:.2f}",
-                  str(c["updated_tick"]))
+        t.add_row(
+            c["id"][:8],
+            c["tier"],
+            c["scope"],
+            str(c["rank"]),
+            f"{c['scale']:.3g}",
+            c["label"].replace("\n", "⏎"),
+            ",".join(c["origin_agents"]),
+            f"{c['usage']:.2f}",
+            str(c["updated_tick"]),
+        )
     console.print(t)
     return 0
 
@@ -98,7 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("state_dir")
     p.add_argument("out")
     group = p.add_mutually_exclusive_group(required=True)
-    group.add_argument("--scope", help="one scope: 'foundation', 'domain:NAME', 'swarm:NAME', 'agent:ID', 'context:ID'")
+    group.add_argument(
+        "--scope", help="one scope: 'foundation', 'domain:NAME', 'swarm:NAME', 'agent:ID', 'context:ID'"
+    )
     group.add_argument("--agent", help="an agent id: export its whole stack")
     p.set_defaults(func=cmd_export_peft)
     p = sub.add_parser("bench", help=cmd_bench.__doc__)

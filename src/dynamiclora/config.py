@@ -58,7 +58,9 @@ class AdapterConfig:
     exclude_modules: tuple[str, ...] = field(
         default=(), metadata=_help("Regular expressions of module names never adapted, applied after target_modules.")
     )
-    circuit_rank: int = field(default=8, metadata=_help("Rank r of a newly spawned circuit (factors B: out×r, A: r×in)."))
+    circuit_rank: int = field(
+        default=8, metadata=_help("Rank r of a newly spawned circuit (factors B: out×r, A: r×in).")
+    )
     merged_tiers: tuple[str, ...] = field(
         default=("foundation", "domain", "swarm"),
         metadata=_help(
@@ -80,7 +82,9 @@ class AdapterConfig:
         _check_types(self)
         if self.target_modules is not None:
             self.target_modules = tuple(self.target_modules)
-            _check(len(self.target_modules) > 0, "AdapterConfig.target_modules is empty; use None for all linear layers")
+            _check(
+                len(self.target_modules) > 0, "AdapterConfig.target_modules is empty; use None for all linear layers"
+            )
         self.exclude_modules = tuple(self.exclude_modules)
         self.merged_tiers = tuple(self.merged_tiers)
         _check(self.circuit_rank >= 1, f"AdapterConfig.circuit_rank must be >= 1, got {self.circuit_rank}")
@@ -127,7 +131,9 @@ class LearningConfig:
         _check(self.learning_rate > 0, f"LearningConfig.learning_rate must be > 0, got {self.learning_rate}")
         _check(self.steps_per_learn >= 1, f"LearningConfig.steps_per_learn must be >= 1, got {self.steps_per_learn}")
         _check(self.max_grad_norm >= 0, f"LearningConfig.max_grad_norm must be >= 0, got {self.max_grad_norm}")
-        _check(self.context_capacity >= 1, f"LearningConfig.context_capacity must be >= 1, got {self.context_capacity}")
+        _check(
+            self.context_capacity >= 1, f"LearningConfig.context_capacity must be >= 1, got {self.context_capacity}"
+        )
         _check(
             0.0 <= self.attribution_threshold <= 1.0,
             f"LearningConfig.attribution_threshold must lie in [0, 1], got {self.attribution_threshold}",

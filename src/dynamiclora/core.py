@@ -43,8 +43,9 @@ class GenerationResult:
 class DynamicLoRA:
     """A base causal LM with a hierarchical LoRA memory shared by many agents."""
 
-    def __init__(self, model: nn.Module, tokenizer: Any, config: DynamicLoRAConfig | None = None,
-                 model_id: str | None = None) -> None:
+    def __init__(
+        self, model: nn.Module, tokenizer: Any, config: DynamicLoRAConfig | None = None, model_id: str | None = None
+    ) -> None:
         if config is None:
             config = DynamicLoRAConfig()
         if not isinstance(config, DynamicLoRAConfig):
@@ -66,7 +67,9 @@ class DynamicLoRA:
         self.layers: dict[str, StackedLinear]
         self.layers, self.binding = inject(self.model, names)
         self.hierarchy = Hierarchy()
-        self.planner = Planner(self.layers, self.hierarchy, config.adapter, probe_input_groups(self.model, self.layers))
+        self.planner = Planner(
+            self.layers, self.hierarchy, config.adapter, probe_input_groups(self.model, self.layers)
+        )
         self.learner = ContextLearner(self)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.tick_count = 0
@@ -76,9 +79,15 @@ class DynamicLoRA:
 
     # -- construction -------------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, path_or_id: str | Path, config: DynamicLoRAConfig | None = None, *,
-                        dtype: torch.dtype | str | None = None, device: str | torch.device | None = None,
-                        **model_kwargs: Any) -> DynamicLoRA:
+    def from_pretrained(
+        cls,
+        path_or_id: str | Path,
+        config: DynamicLoRAConfig | None = None,
+        *,
+        dtype: torch.dtype | str | None = None,
+        device: str | torch.device | None = None,
+        **model_kwargs: Any,
+    ) -> DynamicLoRA:
         """Load any Transformers causal LM (local directory or hub id) and its tokenizer, and wrap it."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -92,16 +101,22 @@ class DynamicLoRA:
         return cls(model, tokenizer, config, model_id=path_or_id)
 
     @classmethod
-    def default(cls, config: DynamicLoRAConfig | None = None, data_dir: str | Path | None = None,
-                progress: bool = True, **kwargs: Any) -> DynamicLoRA:
+    def default(
+        cls,
+        config: DynamicLoRAConfig | None = None,
+        data_dir: str | Path | None = None,
+        progress: bool = True,
+        **kwargs: Any,
+    ) -> DynamicLoRA:
         """The built-in model, pretrained once on the Python standard library and cached (see default_model)."""
         from .default_model import ensure_default_model
 
         return cls.from_pretrained(ensure_default_model(data_dir, progress=progress), config, **kwargs)
 
     @classmethod
-    def load(cls, state_dir: str | Path, model: nn.Module | None = None, tokenizer: Any = None,
-             **kwargs: Any) -> DynamicLoRA:
+    def load(
+        cls, state_dir: str | Path, model: nn.Module | None = None, tokenizer: Any = None, **kwargs: Any
+    ) -> DynamicLoRA:
         """Restore a state saved by :meth:`save`. Without ``model``, the recorded base model is loaded."""
         from .store import load_state
 
@@ -122,8 +137,12 @@ class DynamicLoRA:
 
     def snapshot(self, agent_id: str) -> Snapshot:
         scopes = self.hierarchy.stack_scopes(agent_id)
-        return Snapshot(agent_id, self.base_fingerprint, self.tokenizer_fingerprint,
-                        tuple((str(s.key), s.content_hash()) for s in scopes))
+        return Snapshot(
+            agent_id,
+            self.base_fingerprint,
+            self.tokenizer_fingerprint,
+            tuple((str(s.key), s.content_hash()) for s in scopes),
+        )
 
     def add_circuit(self, scope: str | ScopeKey, circuit: Circuit) -> Circuit:
         """Put a circuit into a scope (shared scopes are created on demand). Factors move to the model's device."""
@@ -166,13 +185,20 @@ class DynamicLoRA:
         cfg = self.model.config
         return getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
 
-    def new_session(self, plan: BatchPlan, observe: bool | None = None, capture: bool = False,
-                    mask: torch.Tensor | None = None) -> Session:
+    def new_session(
+        self, plan: BatchPlan, observe: bool | None = None, capture: bool = False, mask: torch.Tensor | None = None
+    ) -> Session:
         rate = self.config.adapter.merged_usage_sample_rate
         sample = bool(plan.merged_circuits) and rate > 0 and float(torch.rand((), generator=self.generator)) < rate
-        return Session(len(plan.agent_ids), len(plan.circuits), len(plan.merged_circuits),
-                       observe=self.config.adapter.observe_usage if observe is None else observe,
-                       sample_merged=sample, mask=mask, capture={} if capture else None)
+        return Session(
+            len(plan.agent_ids),
+            len(plan.circuits),
+            len(plan.merged_circuits),
+            observe=self.config.adapter.observe_usage if observe is None else observe,
+            sample_merged=sample,
+            mask=mask,
+            capture={} if capture else None,
+        )
 
     @contextlib.contextmanager
     def activate(self, plan: BatchPlan, session: Session | None = None) -> Iterator[Session | None]:
@@ -183,21 +209,30 @@ class DynamicLoRA:
         finally:
             self.binding.clear()
 
-    def forward(self, agent_ids: Sequence[str], input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                observe: bool | None = None) -> tuple[torch.Tensor, Session]:
+    def forward(
+        self,
+        agent_ids: Sequence[str],
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        observe: bool | None = None,
+    ) -> tuple[torch.Tensor, Session]:
         """Logits (B, T, V) of a batch whose row i runs agent_ids[i]'s stack, and the usage session.
 
         ``observe=False`` skips the usage probe (default: ``AdapterConfig.observe_usage``).
         """
         if len(agent_ids) != input_ids.shape[0]:
-            raise ValueError(f"got {len(agent_ids)} agent ids for a batch of {input_ids.shape[0]} rows; give one per row")
+            raise ValueError(
+                f"got {len(agent_ids)} agent ids for a batch of {input_ids.shape[0]} rows; give one per row"
+            )
         self.check_length(input_ids.shape[1])
         plan = self.planner.plan(list(agent_ids))
         session = self.new_session(plan, observe=observe, mask=attention_mask)
         with torch.no_grad(), self.activate(plan, session):
-            out = self.model(input_ids=input_ids.to(self.device),
-                             attention_mask=None if attention_mask is None else attention_mask.to(self.device),
-                             use_cache=False)
+            out = self.model(
+                input_ids=input_ids.to(self.device),
+                attention_mask=None if attention_mask is None else attention_mask.to(self.device),
+                use_cache=False,
+            )
         self._record_usage(plan, session)
         return out.logits, session
 
@@ -217,8 +252,11 @@ class DynamicLoRA:
     def check_length(self, total: int, prompt_tokens: int | None = None, new_tokens: int = 0) -> None:
         limit = self.max_positions
         if limit is not None and total > limit:
-            detail = f"{prompt_tokens} prompt tokens + {new_tokens} new tokens" if prompt_tokens is not None else \
-                f"{total} tokens"
+            detail = (
+                f"{prompt_tokens} prompt tokens + {new_tokens} new tokens"
+                if prompt_tokens is not None
+                else f"{total} tokens"
+            )
             raise PromptTooLongError(
                 f"{detail} = {total} exceed the model's context of {limit} positions; shorten the prompt "
                 f"or lower max_new_tokens so that the sum is at most {limit}"
@@ -229,8 +267,13 @@ class DynamicLoRA:
             raise TypeError(f"expected text (str), got {type(text).__name__}")
         return list(self.tokenizer(text, add_special_tokens=special)["input_ids"])
 
-    def generate_batch(self, requests: Sequence[tuple[str, str]], generation: GenerationConfig | None = None,
-                       use_kv_cache: bool = True, **overrides: Any) -> list[GenerationResult]:
+    def generate_batch(
+        self,
+        requests: Sequence[tuple[str, str]],
+        generation: GenerationConfig | None = None,
+        use_kv_cache: bool = True,
+        **overrides: Any,
+    ) -> list[GenerationResult]:
         """Generate for (agent id, prompt) pairs in one heterogeneous batch, with the model's KV cache.
 
         ``overrides`` replace fields of the generation config (``max_new_tokens=16, temperature=0.8``).
@@ -254,26 +297,51 @@ class DynamicLoRA:
 
         def forward(ids, mask, pos, past):
             session.mask = mask if past is None else None
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=past,
-                             use_cache=use_kv_cache, logits_to_keep=1)
+            out = self.model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=pos,
+                past_key_values=past,
+                use_cache=use_kv_cache,
+                logits_to_keep=1,
+            )
             return out.logits[:, -1], out.past_key_values
 
         def prefill_done():
             timings["prefill_s"] = time.perf_counter() - t_plan
 
         with self.activate(plan, session):
-            decoded = decode(forward, prompts, cfg, pad_id=self.tokenizer.pad_token_id or 0,
-                             eos_id=self.tokenizer.eos_token_id, device=self.device, generator=self.generator,
-                             use_kv_cache=use_kv_cache, on_prefill_done=prefill_done)
+            decoded = decode(
+                forward,
+                prompts,
+                cfg,
+                pad_id=self.tokenizer.pad_token_id or 0,
+                eos_id=self.tokenizer.eos_token_id,
+                device=self.device,
+                generator=self.generator,
+                use_kv_cache=use_kv_cache,
+                on_prefill_done=prefill_done,
+            )
         timings["total_s"] = time.perf_counter() - t0
         acts = self._record_usage(plan, session)
         self.interactions += len(requests)
         results = []
         for row, ((agent_id, prompt), toks, fin, snap) in enumerate(
-                zip(requests, decoded.tokens, decoded.finished, snapshots)):
+            zip(requests, decoded.tokens, decoded.finished, snapshots)
+        ):
             touched = {plan.circuits[c].id: float(acts[row, c]) for c in plan.row_columns[row]}
-            results.append(GenerationResult(agent_id, prompt, self.tokenizer.decode(toks, skip_special_tokens=True),
-                                            toks, fin, snap.provenance_hash, touched, dict(timings)))
+            results.append(
+                GenerationResult(
+                    agent_id,
+                    prompt,
+                    self.tokenizer.decode(toks, skip_special_tokens=True),
+                    toks,
+                    fin,
+                    snap.provenance_hash,
+                    touched,
+                    dict(timings),
+                )
+            )
         return results
 
     # -- persistence and interop --------------------------------------------------------------------
@@ -297,8 +365,10 @@ class DynamicLoRA:
 
     def __repr__(self) -> str:
         n = len(self.hierarchy.all_circuits())
-        return (f"DynamicLoRA(model={self.model_id!r}, adapted_modules={len(self.layers)}, agents={len(self.agents)}, "
-                f"circuits={n})")
+        return (
+            f"DynamicLoRA(model={self.model_id!r}, adapted_modules={len(self.layers)}, agents={len(self.agents)}, "
+            f"circuits={n})"
+        )
 
 
 class Agent:

@@ -24,8 +24,19 @@ from pathlib import Path
 import torch
 
 EOS = "<|endoftext|>"
-SKIP_DIRS = {"test", "tests", "idlelib", "lib2to3", "site-packages", "turtledemo", "ensurepip", "__pycache__",
-             "pydoc_data", "encodings", "dist-packages"}
+SKIP_DIRS = {
+    "test",
+    "tests",
+    "idlelib",
+    "lib2to3",
+    "site-packages",
+    "turtledemo",
+    "ensurepip",
+    "__pycache__",
+    "pydoc_data",
+    "encodings",
+    "dist-packages",
+}
 
 
 @dataclass(frozen=True)
@@ -93,22 +104,31 @@ def train_tokenizer(texts: list[str], vocab_size: int):
 
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS], show_progress=False)
-    return PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token=EOS, bos_token=EOS, pad_token=EOS,
-                                   model_max_length=1 << 30)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe._tokenizer, eos_token=EOS, bos_token=EOS, pad_token=EOS, model_max_length=1 << 30
+    )
 
 
 def llama_config(spec: DefaultModelSpec, eos_id: int):
     from transformers import LlamaConfig
 
-    return LlamaConfig(vocab_size=spec.vocab_size, hidden_size=spec.hidden_size,
-                       intermediate_size=spec.intermediate_size, num_hidden_layers=spec.num_layers,
-                       num_attention_heads=spec.num_heads, num_key_value_heads=spec.num_heads,
-                       max_position_embeddings=spec.max_positions, tie_word_embeddings=True,
-                       bos_token_id=eos_id, eos_token_id=eos_id)  # no pad id: see testing.tiny_config
+    return LlamaConfig(
+        vocab_size=spec.vocab_size,
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.num_heads,
+        num_key_value_heads=spec.num_heads,
+        max_position_embeddings=spec.max_positions,
+        tie_word_embeddings=True,
+        bos_token_id=eos_id,
+        eos_token_id=eos_id,
+    )  # no pad id: see testing.tiny_config
 
 
-def ensure_default_model(data_dir: str | Path | None = None, spec: DefaultModelSpec | None = None,
-                         progress: bool = True) -> Path:
+def ensure_default_model(
+    data_dir: str | Path | None = None, spec: DefaultModelSpec | None = None, progress: bool = True
+) -> Path:
     """Path of the built-in model in Hugging Face format, pretraining it first if it is not cached."""
     spec = spec or DefaultModelSpec()
     target = Path(data_dir or default_data_dir()) / f"default-model-{spec.digest()}"
@@ -154,8 +174,13 @@ def build_default_model(target: Path, spec: DefaultModelSpec, progress: bool = T
         return spec.learning_rate * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
 
     losses = []
-    columns = [TextColumn("[bold]pretraining the built-in model"), BarColumn(), TextColumn("{task.fields[info]}"),
-               TimeElapsedColumn(), TimeRemainingColumn()]
+    columns = [
+        TextColumn("[bold]pretraining the built-in model"),
+        BarColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    ]
     with Progress(*columns, disable=not progress, transient=False) as bar:
         task = bar.add_task("train", total=spec.steps, info="")
         for step in range(spec.steps):
@@ -178,9 +203,17 @@ def build_default_model(target: Path, spec: DefaultModelSpec, progress: bool = T
     tmp.mkdir(parents=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    meta = {"spec": asdict(spec), "python": sys.version, "torch": torch.__version__, "train_files": len(train_files),
-            "held_out_files": len(held_out), "train_tokens": len(data), "final_loss": losses[-1],
-            "loss_curve": losses[:: max(1, len(losses) // 50)], "build_seconds": time.time() - started}
+    meta = {
+        "spec": asdict(spec),
+        "python": sys.version,
+        "torch": torch.__version__,
+        "train_files": len(train_files),
+        "held_out_files": len(held_out),
+        "train_tokens": len(data),
+        "final_loss": losses[-1],
+        "loss_curve": losses[:: max(1, len(losses) // 50)],
+        "build_seconds": time.time() - started,
+    }
     (tmp / "dynamiclora_default.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
     if target.exists():
         shutil.rmtree(target)

@@ -41,16 +41,23 @@ def _show(text: str) -> str:
     return text.replace("\n", "⏎")
 
 
-def run_demo(fast: bool = False, state_dir: str | Path = "state/demo", rounds: int = 3,
-             data_dir: Path | None = None, console: Console | None = None) -> DemoReport:
+def run_demo(
+    fast: bool = False,
+    state_dir: str | Path = "state/demo",
+    rounds: int = 3,
+    data_dir: Path | None = None,
+    console: Console | None = None,
+) -> DemoReport:
     console = console or Console()
     state_dir = Path(state_dir)
     console.rule("[bold]DynamicLoRA demo")
     dl = _build(fast, data_dir)
     console.print(f"{dl}\n")
-    agents = {"alice": dl.agent("alice", swarm="backend", domain="python"),
-              "bob": dl.agent("bob", swarm="backend", domain="python"),
-              "carol": dl.agent("carol", swarm="frontend", domain="python")}
+    agents = {
+        "alice": dl.agent("alice", swarm="backend", domain="python"),
+        "bob": dl.agent("bob", swarm="backend", domain="python"),
+        "carol": dl.agent("carol", swarm="frontend", domain="python"),
+    }
     gen = {"max_new_tokens": 32}
     before = {name: agents["carol"].generate(prompt, **gen).text for name, (prompt, _) in PATTERNS.items()}
 
@@ -60,8 +67,15 @@ def run_demo(fast: bool = False, state_dir: str | Path = "state/demo", rounds: i
     for call in range(1, rounds + 1):
         for name, (prompt, completion) in PATTERNS.items():
             r = agents[name].learn(prompt, completion)
-            table.add_row(name, str(call), r.circuit_id[:8], "yes" if r.spawned else "", f"{r.activation:.2f}",
-                          f"{r.loss_before:.3f}", f"{r.loss_after:.3f}")
+            table.add_row(
+                name,
+                str(call),
+                r.circuit_id[:8],
+                "yes" if r.spawned else "",
+                f"{r.activation:.2f}",
+                f"{r.loss_before:.3f}",
+                f"{r.loss_after:.3f}",
+            )
     console.print(table)
 
     table = Table(title="greedy generation after learning")
@@ -81,18 +95,22 @@ def run_demo(fast: bool = False, state_dir: str | Path = "state/demo", rounds: i
 
     dl.save(state_dir)
     again = DynamicLoRA.load(state_dir, model=None if not fast else _reload_model(dl), tokenizer=dl.tokenizer)
-    reload_identical = all(again.agent(n).generate(PATTERNS[p][0], **gen).text == outputs[(n, p)]
-                           for n in agents for p in PATTERNS)
+    reload_identical = all(
+        again.agent(n).generate(PATTERNS[p][0], **gen).text == outputs[(n, p)] for n in agents for p in PATTERNS
+    )
 
     table = Table(title=f"circuits (saved to {state_dir})")
     for col in ("id", "tier", "scope", "rank", "label", "usage"):
         table.add_column(col, overflow="fold")
     for rec in dl.circuits():
-        table.add_row(rec["id"][:8], rec["tier"], rec["scope"], str(rec["rank"]), _show(rec["label"]),
-                      f"{rec['usage']:.2f}")
+        table.add_row(
+            rec["id"][:8], rec["tier"], rec["scope"], str(rec["rank"]), _show(rec["label"]), f"{rec['usage']:.2f}"
+        )
     console.print(table)
-    console.print(f"carol (other team, learned nothing) unchanged: {untouched}; "
-                  f"save → load gives identical outputs: {reload_identical}")
+    console.print(
+        f"carol (other team, learned nothing) unchanged: {untouched}; "
+        f"save → load gives identical outputs: {reload_identical}"
+    )
     return DemoReport(reproduced, untouched, reload_identical, state_dir)
 
 

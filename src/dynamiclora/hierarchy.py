@@ -36,7 +36,8 @@ class ScopeKey(NamedTuple):
             tier, _, name = str(text).partition(":")
         if tier not in TIERS:
             raise UnknownScopeError(
-                f"unknown tier {tier!r} in scope {text!r}; write 'foundation' or '<tier>:<name>' with tier one of {TIERS}"
+                f"unknown tier {tier!r} in scope {text!r}; "
+                f"write 'foundation' or '<tier>:<name>' with tier one of {TIERS}"
             )
         if tier == "foundation":
             name = ""

@@ -32,8 +32,13 @@ class LearnResult:
     dropped: str | None = None  # id of a circuit dropped to make room
 
 
-def init_factors(inputs: dict[str, torch.Tensor], out_features: dict[str, int], rank: int, from_activations: bool,
-                 generator: torch.Generator) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def init_factors(
+    inputs: dict[str, torch.Tensor],
+    out_features: dict[str, int],
+    rank: int,
+    from_activations: bool,
+    generator: torch.Generator,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """A (r, in) with orthonormal rows and B (out, r) = 0 for every module."""
     factors = {}
     for name, x in inputs.items():
@@ -95,10 +100,20 @@ class ContextLearner:
                 dropped = weakest.id
                 scope.remove(weakest.id)
                 self.forget(weakest.id)
-            factors = init_factors(session.capture, {n: layer.out_features for n, layer in dl.layers.items()},
-                                   dl.config.adapter.circuit_rank, cfg.init_from_activations, dl.generator)
-            best = Circuit(factors=factors, tier="context", scope=agent_id, created_tick=dl.tick_count,
-                           label=dl.tokenizer.decode(prompt_ids, skip_special_tokens=True)[:60])
+            factors = init_factors(
+                session.capture,
+                {n: layer.out_features for n, layer in dl.layers.items()},
+                dl.config.adapter.circuit_rank,
+                cfg.init_from_activations,
+                dl.generator,
+            )
+            best = Circuit(
+                factors=factors,
+                tier="context",
+                scope=agent_id,
+                created_tick=dl.tick_count,
+                label=dl.tokenizer.decode(prompt_ids, skip_special_tokens=True)[:60],
+            )
             dl.add_circuit(scope.key, best)
             best_act = 0.0
 

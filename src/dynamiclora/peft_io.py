@@ -69,8 +69,9 @@ def export_peft(dl: DynamicLoRA, out_dir: Path, scope: str | None = None, agent:
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(out_dir / "adapter_model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    atomic_write(out_dir / "adapter_config.json",
-                 lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2, sort_keys=True)))
+    atomic_write(
+        out_dir / "adapter_config.json", lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2, sort_keys=True))
+    )
     return out_dir
 
 
@@ -85,8 +86,10 @@ def import_peft(dl: DynamicLoRA, adapter_dir: Path, scope: str = "foundation", l
     cfg_path, weights_path = adapter_dir / "adapter_config.json", adapter_dir / "adapter_model.safetensors"
     for path in (cfg_path, weights_path):
         if not path.exists():
-            raise IncompatibleAdapterError(f"{path} is missing: {adapter_dir} is not a PEFT adapter directory "
-                                           "(expected adapter_config.json and adapter_model.safetensors)")
+            raise IncompatibleAdapterError(
+                f"{path} is missing: {adapter_dir} is not a PEFT adapter directory "
+                "(expected adapter_config.json and adapter_model.safetensors)"
+            )
     config = json.loads(cfg_path.read_text())
     if config.get("peft_type", "LORA") != "LORA":
         raise IncompatibleAdapterError(f"{cfg_path}: peft_type is {config.get('peft_type')!r}; only LORA imports")
@@ -128,7 +131,12 @@ def import_peft(dl: DynamicLoRA, adapter_dir: Path, scope: str = "foundation", l
     key = ScopeKey.parse(scope)
     if key.tier not in ("foundation", "domain", "swarm"):
         dl.hierarchy.agent(key.name)
-    circuit = Circuit(factors=factors, tier=key.tier, scope=key.name, created_tick=dl.tick_count,
-                      label=label or f"imported from {adapter_dir.name}",
-                      history=[{"event": "imported", "from": str(adapter_dir), "tick": dl.tick_count}])
+    circuit = Circuit(
+        factors=factors,
+        tier=key.tier,
+        scope=key.name,
+        created_tick=dl.tick_count,
+        label=label or f"imported from {adapter_dir.name}",
+        history=[{"event": "imported", "from": str(adapter_dir), "tick": dl.tick_count}],
+    )
     return dl.add_circuit(key, circuit)

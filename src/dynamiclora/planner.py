@@ -35,8 +35,13 @@ class BatchPlan:
 
 
 class Planner:
-    def __init__(self, layers: dict[str, StackedLinear], hierarchy: Hierarchy, config: AdapterConfig,
-                 input_groups: list[list[str]] | None = None) -> None:
+    def __init__(
+        self,
+        layers: dict[str, StackedLinear],
+        hierarchy: Hierarchy,
+        config: AdapterConfig,
+        input_groups: list[list[str]] | None = None,
+    ) -> None:
         self.layers = layers
         self.input_groups = input_groups or [[name] for name in layers]
         self.hierarchy = hierarchy
@@ -107,8 +112,9 @@ class Planner:
                     mp.b = b[row_index].transpose(1, 2).contiguous().to(device, dtype)  # (B, R, out)
                     mp.obs = obs[row_index].to(device)
             if merged_circuits and self.config.merged_usage_sample_rate > 0:
-                ma, _, mobs = self._factors(merged_circuits, layer, {c.id: i for i, c in enumerate(merged_circuits)},
-                                            len(merged_circuits))
+                ma, _, mobs = self._factors(
+                    merged_circuits, layer, {c.id: i for i, c in enumerate(merged_circuits)}, len(merged_circuits)
+                )
                 mp.merged_a, mp.merged_obs = ma.detach().to(device, dtype), mobs.to(device)
             modules[name] = mp
 

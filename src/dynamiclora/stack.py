@@ -107,8 +107,13 @@ class Session:
         return len(self._merged)
 
     @staticmethod
-    def _mean_activation(cols: list[torch.Tensor], rows: list[torch.Tensor], maps: list[torch.Tensor],
-                         shape: tuple[int, int], modules: int) -> torch.Tensor:
+    def _mean_activation(
+        cols: list[torch.Tensor],
+        rows: list[torch.Tensor],
+        maps: list[torch.Tensor],
+        shape: tuple[int, int],
+        modules: int,
+    ) -> torch.Tensor:
         if not cols:
             return torch.zeros(shape)
         buckets: dict[tuple, list[int]] = {}  # records of equal width (one per group size) reduce together
@@ -125,8 +130,9 @@ class Session:
 
     def activations(self) -> torch.Tensor:
         """(B, C) normalized activation per row and circuit: sqrt of the mean energy fraction, in [0, 1]."""
-        return self._mean_activation(self._cols, self._rows, self._maps, (self.num_rows, self.num_circuits),
-                                     self._modules)
+        return self._mean_activation(
+            self._cols, self._rows, self._maps, (self.num_rows, self.num_circuits), self._modules
+        )
 
     def merged_activations(self) -> torch.Tensor:
         cols, rows, maps = (list(t) for t in zip(*self._merged)) if self._merged else ([], [], [])
@@ -213,7 +219,9 @@ class StackedLinear(nn.Module):
         return f"name={self.name!r}, in={self.in_features}, out={self.out_features}, conv1d={self.is_conv1d}"
 
 
-def find_target_modules(model: nn.Module, patterns: tuple[str, ...] | None, exclude: tuple[str, ...] = ()) -> list[str]:
+def find_target_modules(
+    model: nn.Module, patterns: tuple[str, ...] | None, exclude: tuple[str, ...] = ()
+) -> list[str]:
     """Names of the Linear/Conv1D modules to adapt.
 
     ``patterns=None`` takes every Linear/Conv1D except the output head (PEFT's ``all-linear``). Patterns are
@@ -251,6 +259,7 @@ def probe_input_groups(model: nn.Module, layers: dict[str, StackedLinear]) -> li
         def fn(module: nn.Module, args: tuple) -> None:
             keep.append(args[0])
             seen.setdefault(name, id(args[0]))
+
         return fn
 
     handles = [layer.register_forward_pre_hook(hook(name)) for name, layer in layers.items()]

@@ -133,13 +133,18 @@ def save_state(dl: DynamicLoRA, state_dir: Path, overwrite_other_model: bool = F
             for table in ("meta", "agents", "scopes", "circuits"):
                 con.execute(f"DELETE FROM {table}")
             con.executemany("INSERT INTO meta VALUES (?, ?)", sorted(new_meta.items()))
-            con.executemany("INSERT INTO agents VALUES (?, ?, ?)",
-                            [(a.id, a.swarm, a.domain) for a in dl.hierarchy.agents.values()])
-            con.executemany("INSERT INTO scopes VALUES (?, ?, ?, ?, ?)",
-                            [(k.tier, k.name, s.content_hash(), files[k], len(s)) for k, s in dl.hierarchy.scopes.items()])
-            con.executemany("INSERT INTO circuits VALUES (?, ?, ?, ?)",
-                            [(c.id, c.tier, c.scope, json.dumps(c.record(), sort_keys=True))
-                             for c in dl.hierarchy.all_circuits()])
+            con.executemany(
+                "INSERT INTO agents VALUES (?, ?, ?)",
+                [(a.id, a.swarm, a.domain) for a in dl.hierarchy.agents.values()],
+            )
+            con.executemany(
+                "INSERT INTO scopes VALUES (?, ?, ?, ?, ?)",
+                [(k.tier, k.name, s.content_hash(), files[k], len(s)) for k, s in dl.hierarchy.scopes.items()],
+            )
+            con.executemany(
+                "INSERT INTO circuits VALUES (?, ?, ?, ?)",
+                [(c.id, c.tier, c.scope, json.dumps(c.record(), sort_keys=True)) for c in dl.hierarchy.all_circuits()],
+            )
             con.execute("COMMIT")
         except BaseException:
             con.execute("ROLLBACK")
@@ -151,8 +156,9 @@ def save_state(dl: DynamicLoRA, state_dir: Path, overwrite_other_model: bool = F
     return state_dir
 
 
-def load_state(cls: type[DynamicLoRA], state_dir: Path, model: nn.Module | None, tokenizer: Any,
-               **kwargs: Any) -> DynamicLoRA:
+def load_state(
+    cls: type[DynamicLoRA], state_dir: Path, model: nn.Module | None, tokenizer: Any, **kwargs: Any
+) -> DynamicLoRA:
     db = state_dir / DB_NAME
     if not db.exists():
         raise CorruptStateError(f"{db} does not exist: {state_dir} is not a saved DynamicLoRA state (see dl.save)")
@@ -167,8 +173,9 @@ def load_state(cls: type[DynamicLoRA], state_dir: Path, model: nn.Module | None,
     if not meta:
         raise CorruptStateError(f"{db} holds no committed state; save one with dl.save({str(state_dir)!r})")
     if int(meta["format_version"]) > FORMAT_VERSION:
-        raise StateMismatchError(f"{state_dir} was written by a newer format ({meta['format_version']}); upgrade "
-                                 "dynamiclora to load it")
+        raise StateMismatchError(
+            f"{state_dir} was written by a newer format ({meta['format_version']}); upgrade dynamiclora to load it"
+        )
     config = DynamicLoRAConfig.from_dict(json.loads(meta["config"]))
     if model is None:
         dl = cls.from_pretrained(meta["base_model"], config, **kwargs)
@@ -176,8 +183,10 @@ def load_state(cls: type[DynamicLoRA], state_dir: Path, model: nn.Module | None,
         if tokenizer is None:
             raise ValueError("pass the tokenizer together with the model to DynamicLoRA.load")
         dl = cls(model, tokenizer, config, model_id=meta["base_model"])
-    for what, saved, actual in (("base model", meta["base_fingerprint"], dl.base_fingerprint),
-                                ("tokenizer", meta["tokenizer_fingerprint"], dl.tokenizer_fingerprint)):
+    for what, saved, actual in (
+        ("base model", meta["base_fingerprint"], dl.base_fingerprint),
+        ("tokenizer", meta["tokenizer_fingerprint"], dl.tokenizer_fingerprint),
+    ):
         if saved != actual:
             raise StateMismatchError(
                 f"{state_dir} was saved for another {what} (fingerprint {saved[:12]}…, this one is {actual[:12]}…, "
@@ -205,11 +214,13 @@ def load_state(cls: type[DynamicLoRA], state_dir: Path, model: nn.Module | None,
             factors: dict[str, list[torch.Tensor]] = {}
             for k, t in tensors.items():
                 if k.startswith(prefix):
-                    module, which = k[len(prefix):].rsplit("/", 1)
+                    module, which = k[len(prefix) :].rsplit("/", 1)
                     factors.setdefault(module, [None, None])[0 if which == "A" else 1] = t
             if not factors or any(t is None for ab in factors.values() for t in ab):
-                raise CorruptStateError(f"{path} (scope {key}) lacks tensors of circuit {r['id']}; the file is "
-                                        "corrupted or belongs to another state; restore it from a backup")
+                raise CorruptStateError(
+                    f"{path} (scope {key}) lacks tensors of circuit {r['id']}; the file is "
+                    "corrupted or belongs to another state; restore it from a backup"
+                )
             scope.circuits[r["id"]] = Circuit.from_record(r, {m: (ab[0], ab[1]) for m, ab in factors.items()})
         scope.touch()
         if scope.content_hash() != digest:

@@ -25,23 +25,53 @@ def tiny_tokenizer(vocab_size: int = 512):
 
 # No pad_token_id: an embedding's padding row starts at zero, and with tied embeddings that pins the
 # logit of EOS (which doubles as pad here) at zero forever. Padding is the tokenizer's business anyway.
-def tiny_config(arch: Arch = "llama", vocab_size: int = 512, hidden: int = 64, layers: int = 2, heads: int = 4,
-                max_positions: int = 256, eos_id: int = 0) -> Any:
+def tiny_config(
+    arch: Arch = "llama",
+    vocab_size: int = 512,
+    hidden: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    max_positions: int = 256,
+    eos_id: int = 0,
+) -> Any:
     from transformers import GPT2Config, LlamaConfig, Qwen2Config
 
     if arch == "llama":
-        return LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=hidden * 2,
-                           num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads // 2,
-                           max_position_embeddings=max_positions, bos_token_id=eos_id, eos_token_id=eos_id,
-                           tie_word_embeddings=False)
+        return LlamaConfig(
+            vocab_size=vocab_size,
+            hidden_size=hidden,
+            intermediate_size=hidden * 2,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=heads // 2,
+            max_position_embeddings=max_positions,
+            bos_token_id=eos_id,
+            eos_token_id=eos_id,
+            tie_word_embeddings=False,
+        )
     if arch == "qwen2":
-        return Qwen2Config(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=hidden * 2,
-                           num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads // 2,
-                           max_position_embeddings=max_positions, bos_token_id=eos_id, eos_token_id=eos_id,
-                           tie_word_embeddings=True)
+        return Qwen2Config(
+            vocab_size=vocab_size,
+            hidden_size=hidden,
+            intermediate_size=hidden * 2,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=heads // 2,
+            max_position_embeddings=max_positions,
+            bos_token_id=eos_id,
+            eos_token_id=eos_id,
+            tie_word_embeddings=True,
+        )
     if arch == "gpt2":
-        return GPT2Config(vocab_size=vocab_size, n_embd=hidden, n_layer=layers, n_head=heads, n_positions=max_positions,
-                          bos_token_id=eos_id, eos_token_id=eos_id)
+        return GPT2Config(
+            vocab_size=vocab_size,
+            n_embd=hidden,
+            n_layer=layers,
+            n_head=heads,
+            n_positions=max_positions,
+            bos_token_id=eos_id,
+            eos_token_id=eos_id,
+        )
     raise ValueError(f"unknown tiny architecture {arch!r}; choose llama, qwen2 or gpt2")
 
 

@@ -27,11 +27,25 @@ LAYOUT = {"foundation": (4, 8), "domain": (3, 8), "swarm": (3, 8), "agent": (2, 
 
 
 def model_configs(quick: bool) -> dict[str, dict]:
-    configs = {"tiny-3.4M": dict(vocab_size=4096, hidden_size=256, intermediate_size=384, num_hidden_layers=4,
-                                 num_attention_heads=4, num_key_value_heads=4)}
+    configs = {
+        "tiny-3.4M": dict(
+            vocab_size=4096,
+            hidden_size=256,
+            intermediate_size=384,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+        )
+    }
     if not quick:
-        configs["llama-110M"] = dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
-                                     num_attention_heads=12, num_key_value_heads=12)
+        configs["llama-110M"] = dict(
+            vocab_size=32000,
+            hidden_size=768,
+            intermediate_size=2048,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            num_key_value_heads=12,
+        )
     return configs
 
 
@@ -55,8 +69,13 @@ class _NullTokenizer:
 
 
 def random_circuit(dl: DynamicLoRA, rank: int, g: torch.Generator) -> Circuit:
-    factors = {n: (torch.randn(rank, layer.in_features, generator=g) * 0.02,
-                   torch.randn(layer.out_features, rank, generator=g) * 0.02) for n, layer in dl.layers.items()}
+    factors = {
+        n: (
+            torch.randn(rank, layer.in_features, generator=g) * 0.02,
+            torch.randn(layer.out_features, rank, generator=g) * 0.02,
+        )
+        for n, layer in dl.layers.items()
+    }
     return Circuit(factors=factors, tier="context", scope="")
 
 
@@ -111,12 +130,18 @@ def run(device: str, quick: bool) -> list[dict]:
                 with torch.no_grad():
                     peft_model(input_ids=ids, use_cache=False)
 
-            fns = {"base": base_fwd, "stack": lambda: dl.forward(same, ids), "peft-5": peft_fwd,
-                   "stack, usage probe off": lambda: dl.forward(same, ids, observe=False)}
+            fns = {
+                "base": base_fwd,
+                "stack": lambda: dl.forward(same, ids),
+                "peft-5": peft_fwd,
+                "stack, usage probe off": lambda: dl.forward(same, ids, observe=False),
+            }
             if batch > 1:
                 fns["hetero (8 agents, 1 swarm)"] = lambda: dl.forward(agents, ids)
                 fns["hetero (8 agents, 2 swarms)"] = lambda: dl2.forward(agents, ids)
-                fns["one at a time (8 agents)"] = lambda: [dl.forward([a], ids[i : i + 1]) for i, a in enumerate(agents)]
+                fns["one at a time (8 agents)"] = lambda: [
+                    dl.forward([a], ids[i : i + 1]) for i, a in enumerate(agents)
+                ]
 
                 def base_rows():  # the base model's own batching gain: the ceiling for the stack's
                     with torch.no_grad():
@@ -126,18 +151,43 @@ def run(device: str, quick: bool) -> list[dict]:
                 fns["base one row at a time"] = base_rows
             res = time_interleaved(fns, repeats, sync=sync)
             for name, r in res.items():
-                rows.append({"model": model_name, "params": params, "device": device, "batch": f"{batch}x64",
-                             "variant": name, **r, "ratio_to_base": r["median_s"] / res["base"]["median_s"]})
+                rows.append(
+                    {
+                        "model": model_name,
+                        "params": params,
+                        "device": device,
+                        "batch": f"{batch}x64",
+                        "variant": name,
+                        **r,
+                        "ratio_to_base": r["median_s"] / res["base"]["median_s"],
+                    }
+                )
         # decode: 8 agents generating 16 tokens each, batched vs one at a time
         prompts = [torch.randint(1, kwargs["vocab_size"], (64,)).tolist() for _ in range(8)]
-        res = time_interleaved({
-            "decode batched (8 agents)": lambda: _decode(dl, [f"agent{i}" for i in range(8)], prompts),
-            "decode one at a time (8 agents)": lambda: [_decode(dl, [f"agent{i}"], [p]) for i, p in enumerate(prompts)],
-        }, max(3, repeats // 3), warmup=1, sync=sync)
+        res = time_interleaved(
+            {
+                "decode batched (8 agents)": lambda: _decode(dl, [f"agent{i}" for i in range(8)], prompts),
+                "decode one at a time (8 agents)": lambda: [
+                    _decode(dl, [f"agent{i}"], [p]) for i, p in enumerate(prompts)
+                ],
+            },
+            max(3, repeats // 3),
+            warmup=1,
+            sync=sync,
+        )
         for name, r in res.items():
-            rows.append({"model": model_name, "params": params, "device": device, "batch": "8 prompts x 64 + 16 new",
-                         "variant": name, **r, "ratio_to_base": None})
-        del base, peft_model, dl, dl2
+            rows.append(
+                {
+                    "model": model_name,
+                    "params": params,
+                    "device": device,
+                    "batch": "8 prompts x 64 + 16 new",
+                    "variant": name,
+                    **r,
+                    "ratio_to_base": None,
+                }
+            )
+
     return rows
 
 
@@ -148,19 +198,34 @@ def _decode(dl: DynamicLoRA, agents: list[str], prompts: list[list[int]]) -> Non
     plan = dl.planner.plan(agents)
 
     def forward(ids, mask, pos, past):
-        out = dl.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=past, use_cache=True,
-                       logits_to_keep=1)
+        out = dl.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=pos,
+            past_key_values=past,
+            use_cache=True,
+            logits_to_keep=1,
+        )
         return out.logits[:, -1], out.past_key_values
 
     with torch.no_grad(), dl.activate(plan, dl.new_session(plan)):
-        decode(forward, prompts, GenerationConfig(max_new_tokens=16, stop_at_eos=False), pad_id=0, eos_id=None,
-               device=dl.device)
+        decode(
+            forward,
+            prompts,
+            GenerationConfig(max_new_tokens=16, stop_at_eos=False),
+            pad_id=0,
+            eos_id=None,
+            device=dl.device,
+        )
 
 
 def summarize(rows: list[dict]) -> tuple[dict, str]:
     """Targets of the core issue, evaluated on the measured medians."""
+
     def med(model, batch, variant):
-        return next(r["median_s"] for r in rows if r["model"] == model and r["batch"] == batch and r["variant"] == variant)
+        return next(
+            r["median_s"] for r in rows if r["model"] == model and r["batch"] == batch and r["variant"] == variant
+        )
 
     checks, lines = {}, []
     for model in dict.fromkeys(r["model"] for r in rows):
@@ -170,8 +235,10 @@ def summarize(rows: list[dict]) -> tuple[dict, str]:
             overhead, peft_overhead = stack / base - 1, peft / base - 1
             checks[f"{model} {batch} stack/base <= {limit}"] = stack / base <= limit
             checks[f"{model} {batch} stack overhead <= 1/3 of PEFT-5's"] = overhead <= peft_overhead / 3
-            lines.append(f"| {model} | {batch} | {stack / base:.3f}× | {peft / base:.3f}× | "
-                         f"{overhead / peft_overhead if peft_overhead > 0 else float('nan'):.2f} |")
+            lines.append(
+                f"| {model} | {batch} | {stack / base:.3f}× | {peft / base:.3f}× | "
+                f"{overhead / peft_overhead if peft_overhead > 0 else float('nan'):.2f} |"
+            )
         het = med(model, "8x64", "hetero (8 agents, 1 swarm)")
         one = med(model, "8x64", "one at a time (8 agents)")
         dec_b = med(model, "8 prompts x 64 + 16 new", "decode batched (8 agents)")
@@ -180,9 +247,11 @@ def summarize(rows: list[dict]) -> tuple[dict, str]:
         base_batch = med(model, "8x64", "base")
         checks[f"{model} hetero batch >= 3x one-at-a-time (forward 8x64)"] = one / het >= 3
         checks[f"{model} hetero batch >= 3x one-at-a-time (decode)"] = dec_1 / dec_b >= 3
-        lines.append(f"| {model} | hetero speed-up over one agent at a time | forward 8×64: {one / het:.2f}× "
-                     f"(the base model's own batching gain: {base_rows / base_batch:.2f}×) | "
-                     f"decode 8×16 tokens: {dec_1 / dec_b:.2f}× | |")
+        lines.append(
+            f"| {model} | hetero speed-up over one agent at a time | forward 8×64: {one / het:.2f}× "
+            f"(the base model's own batching gain: {base_rows / base_batch:.2f}×) | "
+            f"decode 8×16 tokens: {dec_1 / dec_b:.2f}× | |"
+        )
     return checks, "\n".join(lines)
 
 
@@ -222,21 +291,40 @@ def main(argv: list[str] | None = None) -> dict:
     rows = run(args.device, args.quick)
     checks, summary = summarize(rows)
     name = f"forward-{args.device}" + ("-quick" if args.quick else "")
-    md = [f"# Forward pass: stack vs base vs PEFT-5 ({args.device})", "",
-          "Medians of interleaved repeats; ratios are within one run.", "",
-          "| model | batch | stack / base | PEFT-5 / base | stack overhead / PEFT-5 overhead |",
-          "|---|---|---|---|---|", summary, "", "## Targets", ""]
+    md = [
+        f"# Forward pass: stack vs base vs PEFT-5 ({args.device})",
+        "",
+        "Medians of interleaved repeats; ratios are within one run.",
+        "",
+        "| model | batch | stack / base | PEFT-5 / base | stack overhead / PEFT-5 overhead |",
+        "|---|---|---|---|---|",
+        summary,
+        "",
+        "## Targets",
+        "",
+    ]
     md += [f"- {'met' if ok else '**missed**'}: {k}" for k, ok in checks.items()]
-    md += ["", "## All measurements", "", "| model | batch | variant | median ms | min ms | max ms | / base |",
-           "|---|---|---|---|---|---|---|"]
+    md += [
+        "",
+        "## All measurements",
+        "",
+        "| model | batch | variant | median ms | min ms | max ms | / base |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         ratio = f"{r['ratio_to_base']:.3f}" if r["ratio_to_base"] else ""
-        md.append(f"| {r['model']} | {r['batch']} | {r['variant']} | {r['median_s'] * 1e3:.2f} | "
-                  f"{r['min_s'] * 1e3:.2f} | {r['max_s'] * 1e3:.2f} | {ratio} |")
+        md.append(
+            f"| {r['model']} | {r['batch']} | {r['variant']} | {r['median_s'] * 1e3:.2f} | "
+            f"{r['min_s'] * 1e3:.2f} | {r['max_s'] * 1e3:.2f} | {ratio} |"
+        )
     out.mkdir(parents=True, exist_ok=True)
     plot(rows, out / f"{name}.png")
-    write(out, name, {"parameters": {"layout": LAYOUT, "tokens": 64, "device": args.device}, "results": rows,
-                      "targets": checks}, "\n".join(md) + "\n")
+    write(
+        out,
+        name,
+        {"parameters": {"layout": LAYOUT, "tokens": 64, "device": args.device}, "results": rows, "targets": checks},
+        "\n".join(md) + "\n",
+    )
     print("\n".join(md))
     return checks
 

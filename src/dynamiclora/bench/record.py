@@ -24,8 +24,13 @@ def machine() -> dict[str, Any]:
                 break
     except OSError:
         pass
-    info = {"platform": platform.platform(), "cpu": cpu, "cores": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "python": platform.python_version()}
+    info = {
+        "platform": platform.platform(),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+    }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
@@ -43,14 +48,20 @@ def versions() -> dict[str, str]:
 
 def commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True, cwd=Path(__file__).parent).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=Path(__file__).parent,
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
 
-def time_interleaved(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 2,
-                     sync: Callable[[], None] = lambda: None) -> dict[str, dict[str, float]]:
+def time_interleaved(
+    fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 2, sync: Callable[[], None] = lambda: None
+) -> dict[str, dict[str, float]]:
     """Median and spread of each function, measured round-robin so that machine noise hits all alike."""
     for _ in range(warmup):
         for fn in fns.values():
@@ -63,14 +74,22 @@ def time_interleaved(fns: dict[str, Callable[[], Any]], repeats: int, warmup: in
             fn()
             sync()
             samples[name].append(time.perf_counter() - t)
-    return {k: {"median_s": statistics.median(v), "min_s": min(v), "max_s": max(v), "n": len(v)}
-            for k, v in samples.items()}
+    return {
+        k: {"median_s": statistics.median(v), "min_s": min(v), "max_s": max(v), "n": len(v)}
+        for k, v in samples.items()
+    }
 
 
 def write(out_dir: Path, name: str, record: dict[str, Any], markdown: str) -> tuple[Path, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
-    record = {"benchmark": name, "machine": machine(), "versions": versions(), "commit": commit(),
-              "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **record}
+    record = {
+        "benchmark": name,
+        "machine": machine(),
+        "versions": versions(),
+        "commit": commit(),
+        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **record,
+    }
     js, md = out_dir / f"{name}.json", out_dir / f"{name}.md"
     js.write_text(json.dumps(record, indent=2, sort_keys=True))
     md.write_text(markdown)
