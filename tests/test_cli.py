@@ -42,3 +42,15 @@ def test_export_peft_cli(tmp_path, capsys):
     assert config["r"] == dl.config.adapter.circuit_rank
     assert main(["export-peft", str(tmp_path / "state"), str(tmp_path / "out2"), "--scope", "swarm:s"]) == 2
     assert "holds no circuits" in capsys.readouterr().err
+
+
+def test_forward_benchmark_quick_writes_its_records(tmp_path):
+    from dynamiclora.bench import forward
+
+    checks = forward.main(["--quick", "--out", str(tmp_path), "--repeats", "2"])
+    assert checks  # every target evaluated
+    record = json.loads((tmp_path / "forward-cpu-quick.json").read_text())
+    assert record["machine"]["cores"] and record["versions"]["torch"]
+    variants = {r["variant"] for r in record["results"]}
+    assert {"base", "stack", "peft-5", "one at a time (8 agents)", "decode batched (8 agents)"} <= variants
+    assert (tmp_path / "forward-cpu-quick.md").exists() and (tmp_path / "forward-cpu-quick.png").exists()

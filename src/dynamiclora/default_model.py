@@ -56,6 +56,7 @@ class DefaultModelSpec:
     learning_rate: float = 3e-3
     warmup_steps: int = 30
     tokenizer_corpus_bytes: int = 4_000_000
+    max_train_files: int | None = None  # None: the whole training part of the standard library
     seed: int = 0
     bf16: bool = field(default_factory=lambda: _fast_bf16())  # autocast where the CPU has native bf16
 
@@ -147,7 +148,7 @@ def build_default_model(target: Path, spec: DefaultModelSpec, progress: bool = T
     train_files, held_out = stdlib_files()
     if not train_files:
         raise RuntimeError(f"found no Python sources under {sysconfig.get_paths()['stdlib']!r} to pretrain on")
-    texts = read_texts(train_files)
+    texts = read_texts(train_files[: spec.max_train_files])
     tok_texts, size = [], 0
     for t in texts:  # the tokenizer sees a deterministic prefix of the corpus
         if size >= spec.tokenizer_corpus_bytes:

@@ -107,10 +107,12 @@ def build_peft(model):
     return pm.eval()
 
 
-def run(device: str, quick: bool) -> list[dict]:
+def run(device: str, quick: bool, repeats: int | None = None) -> list[dict]:
     rows = []
     for model_name, kwargs in model_configs(quick).items():
-        repeats = (7 if quick else 15) * (3 if model_name.startswith("tiny") else 1)  # ms-scale timings: more
+        n = repeats  # ms-scale timings of the tiny model are noisier: more repeats by default
+        if n is None:
+            n = (7 if quick else 15) * (3 if model_name.startswith("tiny") else 1)
         base = build_model(kwargs, device)
         params = sum(p.numel() for p in base.parameters())
         peft_model = build_peft(copy.deepcopy(base))
@@ -149,7 +151,7 @@ def run(device: str, quick: bool) -> list[dict]:
                             base(input_ids=ids[i : i + 1], use_cache=False)
 
                 fns["base one row at a time"] = base_rows
-            res = time_interleaved(fns, repeats, sync=sync)
+            res = time_interleaved(fns, n, sync=sync)
             for name, r in res.items():
                 rows.append(
                     {
@@ -171,7 +173,7 @@ def run(device: str, quick: bool) -> list[dict]:
                     _decode(dl, [f"agent{i}"], [p]) for i, p in enumerate(prompts)
                 ],
             },
-            max(3, repeats // 3),
+            max(3, n // 3),
             warmup=1,
             sync=sync,
         )
@@ -286,9 +288,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--repeats", type=int, default=None, help="timed repeats per variant (default: by model)")
     args = parser.parse_args(argv)
     out = Path(args.out)
-    rows = run(args.device, args.quick)
+    rows = run(args.device, args.quick, args.repeats)
     checks, summary = summarize(rows)
     name = f"forward-{args.device}" + ("-quick" if args.quick else "")
     md = [
