@@ -21,7 +21,7 @@ from .circuits import Circuit
 from .config import TIERS, DynamicLoRAConfig, GenerationConfig
 from .errors import ConfigError, PromptTooLongError
 from .fingerprint import model_fingerprint, tokenizer_fingerprint
-from .generation import decode
+from .generation import Decoded, decode
 from .hierarchy import Hierarchy, ScopeKey, Snapshot
 from .learning import ContextLearner, LearnResult
 from .planner import BatchPlan, Planner
@@ -284,13 +284,36 @@ class DynamicLoRA:
             return []
         agent_ids = [a for a, _ in requests]
         snapshots = [self.snapshot(a) for a in agent_ids]
-        prompts = [self.encode(p) for _, p in requests]
+        decoded, touched, timings = self.generate_ids(
+            agent_ids, [self.encode(p) for _, p in requests], cfg, use_kv_cache=use_kv_cache
+        )
+        self.interactions += len(requests)
+        return [
+            GenerationResult(
+                agent_id,
+                prompt,
+                self.tokenizer.decode(toks, skip_special_tokens=True),
+                toks,
+                fin,
+                snap.provenance_hash,
+                row_touched,
+                dict(timings),
+            )
+            for (agent_id, prompt), toks, fin, snap, row_touched in zip(
+                requests, decoded.tokens, decoded.finished, snapshots, touched
+            )
+        ]
+
+    def generate_ids(
+        self, agent_ids: Sequence[str], prompts: list[list[int]], cfg: GenerationConfig, use_kv_cache: bool = True
+    ) -> tuple[Decoded, list[dict[str, float]], dict[str, float]]:
+        """Token-level generation: decoded rows, per row the circuits touched with their activations, timings."""
         for ids in prompts:
             if not ids:
                 raise ValueError("the prompt is empty after tokenization; give at least one token of text")
             self.check_length(len(ids) + cfg.max_new_tokens, len(ids), cfg.max_new_tokens)
         t0 = time.perf_counter()
-        plan = self.planner.plan(agent_ids)
+        plan = self.planner.plan(list(agent_ids))
         session = self.new_session(plan)
         t_plan = time.perf_counter()
         timings = {"plan_s": t_plan - t0}
@@ -310,7 +333,7 @@ class DynamicLoRA:
         def prefill_done():
             timings["prefill_s"] = time.perf_counter() - t_plan
 
-        with self.activate(plan, session):
+        with torch.no_grad(), self.activate(plan, session):
             decoded = decode(
                 forward,
                 prompts,
@@ -323,26 +346,9 @@ class DynamicLoRA:
                 on_prefill_done=prefill_done,
             )
         timings["total_s"] = time.perf_counter() - t0
-        acts = self._record_usage(plan, session)
-        self.interactions += len(requests)
-        results = []
-        for row, ((agent_id, prompt), toks, fin, snap) in enumerate(
-            zip(requests, decoded.tokens, decoded.finished, snapshots)
-        ):
-            touched = {plan.circuits[c].id: float(acts[row, c]) for c in plan.row_columns[row]}
-            results.append(
-                GenerationResult(
-                    agent_id,
-                    prompt,
-                    self.tokenizer.decode(toks, skip_special_tokens=True),
-                    toks,
-                    fin,
-                    snap.provenance_hash,
-                    touched,
-                    dict(timings),
-                )
-            )
-        return results
+        acts = self._record_usage(plan, session).tolist()
+        touched = [{plan.circuits[c].id: acts[row][c] for c in plan.row_columns[row]} for row in range(len(prompts))]
+        return decoded, touched, timings
 
     # -- persistence and interop --------------------------------------------------------------------
     def save(self, state_dir: str | Path, overwrite_other_model: bool = False) -> Path:

@@ -36,8 +36,9 @@ def tiny_config(
 ) -> Any:
     from transformers import GPT2Config, LlamaConfig, Qwen2Config
 
-    if arch == "llama":
-        return LlamaConfig(
+    if arch in ("llama", "qwen2"):
+        cls = LlamaConfig if arch == "llama" else Qwen2Config
+        return cls(
             vocab_size=vocab_size,
             hidden_size=hidden,
             intermediate_size=hidden * 2,
@@ -47,20 +48,7 @@ def tiny_config(
             max_position_embeddings=max_positions,
             bos_token_id=eos_id,
             eos_token_id=eos_id,
-            tie_word_embeddings=False,
-        )
-    if arch == "qwen2":
-        return Qwen2Config(
-            vocab_size=vocab_size,
-            hidden_size=hidden,
-            intermediate_size=hidden * 2,
-            num_hidden_layers=layers,
-            num_attention_heads=heads,
-            num_key_value_heads=heads // 2,
-            max_position_embeddings=max_positions,
-            bos_token_id=eos_id,
-            eos_token_id=eos_id,
-            tie_word_embeddings=True,
+            tie_word_embeddings=arch == "qwen2",  # one untied and one tied head among the test models
         )
     if arch == "gpt2":
         return GPT2Config(

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from ..circuits import Circuit
-from ..config import DynamicLoRAConfig
+from ..config import DynamicLoRAConfig, GenerationConfig
 from ..core import DynamicLoRA
 from .record import time_interleaved, write
 
@@ -194,31 +194,7 @@ def run(device: str, quick: bool, repeats: int | None = None) -> list[dict]:
 
 
 def _decode(dl: DynamicLoRA, agents: list[str], prompts: list[list[int]]) -> None:
-    from ..config import GenerationConfig
-    from ..generation import decode
-
-    plan = dl.planner.plan(agents)
-
-    def forward(ids, mask, pos, past):
-        out = dl.model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=pos,
-            past_key_values=past,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        return out.logits[:, -1], out.past_key_values
-
-    with torch.no_grad(), dl.activate(plan, dl.new_session(plan)):
-        decode(
-            forward,
-            prompts,
-            GenerationConfig(max_new_tokens=16, stop_at_eos=False),
-            pad_id=0,
-            eos_id=None,
-            device=dl.device,
-        )
+    dl.generate_ids(agents, prompts, GenerationConfig(max_new_tokens=16, stop_at_eos=False))
 
 
 def summarize(rows: list[dict]) -> tuple[dict, str]:
