@@ -96,3 +96,36 @@ def test_learn_rejects_empty_completion(dl):
     alice = dl.agent("alice", swarm="s", domain="d")
     with pytest.raises(ValueError, match="completion is empty"):
         alice.learn(PROMPT, "")
+
+
+def test_attribution_key_is_stable_while_b_learns_and_a_stays_frozen(dl):
+    """Keys are measured without the context tier, and A is not trained: a repeated interaction gets the same
+    activation on every call, however much the circuit's B has learned meanwhile."""
+    alice = dl.agent("alice", swarm="backend", domain="python")
+    first = alice.learn(PROMPT, COMPLETION)
+    a_before = {m: a.clone() for m, (a, _) in dl.hierarchy.find_circuit(first.circuit_id)[1].factors.items()}
+    acts = [alice.learn(PROMPT, COMPLETION).activation for _ in range(3)]
+    assert acts[0] == pytest.approx(acts[1], abs=1e-6) and acts[1] == pytest.approx(acts[2], abs=1e-6)
+    assert acts[0] >= dl.config.learning.attribution_threshold
+    circuit = dl.hierarchy.find_circuit(first.circuit_id)[1]
+    assert all(torch.equal(circuit.factors[m][0], a) for m, a in a_before.items())
+    assert any(torch.count_nonzero(b) for _, b in circuit.factors.values())
+
+
+def test_key_activations_of_a_pattern_and_of_an_unrelated_one(dl):
+    from dynamiclora.learning import key_activations
+
+    alice = dl.agent("alice", swarm="backend", domain="python")
+    alice.learn(PROMPT, COMPLETION)
+    circuit = next(iter(dl.hierarchy.scope("context:alice").circuits.values()))
+
+    def key(prompt, completion):
+        ids = torch.tensor([dl.encode(prompt) + dl.encode(completion, special=False)])
+        plan = dl.planner.plan(["alice"], without=("context",))
+        session = dl.new_session(plan, observe=False, capture=True)
+        with torch.no_grad(), dl.activate(plan, session):
+            dl.model(input_ids=ids, use_cache=False)
+        return key_activations([circuit], session.capture)[0]
+
+    own, other = key(PROMPT, COMPLETION), key("SELECT name FROM users WHERE", " id = 42;")
+    assert own > 0.85 > other

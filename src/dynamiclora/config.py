@@ -112,10 +112,17 @@ class LearningConfig:
         default=16, metadata=_help("Maximum circuits in one context scope; the weakest is dropped when full.")
     )
     attribution_threshold: float = field(
-        default=0.6,
+        default=0.85,
         metadata=_help(
             "A learn() call updates the context circuit whose normalized activation on the input is the strongest, "
             "if it is at least this; otherwise a new circuit is spawned. In [0, 1]."
+        ),
+    )
+    train_a: bool = field(
+        default=False,
+        metadata=_help(
+            "Also train the A factors. Off by default: A stays the explained-variance key of the inputs a circuit "
+            "was made for (only B learns, as in LoRA-FA), which keeps attribution and usage meaningful."
         ),
     )
     init_from_activations: bool = field(

@@ -57,6 +57,29 @@ def init_factors(
     return factors
 
 
+def key_activations(circuits: list[Circuit], inputs: dict[str, torch.Tensor]) -> list[float]:
+    """How much each circuit's key (its A rows) captures of these inputs, in [0, 1].
+
+    Per module ``‖X A_cᵀ‖² / (‖X‖² · rms(A_c)²)``, averaged over the modules the circuit covers, then the square
+    root: 1 when every input lies in the circuit's row space, 0 when orthogonal to it.
+    """
+    if not circuits:
+        return []
+    energy = torch.zeros(len(circuits))
+    counts = torch.zeros(len(circuits))
+    for name, x in inputs.items():
+        x = x.reshape(-1, x.shape[-1]).float()
+        total = x.pow(2).sum().clamp_min(1e-12)
+        for i, c in enumerate(circuits):
+            if name in c.factors:
+                a = c.factors[name][0].float().to(x.device)
+                rms2 = a.pow(2).sum() / a.shape[0]
+                if rms2 > 0:
+                    energy[i] += float((x @ a.T).pow(2).sum() / total / rms2)
+                    counts[i] += 1
+    return (energy / counts.clamp_min(1)).sqrt().tolist()
+
+
 class ContextLearner:
     """Keeps one Adam optimizer per context circuit; nothing above the context tier is ever optimized."""
 
@@ -80,17 +103,16 @@ class ContextLearner:
         labels[:, : len(prompt_ids)] = -100
         scope = dl.hierarchy.scope(("context", agent_id))
 
-        # Attribution: one no-grad forward observing every circuit and capturing each module's input.
-        plan = dl.planner.plan([agent_id])
-        session = dl.new_session(plan, capture=True)
+        # Attribution: capture each module's input under the agent's stack *without* its context tier. Learning
+        # never changes those inputs, so a circuit's key (made from them) keeps matching its own pattern however
+        # much its B has learned; under the full stack the circuit's own output would shift deeper layers' inputs.
+        plan = dl.planner.plan([agent_id], without=("context",))
+        session = dl.new_session(plan, observe=False, capture=True)
         with torch.no_grad(), dl.activate(plan, session):
-            loss_before = float(dl.model(input_ids=ids, labels=labels, use_cache=False).loss)
-        acts = session.activations()[0]
-        best, best_act = None, 0.0
-        for c in scope.circuits.values():
-            col = next(i for i, pc in enumerate(plan.circuits) if pc.id == c.id)
-            if float(acts[col]) > best_act:
-                best, best_act = c, float(acts[col])
+            dl.model(input_ids=ids, use_cache=False)
+        circuits = list(scope.circuits.values())
+        acts = key_activations(circuits, session.capture)
+        best, best_act = (circuits[acts.index(max(acts))], max(acts)) if acts else (None, 0.0)
 
         dropped = None
         spawned = best is None or best_act < cfg.attribution_threshold
@@ -117,15 +139,17 @@ class ContextLearner:
             dl.add_circuit(scope.key, best)
             best_act = 0.0
 
-        params = [t for pair in best.factors.values() for t in pair]
+        params = [t for a, b in best.factors.values() for t in ((a, b) if cfg.train_a else (b,))]
         if best.id not in self._optimizers:
             self._optimizers[best.id] = torch.optim.Adam(params, lr=cfg.learning_rate)
         opt = self._optimizers[best.id]
         for t in params:
             t.requires_grad_(True)
+        loss_before = None
         try:
             for _ in range(cfg.steps_per_learn):
                 loss = self._loss(agent_id, ids, labels, trainable=True)
+                loss_before = float(loss.detach()) if loss_before is None else loss_before
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if cfg.max_grad_norm:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .circuits import Circuit, concat_factors
-from .config import TIERS, AdapterConfig
+from .config import AdapterConfig
 from .hierarchy import Hierarchy, ScopeKey
 from .stack import ModulePlan, StackedLinear
 
@@ -51,12 +51,17 @@ class Planner:
         self.merge_builds = 0  # how many effective-weight sets were computed (for tests and benchmarks)
 
     # -- public -----------------------------------------------------------------------------------
-    def plan(self, agent_ids: list[str] | tuple[str, ...], trainable: bool = False) -> BatchPlan:
-        """A plan for rows of these agents. Cached by scope versions unless ``trainable`` (factors need grads)."""
+    def plan(
+        self, agent_ids: list[str] | tuple[str, ...], trainable: bool = False, without: tuple[str, ...] = ()
+    ) -> BatchPlan:
+        """A plan for rows of these agents, leaving out the tiers in ``without``.
+
+        Cached by scope versions unless ``trainable`` (then the factors must carry gradients).
+        """
         agent_ids = tuple(agent_ids)
-        stacks = [self.hierarchy.agent(a).stack() for a in agent_ids]
+        stacks = [tuple(k for k in self.hierarchy.agent(a).stack() if k.tier not in without) for a in agent_ids]
         involved = sorted({k for s in stacks for k in s})
-        key = (agent_ids, tuple(self.hierarchy.scopes[k].version for k in involved))
+        key = (agent_ids, without, tuple(self.hierarchy.scopes[k].version for k in involved))
         if not trainable and key in self._plans:
             self._plans.move_to_end(key)
             return self._plans[key]
@@ -75,9 +80,9 @@ class Planner:
     def _build(self, agent_ids: tuple[str, ...], stacks: list[tuple[ScopeKey, ...]]) -> BatchPlan:
         scopes = self.hierarchy.scopes
         merged_keys, unmerged_pos = [], []
-        for pos, tier in enumerate(TIERS):
+        for pos in range(len(stacks[0])):
             keys = {s[pos] for s in stacks}
-            if tier in self.config.merged_tiers and len(keys) == 1:
+            if stacks[0][pos].tier in self.config.merged_tiers and len(keys) == 1:
                 merged_keys.append(stacks[0][pos])
             else:
                 unmerged_pos.append(pos)
