@@ -7,6 +7,7 @@ Factors are kept in float32 whatever the base model's dtype: deltas are computed
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import struct
 import uuid
@@ -47,6 +48,18 @@ class Circuit:
     usage: float = 0.0  # last observed normalized activation
     critical: bool = False  # learned with critical=True
     history: list[dict[str, Any]] = field(default_factory=list)
+    # memory dynamics (see dynamics.py): phase, usage statistic, per-tick use series, strength reference
+    phase: str = "FREE"
+    u: float = 0.0
+    series: list[int] = field(default_factory=list)  # 1 per tick in which the circuit was used, else 0
+    uses_this_tick: int = 0
+    entered_tick: int = 0  # tick at which it entered its current tier
+    scale_on_entry: float = 0.0  # scale when it entered its tier (strength = scale / scale_on_entry)
+    last_loss: float | None = None  # completion loss after its last update
+
+    @property
+    def strength(self) -> float:
+        return abs(self.scale / self.scale_on_entry) if self.scale_on_entry else 1.0
 
     def __post_init__(self) -> None:
         for name, (a, b) in self.factors.items():
@@ -96,24 +109,19 @@ class Circuit:
             "usage": self.usage,
             "critical": self.critical,
             "history": list(self.history),
+            "phase": self.phase,
+            "u": self.u,
+            "series": list(self.series),
+            "uses_this_tick": self.uses_this_tick,
+            "entered_tick": self.entered_tick,
+            "scale_on_entry": self.scale_on_entry,
+            "strength": self.strength,
+            "last_loss": self.last_loss,
         }
 
     @classmethod
     def from_record(cls, record: dict[str, Any], factors: Factors) -> Circuit:
-        keys = (
-            "id",
-            "tier",
-            "scope",
-            "scale",
-            "label",
-            "origin_agents",
-            "origin_interactions",
-            "created_tick",
-            "updated_tick",
-            "usage",
-            "critical",
-            "history",
-        )
+        keys = {f.name for f in dataclasses.fields(cls)} - {"factors"}  # "rank", "strength" are derived
         return cls(factors=factors, **{k: record[k] for k in keys if k in record})
 
 

@@ -170,17 +170,90 @@ class GenerationConfig:
 
 
 @dataclass
+class DynamicsConfig:
+    """The memory dynamics run in ticks. Thresholds and decay here are *initial* values: homeostasis adapts them
+    per tier, and no tier has a rate or time constant of its own."""
+
+    tick_interval: int = field(
+        default=100, metadata=_help("Interactions between automatic ticks (0: only dl.tick()).")
+    )
+    theta_on: float = field(default=0.5, metadata=_help("Usage u at or above which a circuit becomes SCREENED."))
+    theta_off: float = field(default=0.2, metadata=_help("Usage u at or below which a circuit becomes FREE."))
+    decay: float = field(default=0.1, metadata=_help("Fraction of strength a FREE circuit loses per tick."))
+    screened_decay_ratio: float = field(
+        default=0.02, metadata=_help("A SCREENED circuit decays at this fraction of the FREE decay.")
+    )
+    forget_below: float = field(
+        default=0.05,
+        metadata=_help(
+            "A circuit whose strength (scale relative to its scale on entry) falls below "
+            "this is deleted, and its forgetting logged."
+        ),
+    )
+    window_min: int = field(default=8, metadata=_help("Smallest detector window, in ticks."))
+    window_scale: float = field(
+        default=4.0, metadata=_help("A detector's window is this many times the measured time scale of its tier.")
+    )
+    blocks: int = field(default=4, metadata=_help("Sub-windows a usage window is cut into to measure coverage."))
+    min_coverage: float = field(
+        default=0.75, metadata=_help("Fraction of sub-windows with use needed to migrate (a burst covers few).")
+    )
+    min_autocorrelation: float = field(
+        default=0.3, metadata=_help("Peak autocorrelation of the usage series needed to migrate (noise has ~0).")
+    )
+    bandwidth: int = field(default=2, metadata=_help("Circuits that may cross one tier boundary per tick."))
+    screened_damping: float = field(
+        default=0.1, metadata=_help("Learning-rate factor for updates to a SCREENED circuit.")
+    )
+    protect_screened: bool = field(
+        default=True, metadata=_help("Keep new circuits' keys orthogonal to SCREENED keys in the same scope.")
+    )
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        _check(self.tick_interval >= 0, f"DynamicsConfig.tick_interval must be >= 0, got {self.tick_interval}")
+        _check(
+            0 <= self.theta_off < self.theta_on <= 1,
+            f"DynamicsConfig needs 0 <= theta_off < theta_on <= 1 (hysteresis), got theta_off={self.theta_off}, "
+            f"theta_on={self.theta_on}",
+        )
+        for name in (
+            "decay",
+            "screened_decay_ratio",
+            "forget_below",
+            "min_coverage",
+            "min_autocorrelation",
+            "screened_damping",
+        ):
+            value = getattr(self, name)
+            _check(0 <= value <= 1, f"DynamicsConfig.{name} must lie in [0, 1], got {value}")
+        _check(self.window_min >= 4, f"DynamicsConfig.window_min must be >= 4 ticks, got {self.window_min}")
+        _check(self.window_scale > 0, f"DynamicsConfig.window_scale must be > 0, got {self.window_scale}")
+        _check(
+            2 <= self.blocks <= self.window_min,
+            f"DynamicsConfig.blocks must lie in [2, window_min={self.window_min}], got {self.blocks}",
+        )
+        _check(self.bandwidth >= 1, f"DynamicsConfig.bandwidth must be >= 1, got {self.bandwidth}")
+
+
+@dataclass
 class DynamicLoRAConfig:
     """The whole configuration of a DynamicLoRA instance."""
 
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     learning: LearningConfig = field(default_factory=LearningConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
+    dynamics: DynamicsConfig = field(default_factory=DynamicsConfig)
     seed: int = field(default=0, metadata=_help("Seed of circuit initialisation and sampling."))
 
     def __post_init__(self) -> None:
         _check_types(self)
-        for name, cls in (("adapter", AdapterConfig), ("learning", LearningConfig), ("generation", GenerationConfig)):
+        for name, cls in (
+            ("adapter", AdapterConfig),
+            ("learning", LearningConfig),
+            ("generation", GenerationConfig),
+            ("dynamics", DynamicsConfig),
+        ):
             value = getattr(self, name)
             if isinstance(value, dict):
                 setattr(self, name, _from_dict(cls, value, f"DynamicLoRAConfig.{name}"))

@@ -19,6 +19,7 @@ from torch import nn
 
 from .circuits import Circuit
 from .config import TIERS, DynamicLoRAConfig, GenerationConfig
+from .dynamics import Memory, TickReport
 from .errors import ConfigError, PromptTooLongError
 from .fingerprint import model_fingerprint, tokenizer_fingerprint
 from .generation import Decoded, decode
@@ -71,6 +72,7 @@ class DynamicLoRA:
             self.layers, self.hierarchy, config.adapter, probe_input_groups(self.model, self.layers)
         )
         self.learner = ContextLearner(self)
+        self.memory = Memory(self)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.tick_count = 0
         self.interactions = 0
@@ -157,6 +159,8 @@ class DynamicLoRA:
                     f"B ({layer.out_features} × r), got {tuple(a.shape)} and {tuple(b.shape)}"
                 )
             circuit.factors[name] = (a.detach().float().to(self.device), b.detach().float().to(self.device))
+        circuit.entered_tick = self.tick_count
+        circuit.scale_on_entry = circuit.scale_on_entry or circuit.scale
         self.hierarchy.scope(scope, create=True).add(circuit)
         return circuit
 
@@ -174,6 +178,50 @@ class DynamicLoRA:
                 continue
             rows.extend(c.record() for c in s.circuits.values())
         return rows
+
+    # -- memory dynamics ----------------------------------------------------------------------------
+    def tick(self) -> TickReport:
+        """One consolidation step: phases, decay and forgetting, migration upward (see dynamics.memory)."""
+        return self.memory.tick()
+
+    def count_interactions(self, n: int = 1) -> list[TickReport]:
+        """Advance the interaction counter; runs the ticks that falls due every ``tick_interval`` interactions."""
+        every, reports = self.config.dynamics.tick_interval, []
+        for _ in range(n):
+            self.interactions += 1
+            if every and self.interactions % every == 0:
+                reports.append(self.tick())
+        return reports
+
+    def migrations(self, agent: str | None = None) -> list[dict]:
+        """The migration log (circuit, from, to, tick, scores), optionally only an agent's own scopes."""
+        if agent is None:
+            return list(self.memory.migrations)
+        names = {str(k) for k in self.hierarchy.agent(agent).stack()}
+        return [m for m in self.memory.migrations if m["from"] in names or m["to"] in names]
+
+    def forgotten(self) -> list[dict]:
+        """Circuits deleted after decaying below ``forget_below``: what was forgotten, where and when."""
+        return list(self.memory.forgotten)
+
+    def timescales(self) -> dict[str, dict]:
+        """Per tier: the measured time scale (median residence in ticks), the detector window derived from it,
+        the number of circuits, the SCREENED fraction and the current (homeostatic) thresholds."""
+        out = {}
+        for tier in TIERS:
+            members = [c for _, c in self.memory.tier_circuits(tier)]
+            reg = self.memory.homeostasis.tiers[tier]
+            out[tier] = {
+                "ticks": self.memory.timescale(tier),
+                "window": self.memory.window(tier),
+                "circuits": len(members),
+                "screened_fraction": sum(c.phase == "SCREENED" for c in members) / len(members) if members else 0.0,
+                "left": len(self.memory.timescales.residences[tier]),
+                "theta_on": reg.theta_on,
+                "theta_off": reg.theta_off,
+                "decay": reg.decay,
+            }
+        return out
 
     # -- running the stack --------------------------------------------------------------------------
     @property
@@ -287,7 +335,7 @@ class DynamicLoRA:
         decoded, touched, timings = self.generate_ids(
             agent_ids, [self.encode(p) for _, p in requests], cfg, use_kv_cache=use_kv_cache
         )
-        self.interactions += len(requests)
+        self.count_interactions(len(requests))
         return [
             GenerationResult(
                 agent_id,
@@ -402,7 +450,7 @@ class Agent:
             completion_ids = completion_ids + [dl.tokenizer.eos_token_id]
         dl.check_length(len(prompt_ids) + len(completion_ids), len(prompt_ids), len(completion_ids))
         result = dl.learner.learn(self.id, prompt_ids, completion_ids, critical)
-        dl.interactions += 1
+        dl.count_interactions(1)
         return result
 
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -30,6 +30,7 @@ class LearnResult:
     loss_before: float
     loss_after: float
     dropped: str | None = None  # id of a circuit dropped to make room
+    trained: bool = True  # False: a higher tier already knows the pattern; the use was recorded, nothing learned
 
 
 def init_factors(
@@ -38,23 +39,44 @@ def init_factors(
     rank: int,
     from_activations: bool,
     generator: torch.Generator,
+    protected: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """A (r, in) with orthonormal rows and B (out, r) = 0 for every module."""
+    """A (r, in) with orthonormal rows and B (out, r) = 0 for every module.
+
+    ``protected`` maps modules to orthonormal bases (in, k) of subspaces the new keys must stay out of (the keys
+    of SCREENED circuits): inputs and random completions are projected onto their orthogonal complement, as
+    O-LoRA keeps a new task's LoRA subspace orthogonal to earlier ones.
+    """
     factors = {}
     for name, x in inputs.items():
         x = x.reshape(-1, x.shape[-1]).float().cpu()  # (T, in)
+        basis = None if protected is None else protected.get(name)
+
+        def complement(v: torch.Tensor) -> torch.Tensor:
+            return v if basis is None else v - (v @ basis) @ basis.T
+
         in_features = x.shape[1]
         rows = torch.zeros(0, in_features)
         if from_activations:
-            _, _, vh = torch.linalg.svd(x, full_matrices=False)  # (min(T, in), in)
-            rows = vh[:rank]
-        if rows.shape[0] < rank:  # fewer tokens than rank: complete with random directions
-            extra = torch.randn(rank - rows.shape[0], in_features, generator=generator)
-            full = torch.cat([rows, extra], 0)
-            q, _ = torch.linalg.qr(full.T)  # orthonormal columns, first ones span `rows`
-            rows = q.T[:rank].contiguous()
+            _, sv, vh = torch.linalg.svd(complement(x), full_matrices=False)  # (min(T, in), in)
+            rows = vh[:rank][sv[:rank] > 1e-6 * max(float(sv[0]), 1e-12)] if len(sv) else rows
+        if rows.shape[0] < rank:  # fewer usable directions than rank: complete with random ones
+            extra = complement(torch.randn(rank - rows.shape[0], in_features, generator=generator))
+            q, _ = torch.linalg.qr(torch.cat([rows, extra], 0).T)  # orthonormal columns, first ones span `rows`
+            rows = q.T[:rank]
         factors[name] = (rows.contiguous(), torch.zeros(out_features[name], rank))
     return factors
+
+
+def screened_bases(circuits: list[Circuit]) -> dict[str, torch.Tensor]:
+    """Per module, an orthonormal basis (in, k) of the span of the SCREENED circuits' keys."""
+    bases = {}
+    screened = [c for c in circuits if c.phase == "SCREENED"]
+    for name in {m for c in screened for m in c.factors}:
+        rows = torch.cat([c.factors[name][0].detach().float().cpu() for c in screened if name in c.factors], 0)
+        q, r = torch.linalg.qr(rows.T)
+        bases[name] = q[:, r.diagonal().abs() > 1e-6]
+    return bases
 
 
 def key_activations(circuits: list[Circuit], inputs: dict[str, torch.Tensor]) -> list[float]:
@@ -102,6 +124,7 @@ class ContextLearner:
         labels = ids.clone()
         labels[:, : len(prompt_ids)] = -100
         scope = dl.hierarchy.scope(("context", agent_id))
+        agent_scope = dl.hierarchy.scope(("agent", agent_id))
 
         # Attribution: capture each module's input under the agent's stack *without* its context tier. Learning
         # never changes those inputs, so a circuit's key (made from them) keeps matching its own pattern however
@@ -110,24 +133,40 @@ class ContextLearner:
         session = dl.new_session(plan, observe=False, capture=True)
         with torch.no_grad(), dl.activate(plan, session):
             dl.model(input_ids=ids, use_cache=False)
-        circuits = list(scope.circuits.values())
-        acts = key_activations(circuits, session.capture)
-        best, best_act = (circuits[acts.index(max(acts))], max(acts)) if acts else (None, 0.0)
+        context, consolidated = list(scope.circuits.values()), list(agent_scope.circuits.values())
+        acts = key_activations(context + consolidated, session.capture)
+        ctx_acts, agent_acts = acts[: len(context)], acts[len(context) :]
 
+        # A pattern that already migrated to the agent's tier is reinforced there (a use), not learned again,
+        # unless the stack has lost it (its loss rose well above the loss it had when last learned).
+        if agent_acts and max(agent_acts) >= cfg.attribution_threshold and max(agent_acts) >= max(ctx_acts, default=0):
+            known = consolidated[agent_acts.index(max(agent_acts))]
+            dl.memory.record_use(known)
+            with torch.no_grad():
+                loss = float(self._loss(agent_id, ids, labels, trainable=False))
+            if known.last_loss is None or loss <= max(1.2 * known.last_loss, known.last_loss + 0.1):
+                return LearnResult(known.id, False, max(agent_acts), loss, loss, None, trained=False)
+
+        best, best_act = (context[ctx_acts.index(max(ctx_acts))], max(ctx_acts)) if ctx_acts else (None, 0.0)
         dropped = None
         spawned = best is None or best_act < cfg.attribution_threshold
         if spawned:
-            if len(scope) >= cfg.context_capacity:
-                weakest = min(scope.circuits.values(), key=lambda c: (c.critical, c.usage, c.updated_tick))
+            if len(scope) >= cfg.context_capacity:  # make room: the weakest FREE circuit goes first
+                weakest = min(
+                    scope.circuits.values(),
+                    key=lambda c: (c.critical, c.phase == "SCREENED", c.strength, c.u, c.updated_tick),
+                )
                 dropped = weakest.id
                 scope.remove(weakest.id)
                 self.forget(weakest.id)
+            protected = screened_bases(context + consolidated) if dl.config.dynamics.protect_screened else None
             factors = init_factors(
                 session.capture,
                 {n: layer.out_features for n, layer in dl.layers.items()},
                 dl.config.adapter.circuit_rank,
                 cfg.init_from_activations,
                 dl.generator,
+                protected or None,
             )
             best = Circuit(
                 factors=factors,
@@ -138,11 +177,15 @@ class ContextLearner:
             )
             dl.add_circuit(scope.key, best)
             best_act = 0.0
+        dl.memory.record_use(best)
 
         params = [t for a, b in best.factors.values() for t in ((a, b) if cfg.train_a else (b,))]
         if best.id not in self._optimizers:
             self._optimizers[best.id] = torch.optim.Adam(params, lr=cfg.learning_rate)
         opt = self._optimizers[best.id]
+        damping = dl.config.dynamics.screened_damping if best.phase == "SCREENED" else 1.0
+        for group in opt.param_groups:  # updates to a SCREENED circuit are damped
+            group["lr"] = cfg.learning_rate * damping
         for t in params:
             t.requires_grad_(True)
         loss_before = None
@@ -167,4 +210,5 @@ class ContextLearner:
             best.origin_agents.append(agent_id)
         with torch.no_grad():
             loss_after = float(self._loss(agent_id, ids, labels, trainable=False))
+        best.last_loss = loss_after
         return LearnResult(best.id, spawned, best_act, loss_before, loss_after, dropped)

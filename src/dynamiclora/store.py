@@ -45,7 +45,10 @@ CREATE TABLE IF NOT EXISTS scopes (tier TEXT NOT NULL, name TEXT NOT NULL, conte
                                    file TEXT, circuits INTEGER NOT NULL, PRIMARY KEY (tier, name));
 CREATE TABLE IF NOT EXISTS circuits (id TEXT PRIMARY KEY, tier TEXT NOT NULL, scope TEXT NOT NULL,
                                      record TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS migrations (seq INTEGER PRIMARY KEY, record TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS forgotten (seq INTEGER PRIMARY KEY, record TEXT NOT NULL);
 """
+TABLES = ("meta", "agents", "scopes", "circuits", "migrations", "forgotten")
 
 
 def connect(path: Path) -> sqlite3.Connection:
@@ -127,11 +130,17 @@ def save_state(dl: DynamicLoRA, state_dir: Path, overwrite_other_model: bool = F
             "config": json.dumps(dl.config.to_dict(), sort_keys=True),
             "tick_count": str(dl.tick_count),
             "interactions": str(dl.interactions),
+            "dynamics": json.dumps(dl.memory.state(), sort_keys=True),
         }
         con.execute("BEGIN IMMEDIATE")
         try:
-            for table in ("meta", "agents", "scopes", "circuits"):
+            for table in TABLES:
                 con.execute(f"DELETE FROM {table}")
+            for table, log in (("migrations", dl.memory.migrations), ("forgotten", dl.memory.forgotten)):
+                con.executemany(
+                    f"INSERT INTO {table} VALUES (?, ?)",
+                    [(i, json.dumps(r, sort_keys=True)) for i, r in enumerate(log)],
+                )
             con.executemany("INSERT INTO meta VALUES (?, ?)", sorted(new_meta.items()))
             con.executemany(
                 "INSERT INTO agents VALUES (?, ?, ?)",
@@ -168,6 +177,10 @@ def load_state(
             agents = con.execute("SELECT id, swarm, domain FROM agents ORDER BY id").fetchall()
             scopes = con.execute("SELECT tier, name, content_hash, file FROM scopes").fetchall()
             records = [json.loads(r) for (r,) in con.execute("SELECT record FROM circuits").fetchall()]
+            logs = {
+                t: [json.loads(r) for (r,) in con.execute(f"SELECT record FROM {t} ORDER BY seq")]
+                for t in ("migrations", "forgotten")
+            }
     except sqlite3.DatabaseError as exc:
         raise CorruptStateError(f"{db} is not a readable SQLite database ({exc}); restore it from a backup") from exc
     if not meta:
@@ -228,6 +241,7 @@ def load_state(
                 f"{path} does not match its recorded content hash (scope {key}, expected {digest[:12]}…, "
                 f"got {scope.content_hash()[:12]}…): the file is corrupted; restore it from a backup"
             )
+    dl.memory.restore(json.loads(meta.get("dynamics", "{}")), logs["migrations"], logs["forgotten"])
     dl.tick_count = int(meta.get("tick_count", 0))
     dl.interactions = int(meta.get("interactions", 0))
     return dl

@@ -1,0 +1,177 @@
+"""The tick: usage series → phases (with hysteresis) → decay and forgetting → migration upward.
+
+Per tick and per circuit: the closed tick's use (0/1) is appended to its series; its usage statistic u
+is the fraction of used ticks in the tier's window; u ≥ θ_on makes it SCREENED, u ≤ θ_off FREE, in
+between nothing changes (hysteresis). An unused circuit loses ``decay`` of its strength per tick
+(SCREENED ones only ``screened_decay_ratio`` of that); below ``forget_below`` it is deleted and the
+forgetting logged. Context circuits whose use persists across the window (see detector.py) move to
+their agent's tier, at most ``bandwidth`` per tick, best stability first; critical ones skip the queue.
+Windows derive from the measured time scale of the tier they watch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ..circuits import Circuit
+from ..config import TIERS
+from ..hierarchy import Scope, ScopeKey
+from .detector import Persistence, persistence
+from .homeostasis import Homeostasis
+from .timescales import Timescales
+
+if TYPE_CHECKING:
+    from ..core import DynamicLoRA
+
+SCREENED, FREE = "SCREENED", "FREE"
+MAX_SERIES = 1024  # ticks of use history kept per circuit
+
+
+@dataclass
+class TickReport:
+    tick: int
+    transitions: list[dict[str, Any]] = field(default_factory=list)
+    forgotten: list[dict[str, Any]] = field(default_factory=list)
+    migrated: list[dict[str, Any]] = field(default_factory=list)
+    queued: list[tuple[str, float]] = field(default_factory=list)  # (circuit id, stability) still waiting
+
+
+class Memory:
+    def __init__(self, dl: DynamicLoRA) -> None:
+        self.dl = dl
+        self.config = dl.config.dynamics
+        self.homeostasis = Homeostasis(self.config)
+        self.timescales = Timescales()
+        self.migrations: list[dict[str, Any]] = []
+        self.forgotten: list[dict[str, Any]] = []
+        self.queue: list[tuple[str, float]] = []
+
+    # -- observation ----------------------------------------------------------------------------------
+    @staticmethod
+    def record_use(circuit: Circuit) -> None:
+        circuit.uses_this_tick += 1
+
+    def tier_circuits(self, tier: str) -> list[tuple[Scope, Circuit]]:
+        return [(s, c) for k, s in self.dl.hierarchy.scopes.items() if k.tier == tier for c in s.circuits.values()]
+
+    def timescale(self, tier: str) -> float | None:
+        now = self.dl.tick_count
+        return self.timescales.measure(tier, [now - c.entered_tick for _, c in self.tier_circuits(tier)])
+
+    def window(self, tier: str) -> int:
+        scale = self.timescale(tier)
+        if scale is None:
+            return self.config.window_min
+        return min(max(self.config.window_min, math.ceil(self.config.window_scale * scale)), MAX_SERIES)
+
+    def persistence(self, circuit: Circuit) -> Persistence:
+        cfg = self.config
+        return persistence(
+            circuit.series, self.window(circuit.tier), cfg.blocks, cfg.min_coverage, cfg.min_autocorrelation
+        )
+
+    # -- the tick -------------------------------------------------------------------------------------
+    def tick(self) -> TickReport:
+        dl, cfg = self.dl, self.config
+        now = dl.tick_count
+        report = TickReport(now)
+        for c in dl.hierarchy.all_circuits():
+            c.series.append(1 if c.uses_this_tick else 0)
+            del c.series[:-MAX_SERIES]
+        for tier in TIERS:
+            members = self.tier_circuits(tier)
+            self.homeostasis.update(tier, [c.phase for _, c in members])
+            reg = self.homeostasis.tiers[tier]
+            window = self.window(tier)
+            for scope, c in members:
+                recent = c.series[-window:]
+                c.u = sum(recent) / len(recent) if recent else 0.0
+                phase = SCREENED if c.u >= reg.theta_on else FREE if c.u <= reg.theta_off else c.phase
+                if phase != c.phase:
+                    event = {"event": "phase", "from": c.phase, "to": phase, "tick": now, "u": round(c.u, 4)}
+                    c.history.append(event)
+                    report.transitions.append({"circuit": c.id, **event})
+                    c.phase = phase
+                if not c.uses_this_tick:
+                    rate = reg.decay * (cfg.screened_decay_ratio if c.phase == SCREENED else 1.0)
+                    if rate > 0:
+                        c.scale *= 1.0 - rate
+                        scope.touch()
+                c.uses_this_tick = 0
+                if c.strength < cfg.forget_below:
+                    self._forget(scope, c, report)
+        self._migrate(report)
+        dl.tick_count += 1
+        return report
+
+    def _forget(self, scope: Scope, c: Circuit, report: TickReport) -> None:
+        now = self.dl.tick_count
+        scope.remove(c.id)
+        self.dl.learner.forget(c.id)
+        self.timescales.left(c.tier, now - c.entered_tick)
+        entry = {
+            "circuit": c.id,
+            "tier": c.tier,
+            "scope": c.scope,
+            "tick": now,
+            "label": c.label,
+            "strength": c.strength,
+        }
+        self.forgotten.append(entry)
+        report.forgotten.append(entry)
+
+    def _migrate(self, report: TickReport) -> None:
+        """Context → agent (the owner's own tier). Shared tiers above change only through consensus."""
+        critical, candidates = [], []
+        for scope, c in self.tier_circuits("context"):
+            if c.critical:
+                critical.append((scope, c, None))
+                continue
+            p = self.persistence(c)
+            if p.qualifies:
+                candidates.append((scope, c, p))
+        candidates.sort(key=lambda item: (-item[2].score, item[1].created_tick, item[1].id))
+        chosen = critical + candidates[: self.config.bandwidth]
+        self.queue = [(c.id, p.score) for _, c, p in candidates[self.config.bandwidth :]]
+        report.queued = list(self.queue)
+        for scope, c, p in chosen:
+            self.move(c, scope, self.dl.hierarchy.scope(ScopeKey("agent", c.scope)), p, report)
+
+    def move(
+        self, c: Circuit, source: Scope, target: Scope, p: Persistence | None, report: TickReport | None = None
+    ) -> dict[str, Any]:
+        """Move a circuit whole from one scope to another; the owner's outputs do not change."""
+        now = self.dl.tick_count
+        source.remove(c.id)
+        self.dl.learner.forget(c.id)
+        self.timescales.left(c.tier, now - c.entered_tick)
+        entry = {
+            "circuit": c.id,
+            "from": str(source.key),
+            "to": str(target.key),
+            "tick": now,
+            "label": c.label,
+            "critical": c.critical,
+            "score": None if p is None else round(p.score, 4),
+            "coverage": None if p is None else p.coverage,
+            "autocorrelation": None if p is None else round(p.autocorrelation, 4),
+        }
+        c.history.append({"event": "migrated", **{k: v for k, v in entry.items() if k != "circuit"}})
+        c.entered_tick, c.scale_on_entry = now, c.scale
+        target.add(c)
+        self.migrations.append(entry)
+        if report is not None:
+            report.migrated.append(entry)
+        return entry
+
+    # -- persistence ----------------------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        return {"homeostasis": self.homeostasis.state(), "timescales": self.timescales.state(), "queue": self.queue}
+
+    def restore(self, state: dict[str, Any], migrations: list[dict], forgotten: list[dict]) -> None:
+        self.homeostasis.restore(state.get("homeostasis", {}))
+        self.timescales.restore(state.get("timescales", {}))
+        self.queue = [tuple(q) for q in state.get("queue", [])]
+        self.migrations, self.forgotten = migrations, forgotten
