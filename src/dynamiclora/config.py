@@ -190,13 +190,20 @@ class DynamicsConfig:
             "this is deleted, and its forgetting logged."
         ),
     )
-    window_min: int = field(default=8, metadata=_help("Smallest detector window, in ticks."))
+    window_min: int = field(
+        default=16,
+        metadata=_help("Smallest detector window, in ticks (shorter ones cannot tell recurrence from noise)."),
+    )
     window_scale: float = field(
-        default=4.0, metadata=_help("A detector's window is this many times the measured time scale of its tier.")
+        default=1.0,
+        metadata=_help(
+            "A detector's window is this many times the measured memory span of the tier it watches (the median "
+            "lifetime of what it forgot): persistence means outliving ordinary forgetting."
+        ),
     )
     blocks: int = field(default=4, metadata=_help("Sub-windows a usage window is cut into to measure coverage."))
     min_coverage: float = field(
-        default=0.75, metadata=_help("Fraction of sub-windows with use needed to migrate (a burst covers few).")
+        default=1.0, metadata=_help("Fraction of sub-windows with use needed to migrate (a burst leaves some empty).")
     )
     min_autocorrelation: float = field(
         default=0.3, metadata=_help("Peak autocorrelation of the usage series needed to migrate (noise has ~0).")
@@ -227,7 +234,7 @@ class DynamicsConfig:
         ):
             value = getattr(self, name)
             _check(0 <= value <= 1, f"DynamicsConfig.{name} must lie in [0, 1], got {value}")
-        _check(self.window_min >= 4, f"DynamicsConfig.window_min must be >= 4 ticks, got {self.window_min}")
+        _check(self.window_min >= 8, f"DynamicsConfig.window_min must be >= 8 ticks, got {self.window_min}")
         _check(self.window_scale > 0, f"DynamicsConfig.window_scale must be > 0, got {self.window_scale}")
         _check(
             2 <= self.blocks <= self.window_min,

@@ -217,6 +217,7 @@ class DynamicLoRA:
                 "circuits": len(members),
                 "screened_fraction": sum(c.phase == "SCREENED" for c in members) / len(members) if members else 0.0,
                 "left": len(self.memory.timescales.residences[tier]),
+                "span": self.memory.timescales.span(tier),
                 "theta_on": reg.theta_on,
                 "theta_off": reg.theta_off,
                 "decay": reg.decay,

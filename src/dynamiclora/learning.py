@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .circuits import Circuit
+from .config import TIERS
 
 if TYPE_CHECKING:
     from .core import DynamicLoRA
@@ -126,10 +127,10 @@ class ContextLearner:
         scope = dl.hierarchy.scope(("context", agent_id))
         agent_scope = dl.hierarchy.scope(("agent", agent_id))
 
-        # Attribution: capture each module's input under the agent's stack *without* its context tier. Learning
-        # never changes those inputs, so a circuit's key (made from them) keeps matching its own pattern however
-        # much its B has learned; under the full stack the circuit's own output would shift deeper layers' inputs.
-        plan = dl.planner.plan([agent_id], without=("context",))
+        # Attribution: capture each module's input under the *base model*. Nothing learned ever changes those
+        # inputs, so a circuit's key (made from them) keeps matching its own pattern however much its B has learned
+        # and wherever it migrates; under the stack, a circuit's own output would shift deeper layers' inputs.
+        plan = dl.planner.plan([agent_id], without=TIERS)
         session = dl.new_session(plan, observe=False, capture=True)
         with torch.no_grad(), dl.activate(plan, session):
             dl.model(input_ids=ids, use_cache=False)

@@ -3,8 +3,8 @@
 A series is a circuit's use per tick (1 if it was used in that tick, else 0). Over the last ``window``
 ticks a pattern qualifies when
 
-* it covers the window: at least ``min_coverage`` of ``blocks`` equal sub-windows hold a use (a burst
-  covers few), and
+* it covers the window: at least ``min_coverage`` of ``blocks`` equal sub-windows hold a use (by default
+  all of them: a burst leaves some empty), and
 * it recurs with structure: for some lag k ≤ window/4 the autocorrelation at k *and* at 2k both exceed
   ``max(min_autocorrelation, 2.5/√(n−lag))``, i.e. stand well above what independent noise gives (its
   autocorrelation at any lag is about N(0, 1/(n−lag))). Requiring the multiple 2k too makes a chance
@@ -64,7 +64,7 @@ def persistence(
     for lag in range(1, n // 4 + 1):
         r = min(autocorrelation(x, lag), autocorrelation(x, 2 * lag))
         bound = max(min_autocorrelation, 2.5 / math.sqrt(n - 2 * lag))
-        if r >= bound and r > best:
+        if r >= bound and r > best + 0.05:  # a multiple of the period must be clearly better to win
             best, best_lag = r, lag
     qualifies = coverage >= min_coverage and best_lag > 0 and uses >= blocks
     return Persistence(uses, coverage, best, best_lag, qualifies)

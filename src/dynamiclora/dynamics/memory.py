@@ -61,7 +61,8 @@ class Memory:
         return self.timescales.measure(tier, [now - c.entered_tick for _, c in self.tier_circuits(tier)])
 
     def window(self, tier: str) -> int:
-        scale = self.timescale(tier)
+        """``window_scale`` × the tier's measured memory span (``window_min`` until it has forgotten something)."""
+        scale = self.timescales.span(tier)
         if scale is None:
             return self.config.window_min
         return min(max(self.config.window_min, math.ceil(self.config.window_scale * scale)), MAX_SERIES)
@@ -86,8 +87,7 @@ class Memory:
             reg = self.homeostasis.tiers[tier]
             window = self.window(tier)
             for scope, c in members:
-                recent = c.series[-window:]
-                c.u = sum(recent) / len(recent) if recent else 0.0
+                c.u = sum(c.series[-window:]) / window  # ticks before a circuit existed count as unused
                 phase = SCREENED if c.u >= reg.theta_on else FREE if c.u <= reg.theta_off else c.phase
                 if phase != c.phase:
                     event = {"event": "phase", "from": c.phase, "to": phase, "tick": now, "u": round(c.u, 4)}
@@ -110,7 +110,7 @@ class Memory:
         now = self.dl.tick_count
         scope.remove(c.id)
         self.dl.learner.forget(c.id)
-        self.timescales.left(c.tier, now - c.entered_tick)
+        self.timescales.left(c.tier, now - c.entered_tick, forgotten=True)
         entry = {
             "circuit": c.id,
             "tier": c.tier,
@@ -146,7 +146,7 @@ class Memory:
         now = self.dl.tick_count
         source.remove(c.id)
         self.dl.learner.forget(c.id)
-        self.timescales.left(c.tier, now - c.entered_tick)
+        self.timescales.left(c.tier, now - c.entered_tick, forgotten=False)
         entry = {
             "circuit": c.id,
             "from": str(source.key),
