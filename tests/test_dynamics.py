@@ -239,3 +239,44 @@ def test_ticks_run_every_interval_and_state_survives_save_load(tmp_path):
     assert again.tick_count == 3 and again.timescales() == dl.timescales()
     for a, b in zip(sorted(again.circuits(), key=lambda r: r["id"]), sorted(dl.circuits(), key=lambda r: r["id"])):
         assert (a["phase"], a["series"], a["u"]) == (b["phase"], b["series"], b["u"])
+
+
+def test_save_load_mid_stream_continues_identically(tmp_path):
+    """Interrupting a stream with save -> load changes nothing: circuits, phases, series, hashes, logs."""
+    cfg = DynamicLoRAConfig(
+        dynamics=DynamicsConfig(tick_interval=3, window_min=8, blocks=4), learning=LearningConfig(steps_per_learn=2)
+    )
+    stream = [
+        ("def parse_json(text):", " return json.loads(text)"),
+        ("x = [", "1, 2, 3]"),
+        ("def parse_json(text):", " return json.loads(text)"),
+        ("class A:", " pass"),
+        ("import os", "\nimport sys"),
+    ] * 8
+
+    def run(dl, items):
+        alice = dl.agent("alice")
+        for prompt, completion in items:
+            alice.learn(prompt, completion)
+
+    straight = make_dl(config=cfg)
+    straight.agent("alice", swarm="s", domain="d")
+    run(straight, stream)
+
+    first = make_dl(config=cfg)
+    first.agent("alice", swarm="s", domain="d")
+    run(first, stream[:17])
+    first.save(tmp_path)
+    resumed = DynamicLoRA.load(tmp_path, model=make_dl(config=cfg).model, tokenizer=first.tokenizer)
+    run(resumed, stream[17:])
+
+    def state(dl):  # circuit ids are random (uuid4): compare everything else
+        return sorted((c["tier"], c["phase"], c["series"], c["scale"], c["label"]) for c in dl.circuits())
+
+    def log(entries):
+        return [{k: v for k, v in e.items() if k != "circuit"} for e in entries]
+
+    assert state(resumed) == state(straight)
+    assert resumed.snapshot("alice").provenance_hash == straight.snapshot("alice").provenance_hash
+    assert log(resumed.migrations()) == log(straight.migrations())
+    assert log(resumed.forgotten()) == log(straight.forgotten())

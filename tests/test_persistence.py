@@ -43,8 +43,6 @@ def test_learning_continues_identically_after_reload(tmp_path):
     a.agent("alice", swarm="s", domain="d").learn("def f(x):", " return x")
     a.save(tmp_path / "s")
     b = DynamicLoRA.load(tmp_path / "s", model=tiny_model("llama")[0], tokenizer=a.tokenizer)
-    b.learner._optimizers = {}  # optimizer moments are not persisted: compare from a fresh optimizer on both
-    a.learner._optimizers = {}
     ra = a.agent("alice").learn("def f(x):", " return x")
     rb = b.agent("alice").learn("def f(x):", " return x")
     assert ra.circuit_id == rb.circuit_id and ra.loss_after == pytest.approx(rb.loss_after, abs=1e-6)
@@ -61,7 +59,8 @@ def test_repeated_saves_reuse_unchanged_files_and_collect_garbage(tmp_path):
     kept = files.keys() & after.keys()
     assert len(kept) == len(files) - 1 or len(kept) == len(files)  # context:alice was empty or replaced
     assert all(files[n] == after[n] for n in kept)  # unchanged scopes were not rewritten
-    assert len(after) == sum(1 for s in dl.hierarchy.scopes.values() if s.circuits)  # no orphan files
+    scope_files = [n for n in after if not n.startswith("optimizer-")]
+    assert len(scope_files) == sum(1 for s in dl.hierarchy.scopes.values() if s.circuits)  # no orphan files
 
 
 def test_corrupted_scope_file_is_named(tmp_path):

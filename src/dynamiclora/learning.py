@@ -113,6 +113,50 @@ class ContextLearner:
     def forget(self, circuit_id: str) -> None:
         self._optimizers.pop(circuit_id, None)
 
+    def _params(self, c: Circuit) -> list[tuple[str, torch.Tensor]]:
+        """(name, tensor) of the circuit's trainable factors, in a stable order."""
+        train_a = self.dl.config.learning.train_a
+        return [(f"{m}/{w}", t) for m in sorted(c.factors) for w, t in zip("AB", c.factors[m]) if w == "B" or train_a]
+
+    def _optimizer(self, c: Circuit) -> torch.optim.Optimizer:
+        if c.id not in self._optimizers:
+            self._optimizers[c.id] = torch.optim.Adam(
+                [t for _, t in self._params(c)], lr=self.dl.config.learning.learning_rate
+            )
+        return self._optimizers[c.id]
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Adam moments of every context circuit, by circuit/module/factor/statistic (for persistence)."""
+        out = {}
+        for cid, opt in self._optimizers.items():
+            try:
+                _, c = self.dl.hierarchy.find_circuit(cid)
+            except KeyError:
+                continue
+            for name, t in self._params(c):
+                for stat, value in opt.state.get(t, {}).items():
+                    out[f"{cid}/{name}/{stat}"] = value.detach().float().cpu().reshape(-1).contiguous()
+        return out
+
+    def restore(self, tensors: dict[str, torch.Tensor]) -> None:
+        by_circuit: dict[str, dict[str, torch.Tensor]] = {}
+        for key, value in tensors.items():
+            cid, rest = key.split("/", 1)
+            by_circuit.setdefault(cid, {})[rest] = value
+        for cid, saved in by_circuit.items():
+            try:
+                _, c = self.dl.hierarchy.find_circuit(cid)
+            except KeyError:
+                continue
+            opt = self._optimizer(c)
+            for name, t in self._params(c):
+                stats = {k.rsplit("/", 1)[1]: v for k, v in saved.items() if k.rsplit("/", 1)[0] == name}
+                if stats:
+                    opt.state[t] = {
+                        k: (v.reshape(()) if k == "step" else v.reshape(t.shape).to(t.device))
+                        for k, v in stats.items()
+                    }
+
     def _loss(self, agent_id: str, ids: torch.Tensor, labels: torch.Tensor, trainable: bool) -> torch.Tensor:
         dl = self.dl
         plan = dl.planner.plan([agent_id], trainable=trainable)
@@ -180,10 +224,8 @@ class ContextLearner:
             best_act = 0.0
         dl.memory.record_use(best)
 
-        params = [t for a, b in best.factors.values() for t in ((a, b) if cfg.train_a else (b,))]
-        if best.id not in self._optimizers:
-            self._optimizers[best.id] = torch.optim.Adam(params, lr=cfg.learning_rate)
-        opt = self._optimizers[best.id]
+        params = [t for _, t in self._params(best)]
+        opt = self._optimizer(best)
         damping = dl.config.dynamics.screened_damping if best.phase == "SCREENED" else 1.0
         for group in opt.param_groups:  # updates to a SCREENED circuit are damped
             group["lr"] = cfg.learning_rate * damping

@@ -14,6 +14,7 @@ hash and names the file that is missing or does not match.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sqlite3
@@ -26,7 +27,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .circuits import Circuit
+from .circuits import Circuit, tensor_digest
 from .config import DynamicLoRAConfig
 from .errors import CorruptStateError, StateMismatchError
 from .hierarchy import Scope, ScopeKey
@@ -105,6 +106,20 @@ def write_scope(scope: Scope, directory: Path) -> str | None:
     return name
 
 
+def write_optimizer(tensors: dict[str, torch.Tensor], directory: Path) -> str | None:
+    """The context optimizer's moments, content-addressed like the scopes (so a crash cannot mismatch them)."""
+    if not tensors:
+        return None
+    h = hashlib.sha256(b"optimizer")
+    for key in sorted(tensors):
+        h.update(key.encode())
+        tensor_digest(h, tensors[key])
+    name = f"optimizer-{h.hexdigest()}.safetensors"
+    if not (directory / name).exists():
+        atomic_write(directory / name, lambda tmp: save_file(tensors, tmp))
+    return name
+
+
 def read_meta(con: sqlite3.Connection) -> dict[str, str]:
     return dict(con.execute("SELECT key, value FROM meta").fetchall())
 
@@ -122,6 +137,7 @@ def save_state(dl: DynamicLoRA, state_dir: Path, overwrite_other_model: bool = F
                 "overwrite_other_model=True to replace it"
             )
         files = {key: write_scope(scope, scope_dir) for key, scope in dl.hierarchy.scopes.items()}
+        optimizer_file = write_optimizer(dl.learner.state_tensors(), scope_dir)
         new_meta = {
             "format_version": str(FORMAT_VERSION),
             "base_model": dl.model_id,
@@ -131,6 +147,8 @@ def save_state(dl: DynamicLoRA, state_dir: Path, overwrite_other_model: bool = F
             "tick_count": str(dl.tick_count),
             "interactions": str(dl.interactions),
             "dynamics": json.dumps(dl.memory.state(), sort_keys=True),
+            "optimizer_file": optimizer_file or "",
+            "generator_state": dl.generator.get_state().numpy().tobytes().hex(),
         }
         con.execute("BEGIN IMMEDIATE")
         try:
@@ -158,7 +176,7 @@ def save_state(dl: DynamicLoRA, state_dir: Path, overwrite_other_model: bool = F
         except BaseException:
             con.execute("ROLLBACK")
             raise
-        live = {f for f in files.values() if f}
+        live = {f for f in files.values() if f} | ({optimizer_file} if optimizer_file else set())
     for path in scope_dir.iterdir():  # after the commit: nothing committed points at these
         if path.name not in live and path.suffix == ".safetensors":
             path.unlink(missing_ok=True)
@@ -242,6 +260,14 @@ def load_state(
                 f"got {scope.content_hash()[:12]}…): the file is corrupted; restore it from a backup"
             )
     dl.memory.restore(json.loads(meta.get("dynamics", "{}")), logs["migrations"], logs["forgotten"])
+    if meta.get("optimizer_file"):
+        path = state_dir / "scopes" / meta["optimizer_file"]
+        try:
+            dl.learner.restore(load_file(path))
+        except (SafetensorError, OSError) as exc:
+            raise CorruptStateError(f"{path} (optimizer state) cannot be read: {exc}") from exc
+    if meta.get("generator_state"):
+        dl.generator.set_state(torch.frombuffer(bytearray.fromhex(meta["generator_state"]), dtype=torch.uint8))
     dl.tick_count = int(meta.get("tick_count", 0))
     dl.interactions = int(meta.get("interactions", 0))
     return dl
