@@ -12,6 +12,7 @@ def test_fast_demo_end_to_end(tmp_path, capsys):
     report = run_demo(fast=True, state_dir=tmp_path / "state", rounds=6)
     assert report.reproduced == {"alice": True, "bob": True}
     assert report.untouched and report.reload_identical
+    assert report.dynamics["migrated"] and report.dynamics["plot"].exists()
     out = capsys.readouterr().out
     assert "greedy generation after learning" in out and "circuits" in out
 

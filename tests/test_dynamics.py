@@ -209,7 +209,7 @@ def flood(uses_per_pattern: int, regulate: bool, tier: str = "context") -> float
 
 
 # crystallization pressure (long-used patterns in a tier they cannot migrate out of), amnesia pressure
-@pytest.mark.parametrize("uses_per_pattern, tier", [(60, "agent"), (1, "context")])
+@pytest.mark.parametrize("uses_per_pattern, tier", [(60, "agent"), (2, "context")])
 def test_homeostasis_holds_the_screened_fraction_in_its_band_under_a_flood(uses_per_pattern, tier):
     from dynamiclora.dynamics.homeostasis import BAND
 

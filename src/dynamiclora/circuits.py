@@ -56,6 +56,7 @@ class Circuit:
     entered_tick: int = 0  # tick at which it entered its current tier
     scale_on_entry: float = 0.0  # scale when it entered its tier (strength = scale / scale_on_entry)
     last_loss: float | None = None  # completion loss after its last update
+    key_self: float | None = None  # its key's activation on the inputs it was made from (attribution reference)
 
     @property
     def strength(self) -> float:
@@ -117,6 +118,7 @@ class Circuit:
             "scale_on_entry": self.scale_on_entry,
             "strength": self.strength,
             "last_loss": self.last_loss,
+            "key_self": self.key_self,
         }
 
     @classmethod

@@ -25,7 +25,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         rounds=args.rounds,
         data_dir=Path(args.data_dir) if args.data_dir else None,
     )
-    return 0 if all(report.reproduced.values()) and report.untouched and report.reload_identical else 1
+    ok = all(report.reproduced.values()) and report.untouched and report.reload_identical
+    return 0 if ok and report.dynamics["migrated"] else 1
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:

@@ -112,10 +112,11 @@ class LearningConfig:
         default=16, metadata=_help("Maximum circuits in one context scope; the weakest is dropped when full.")
     )
     attribution_threshold: float = field(
-        default=0.85,
+        default=0.92,
         metadata=_help(
-            "A learn() call updates the context circuit whose normalized activation on the input is the strongest, "
-            "if it is at least this; otherwise a new circuit is spawned. In [0, 1]."
+            "A learn() call updates the context circuit whose key activation on the input, relative to that key's "
+            "activation on the inputs it was made from, is the strongest, if that reaches this; otherwise it "
+            "spawns a new circuit. In [0, 1]."
         ),
     )
     train_a: bool = field(

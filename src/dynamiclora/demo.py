@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .core import DynamicLoRA
+from .demo_dynamics import run_dynamics
 
 PATTERNS = {
     "alice": ("def parse_json(text):", '\n    """Parse a JSON document."""\n    return json.loads(text)\n'),
@@ -26,6 +27,7 @@ class DemoReport:
     untouched: bool  # an agent that learned nothing still generates what the base model does
     reload_identical: bool  # outputs after save -> load equal outputs before
     state_dir: Path
+    dynamics: dict  # migrated / reproduced / forgotten / plot of the second act
 
 
 def _build(fast: bool, data_dir: Path | None) -> DynamicLoRA:
@@ -111,7 +113,10 @@ def run_demo(
         f"carol (other team, learned nothing) unchanged: {untouched}; "
         f"save → load gives identical outputs: {reload_identical}"
     )
-    return DemoReport(reproduced, untouched, reload_identical, state_dir)
+    console.rule("[bold]memory dynamics")
+    dynamics = run_dynamics(dl, state_dir, console)
+    dl.save(state_dir)
+    return DemoReport(reproduced, untouched, reload_identical, state_dir, dynamics)
 
 
 def _reload_model(dl: DynamicLoRA):

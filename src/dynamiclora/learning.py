@@ -179,7 +179,11 @@ class ContextLearner:
         with torch.no_grad(), dl.activate(plan, session):
             dl.model(input_ids=ids, use_cache=False)
         context, consolidated = list(scope.circuits.values()), list(agent_scope.circuits.values())
-        acts = key_activations(context + consolidated, session.capture)
+        # relative to each key's activation on its own origin: how much of "its" pattern this input is
+        acts = [
+            a / (c.key_self or 1.0)
+            for a, c in zip(key_activations(context + consolidated, session.capture), context + consolidated)
+        ]
         ctx_acts, agent_acts = acts[: len(context)], acts[len(context) :]
 
         # A pattern that already migrated to the agent's tier is reinforced there (a use), not learned again,
@@ -220,6 +224,7 @@ class ContextLearner:
                 created_tick=dl.tick_count,
                 label=dl.tokenizer.decode(prompt_ids, skip_special_tokens=True)[:60],
             )
+            best.key_self = key_activations([best], session.capture)[0]
             dl.add_circuit(scope.key, best)
             best_act = 0.0
         dl.memory.record_use(best)

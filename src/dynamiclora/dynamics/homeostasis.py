@@ -11,9 +11,10 @@ from dataclasses import asdict, dataclass
 
 from ..config import TIERS, DynamicsConfig
 
-BAND = (0.1, 0.6)  # the SCREENED fraction a tier holds to, once it has enough circuits to measure it
+BAND = (0.05, 0.6)  # the SCREENED fraction a tier holds to, once it has enough circuits to measure it
 MIN_CIRCUITS = 4
-STEP = 1.1
+STEP = 1.05  # per tick outside the band: slow enough that a tier does not swing between the two failures
+FLOORS = {"theta_on": 0.1, "theta_off": 0.02, "decay": 0.02}  # forgetting never stops entirely
 
 
 @dataclass
@@ -28,9 +29,9 @@ class TierRegulation:
             self.theta_off = min(self.theta_off * STEP, self.theta_on * 0.9)
             self.decay = min(self.decay * STEP, 0.5)
         elif screened_fraction < BAND[0]:  # amnesic: easier to screen, slower fading
-            self.theta_on = max(self.theta_on / STEP, 0.05)
-            self.theta_off = max(min(self.theta_off / STEP, self.theta_on * 0.9), 0.01)
-            self.decay = max(self.decay / STEP, 0.005)
+            self.theta_on = max(self.theta_on / STEP, FLOORS["theta_on"])
+            self.theta_off = max(min(self.theta_off / STEP, self.theta_on * 0.9), FLOORS["theta_off"])
+            self.decay = max(self.decay / STEP, FLOORS["decay"])
 
 
 class Homeostasis:
