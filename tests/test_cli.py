@@ -19,6 +19,7 @@ def test_fast_demo_end_to_end(tmp_path, capsys):
     assert main(["inspect", str(tmp_path / "state")]) == 0
     out = capsys.readouterr().out
     assert "context" in out and "alice" in out and "backend" in out
+    assert "migrations" in out and "agent:alice" in out and "SCREENED" in out
 
 
 def test_cli_demo_exit_code_and_export(tmp_path, capsys, monkeypatch):

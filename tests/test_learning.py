@@ -129,3 +129,13 @@ def test_key_activations_of_a_pattern_and_of_an_unrelated_one(dl):
 
     own, other = key(PROMPT, COMPLETION), key("SELECT name FROM users WHERE", " id = 42;")
     assert own > 0.85 > other
+
+
+def test_labels_come_from_the_interactions_that_activate_a_circuit_most(dl):
+    alice = dl.agent("alice", swarm="backend", domain="python")
+    r = alice.learn(PROMPT, COMPLETION)
+    alice.learn(PROMPT, COMPLETION)
+    c = dl.hierarchy.find_circuit(r.circuit_id)[1]
+    assert c.label == "def parse_json(text): → return json.loads(text)"
+    assert len(c.examples) == 1 and c.examples[0][1] == PROMPT
+    assert dl.circuits()[0]["examples"] == c.examples

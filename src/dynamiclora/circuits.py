@@ -57,6 +57,17 @@ class Circuit:
     scale_on_entry: float = 0.0  # scale when it entered its tier (strength = scale / scale_on_entry)
     last_loss: float | None = None  # completion loss after its last update
     key_self: float | None = None  # its key's activation on the inputs it was made from (attribution reference)
+    examples: list[list] = field(default_factory=list)  # [activation, prompt, completion] that activate it most
+
+    def observe_example(self, activation: float, prompt: str, completion: str, keep: int = 3) -> None:
+        """Remember the interactions that activate the circuit most; its label is the strongest one."""
+        if not any(e[1] == prompt and e[2] == completion for e in self.examples):
+            self.examples.append([round(float(activation), 4), prompt, completion])
+        self.examples.sort(key=lambda e: -e[0])
+        del self.examples[keep:]
+        top = self.examples[0]
+        head = " ".join(top[2].split())[:30]
+        self.label = f"{' '.join(top[1].split())[:40]} → {head}" if head else top[1][:60]
 
     @property
     def strength(self) -> float:
@@ -119,6 +130,7 @@ class Circuit:
             "strength": self.strength,
             "last_loss": self.last_loss,
             "key_self": self.key_self,
+            "examples": [list(e) for e in self.examples],
         }
 
     @classmethod

@@ -41,6 +41,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         agents = con.execute("SELECT id, swarm, domain FROM agents ORDER BY id").fetchall()
         scopes = con.execute("SELECT tier, name, circuits, content_hash FROM scopes").fetchall()
         circuits = [json.loads(r) for (r,) in con.execute("SELECT record FROM circuits")]
+        logs = {
+            t: [json.loads(r) for (r,) in con.execute(f"SELECT record FROM {t} ORDER BY seq")]
+            for t in ("migrations", "forgotten")
+        }
     console = Console()
     console.print(
         f"base model {meta.get('base_model')!r}  ticks {meta.get('tick_count')}  "
@@ -60,7 +64,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         t.add_row(tier, name, str(n), digest[:16])
     console.print(t)
     t = Table(title="circuits")
-    for col in ("id", "tier", "scope", "rank", "scale", "label", "origin", "usage", "updated"):
+    for col in ("id", "tier", "scope", "rank", "phase", "u", "strength", "label", "origin", "updated"):
         t.add_column(col, overflow="fold")
     for c in sorted(circuits, key=lambda c: (order.index(c["tier"]), c["scope"], c["created_tick"], c["id"])):
         t.add_row(
@@ -68,13 +72,30 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             c["tier"],
             c["scope"],
             str(c["rank"]),
-            f"{c['scale']:.3g}",
+            c.get("phase", ""),
+            f"{c.get('u', 0):.2f}",
+            f"{c.get('strength', 1):.2f}",
             c["label"].replace("\n", "⏎"),
             ",".join(c["origin_agents"]),
-            f"{c['usage']:.2f}",
             str(c["updated_tick"]),
         )
     console.print(t)
+    if logs["migrations"]:
+        t = Table(title="migrations")
+        for col in ("tick", "circuit", "from", "to", "stability", "label"):
+            t.add_column(col, overflow="fold")
+        for m in logs["migrations"]:
+            t.add_row(
+                str(m["tick"]), m["circuit"][:8], m["from"], m["to"], str(m["score"]), m["label"].replace("\n", "⏎")
+            )
+        console.print(t)
+    if logs["forgotten"]:
+        t = Table(title="forgotten")
+        for col in ("tick", "circuit", "tier", "scope", "label"):
+            t.add_column(col, overflow="fold")
+        for f in logs["forgotten"]:
+            t.add_row(str(f["tick"]), f["circuit"][:8], f["tier"], f["scope"], f["label"].replace("\n", "⏎"))
+        console.print(t)
     return 0
 
 

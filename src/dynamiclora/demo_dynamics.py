@@ -60,8 +60,8 @@ def run_dynamics(dl: DynamicLoRA, state_dir: Path, console: Console, ticks: int 
     console.print(table)
     plot = _plot(series, dl, state_dir / "dynamics.png")
     result = alice.generate(PRACTISED[0], max_new_tokens=32)
-    migrated = [m for m in dl.migrations(agent="alice") if m["label"].startswith(PRACTISED[0][:20])]
-    one_off_labels = {p[:20] for p, _ in ONE_OFFS}
+    migrated = [m for m in dl.migrations(agent="alice") if m["label"].startswith(" ".join(PRACTISED[0].split())[:20])]
+    one_off_labels = {" ".join(p.split())[:20] for p, _ in ONE_OFFS}
     faded = [f for f in dl.forgotten() if f["scope"] == "alice" and f["label"][:20] in one_off_labels]
     console.print(
         f"practised pattern migrated to the agent tier: {bool(migrated)}; still produced: "

@@ -113,6 +113,10 @@ class ContextLearner:
     def forget(self, circuit_id: str) -> None:
         self._optimizers.pop(circuit_id, None)
 
+    def _texts(self, prompt_ids: list[int], completion_ids: list[int]) -> tuple[str, str]:
+        decode = self.dl.tokenizer.decode
+        return decode(prompt_ids, skip_special_tokens=True), decode(completion_ids, skip_special_tokens=True)
+
     def _params(self, c: Circuit) -> list[tuple[str, torch.Tensor]]:
         """(name, tensor) of the circuit's trainable factors, in a stable order."""
         train_a = self.dl.config.learning.train_a
@@ -191,6 +195,7 @@ class ContextLearner:
         if agent_acts and max(agent_acts) >= cfg.attribution_threshold and max(agent_acts) >= max(ctx_acts, default=0):
             known = consolidated[agent_acts.index(max(agent_acts))]
             dl.memory.record_use(known)
+            known.observe_example(max(agent_acts), *self._texts(prompt_ids, completion_ids))
             with torch.no_grad():
                 loss = float(self._loss(agent_id, ids, labels, trainable=False))
             if known.last_loss is None or loss <= max(1.2 * known.last_loss, known.last_loss + 0.1):
@@ -228,6 +233,7 @@ class ContextLearner:
             dl.add_circuit(scope.key, best)
             best_act = 0.0
         dl.memory.record_use(best)
+        best.observe_example(1.0 if spawned else best_act, *self._texts(prompt_ids, completion_ids))
 
         params = [t for _, t in self._params(best)]
         opt = self._optimizer(best)

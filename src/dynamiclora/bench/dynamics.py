@@ -117,12 +117,45 @@ def tick_cost(quick: bool) -> list[dict]:
     return rows
 
 
+def timescales(quick: bool) -> dict:
+    """Time scales measured on a stream where patterns recur at different periods, with one-offs among them."""
+    from ..demo_dynamics import ONE_OFFS
+
+    model, tok = tiny_model("llama")
+    cfg = DynamicLoRAConfig(dynamics=DynamicsConfig(tick_interval=1), learning=LearningConfig(steps_per_learn=2))
+    dl = DynamicLoRA(model, tok, cfg)
+    alice = dl.agent("alice", swarm="s", domain="d")
+    recurring = [
+        ("def parse_json(text):", " return json.loads(text)"),
+        ("def read_config(path):", " return open(path)"),
+    ]
+    ticks = 80 if quick else 160
+    for t in range(ticks):
+        if t % 3 == 0:
+            alice.learn(*recurring[0])  # recurs every 3 ticks
+        elif t % 4 == 1:
+            alice.learn(*recurring[1])  # every 4 ticks
+        elif t % 7 == 2:
+            alice.learn(*ONE_OFFS[(t // 7) % len(ONE_OFFS)])  # one-offs, each back only after 56 ticks
+        else:
+            dl.tick()
+    scales = dl.timescales()
+    ctx, agent = scales["context"]["ticks"], scales["agent"]["ticks"]
+    return {
+        "ticks": ticks,
+        "per_tier": scales,
+        "agent_over_context": (agent / ctx) if ctx and agent else None,
+        "migrations": len(dl.migrations()),
+        "forgotten": len(dl.forgotten()),
+    }
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args(argv)
-    steps, ticks = learning_step(args.quick), tick_cost(args.quick)
+    steps, ticks, scales = learning_step(args.quick), tick_cost(args.quick), timescales(args.quick)
     checks = {f"{r['model']}: learning step <= 1.5x a PEFT step": r["ratio"] <= 1.5 for r in steps}
     checks.update(
         {
@@ -152,6 +185,27 @@ def main(argv: list[str] | None = None) -> dict:
         f"{r['amortized_fraction'] * 100:.2f}% |"
         for r in ticks
     ]
+    md += [
+        "",
+        f"Measured time scales after {scales['ticks']} ticks of a stream with patterns recurring every 3 and "
+        f"4 ticks and one-offs ({scales['migrations']} migrations, {scales['forgotten']} forgotten):",
+        "",
+        "| tier | median ticks in tier | memory span | window | circuits |",
+        "|---|---|---|---|---|",
+    ]
+    for tier, v in scales["per_tier"].items():
+        if v["ticks"] is not None:
+            span = "" if v["span"] is None else f"{v['span']:.0f}"
+            md.append(f"| {tier} | {v['ticks']:.1f} | {span} | {v['window']} | {v['circuits']} |")
+    if scales["agent_over_context"]:
+        md += [
+            "",
+            f"agent / context: {scales['agent_over_context']:.2f}× (the agent tier's figure is a lower bound "
+            "while nothing has left it)",
+        ]
+    checks["time scales ordered: context < agent"] = bool(scales["agent_over_context"]) and (
+        scales["agent_over_context"] > 1
+    )
     md += ["", "## Targets", ""] + [f"- {'met' if ok else '**missed**'}: {k}" for k, ok in checks.items()]
     name = "dynamics-cpu" + ("-quick" if args.quick else "")
     write(
@@ -161,6 +215,7 @@ def main(argv: list[str] | None = None) -> dict:
             "parameters": {"layout": LAYOUT, "tokens": 64},
             "learning_step": steps,
             "tick_cost": ticks,
+            "timescales": scales,
             "targets": checks,
         },
         "\n".join(md) + "\n",
