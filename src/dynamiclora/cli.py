@@ -45,7 +45,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             t: [json.loads(r) for (r,) in con.execute(f"SELECT record FROM {t} ORDER BY seq")]
             for t in ("migrations", "forgotten")
         }
-    console = Console()
+    console = Console() if sys.stdout.isatty() else Console(width=160)  # logs and pipes: do not fold tables
     console.print(
         f"base model {meta.get('base_model')!r}  ticks {meta.get('tick_count')}  "
         f"interactions {meta.get('interactions')}"
