@@ -56,3 +56,12 @@ def test_forward_benchmark_quick_writes_its_records(tmp_path):
     variants = {r["variant"] for r in record["results"]}
     assert {"base", "stack", "peft-5", "one at a time (8 agents)", "decode batched (8 agents)"} <= variants
     assert (tmp_path / "forward-cpu-quick.md").exists() and (tmp_path / "forward-cpu-quick.png").exists()
+
+
+def test_dynamics_benchmark_quick_writes_its_records(tmp_path):
+    from dynamiclora.bench import dynamics
+
+    checks = dynamics.main(["--quick", "--out", str(tmp_path)])
+    record = json.loads((tmp_path / "dynamics-cpu-quick.json").read_text())
+    assert record["learning_step"][0]["ratio"] > 0 and len(record["tick_cost"]) == 2
+    assert "context" in record["timescales"]["per_tier"] and checks

@@ -65,7 +65,7 @@ class Planner:
         if not trainable and key in self._plans:
             self._plans.move_to_end(key)
             return self._plans[key]
-        plan = self._build(agent_ids, stacks)
+        plan = self._build(agent_ids, stacks, observe=not trainable)  # training runs without the usage probe
         if not trainable:
             self._plans[key] = plan
             while len(self._plans) > 16:
@@ -77,7 +77,9 @@ class Planner:
         self._plans.clear()
 
     # -- building ---------------------------------------------------------------------------------
-    def _build(self, agent_ids: tuple[str, ...], stacks: list[tuple[ScopeKey, ...]]) -> BatchPlan:
+    def _build(
+        self, agent_ids: tuple[str, ...], stacks: list[tuple[ScopeKey, ...]], observe: bool = True
+    ) -> BatchPlan:
         scopes = self.hierarchy.scopes
         merged_keys, unmerged_pos = [], []
         for pos in range(len(stacks[0])):
@@ -103,7 +105,7 @@ class Planner:
             w = layer.base_layer.weight
             dtype, device = w.dtype, w.device
             mp = ModulePlan(weight=None if weights is None else weights[name], hetero=hetero)
-            parts = [self._factors(gc, layer, column, len(circuits)) for gc in group_circuits]
+            parts = [self._factors(gc, layer, column, len(circuits), observe) for gc in group_circuits]
             r_max = max(p[0].shape[0] for p in parts)
             if r_max > 0:
                 if not hetero:
@@ -116,7 +118,7 @@ class Planner:
                     mp.a = a[row_index].transpose(1, 2).contiguous().to(device, dtype)  # (B, in, R)
                     mp.b = b[row_index].transpose(1, 2).contiguous().to(device, dtype)  # (B, R, out)
                     mp.obs = obs[row_index].to(device)
-            if merged_circuits and self.config.merged_usage_sample_rate > 0:
+            if observe and merged_circuits and self.config.merged_usage_sample_rate > 0:
                 ma, _, mobs = self._factors(
                     merged_circuits, layer, {c.id: i for i, c in enumerate(merged_circuits)}, len(merged_circuits)
                 )
@@ -145,12 +147,15 @@ class Planner:
             plans[0].group_obs = torch.cat([p.obs for p in plans], obs_dim)
 
     @staticmethod
-    def _factors(circuits: list[Circuit], layer: StackedLinear, column: dict[str, int], num_columns: int):
-        """A_cat (R, in), B_cat (out, R) and the observation map (R, C) of circuits on one layer."""
+    def _factors(
+        circuits: list[Circuit], layer: StackedLinear, column: dict[str, int], num_columns: int, observe: bool = True
+    ):
+        """A_cat (R, in), B_cat (out, R) and the observation map (R, C) of circuits on one layer (all zero when
+        the plan will run without the usage probe)."""
         a, b = concat_factors(circuits, layer.name, layer.in_features, layer.out_features)
         obs = torch.zeros(a.shape[0], num_columns)
         offset = 0
-        for c in circuits:
+        for c in circuits if observe else ():
             r = c.rank
             if layer.name in c.factors:
                 ca = c.factors[layer.name][0].detach().float()

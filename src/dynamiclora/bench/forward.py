@@ -67,6 +67,9 @@ class _NullTokenizer:
     def get_vocab(self) -> dict:
         return {"<eos>": 0}
 
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        return " ".join(map(str, ids))
+
 
 def random_circuit(dl: DynamicLoRA, rank: int, g: torch.Generator) -> Circuit:
     factors = {

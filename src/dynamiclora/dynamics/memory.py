@@ -106,11 +106,16 @@ class Memory:
         dl.tick_count += 1
         return report
 
-    def _forget(self, scope: Scope, c: Circuit, report: TickReport) -> None:
+    def _leave(self, scope: Scope, c: Circuit, forgotten: bool) -> int:
+        """A circuit leaves its tier (forgotten or migrating): its residence is measured; returns the tick."""
         now = self.dl.tick_count
         scope.remove(c.id)
-        self.dl.learner.forget(c.id)
-        self.timescales.left(c.tier, now - c.entered_tick, forgotten=True)
+        self.dl.learner.forget(c.id)  # only the context tier has an optimizer
+        self.timescales.left(c.tier, now - c.entered_tick, forgotten=forgotten)
+        return now
+
+    def _forget(self, scope: Scope, c: Circuit, report: TickReport) -> None:
+        now = self._leave(scope, c, forgotten=True)
         entry = {
             "circuit": c.id,
             "tier": c.tier,
@@ -143,10 +148,7 @@ class Memory:
         self, c: Circuit, source: Scope, target: Scope, p: Persistence | None, report: TickReport | None = None
     ) -> dict[str, Any]:
         """Move a circuit whole from one scope to another; the owner's outputs do not change."""
-        now = self.dl.tick_count
-        source.remove(c.id)
-        self.dl.learner.forget(c.id)
-        self.timescales.left(c.tier, now - c.entered_tick, forgotten=False)
+        now = self._leave(source, c, forgotten=False)
         entry = {
             "circuit": c.id,
             "from": str(source.key),
