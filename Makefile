@@ -24,6 +24,7 @@ test-slow: $(BIN)/.installed  ## tests marked slow
 
 bench: $(BIN)/.installed  ## benchmarks: JSON + markdown + plots under benchmarks/results
 	$(BIN)/python benchmarks/forward.py
+	$(BIN)/python benchmarks/dynamics.py
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check src tests benchmarks

@@ -111,10 +111,11 @@ def cmd_export_peft(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """Run a benchmark and write JSON + markdown (+ plots) under the output directory."""
-    from .bench import forward
+    from .bench import dynamics, forward
 
-    if args.name == "forward":
-        forward.main(["--out", args.out] + (["--quick"] if args.quick else []))
+    {"forward": forward, "dynamics": dynamics}[args.name].main(
+        ["--out", args.out] + (["--quick"] if args.quick else [])
+    )
     return 0
 
 
@@ -140,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--agent", help="an agent id: export its whole stack")
     p.set_defaults(func=cmd_export_peft)
     p = sub.add_parser("bench", help=cmd_bench.__doc__)
-    p.add_argument("name", choices=["forward"])
+    p.add_argument("name", choices=["forward", "dynamics"])
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--quick", action="store_true", help="tiny model only, few repeats")
     p.set_defaults(func=cmd_bench)
