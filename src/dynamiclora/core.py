@@ -185,7 +185,7 @@ class DynamicLoRA:
         return self.memory.tick()
 
     def count_interactions(self, n: int = 1) -> list[TickReport]:
-        """Advance the interaction counter; runs the ticks that falls due every ``tick_interval`` interactions."""
+        """Advance the interaction counter; runs the tick that falls due every ``tick_interval`` interactions."""
         every, reports = self.config.dynamics.tick_interval, []
         for _ in range(n):
             self.interactions += 1

@@ -35,14 +35,11 @@ def run_dynamics(dl: DynamicLoRA, state_dir: Path, console: Console, ticks: int 
     series: dict = {}
     one_off = iter(ONE_OFFS)
     for t in range(ticks):
-        if t % 2 == 0:
-            alice.learn(*PRACTISED)
-        elif t % 4 == 1 and t < 32 and (item := next(one_off, None)):
-            alice.learn(*item)
+        item = PRACTISED if t % 2 == 0 else next(one_off, None) if t % 4 == 1 and t < 32 else None
+        if item:
+            alice.learn(*item)  # an interaction: the tick follows by itself
         else:
-            dl.tick()
-            _snapshot(dl, series, t)
-            continue
+            dl.tick()  # an idle tick
         _snapshot(dl, series, t)
     for r in dl.migrations(agent="alice"):
         events.append((r["tick"], "migrated", r["label"], f"{r['from']} → {r['to']} (stability {r['score']})"))

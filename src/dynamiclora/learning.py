@@ -167,86 +167,64 @@ class ContextLearner:
         with dl.activate(plan, dl.new_session(plan, observe=False)):
             return dl.model(input_ids=ids, labels=labels, use_cache=False).loss
 
-    def learn(self, agent_id: str, prompt_ids: list[int], completion_ids: list[int], critical: bool) -> LearnResult:
-        dl, cfg = self.dl, self.dl.config.learning
-        ids = torch.tensor([prompt_ids + completion_ids], device=dl.device)
-        labels = ids.clone()
-        labels[:, : len(prompt_ids)] = -100
-        scope = dl.hierarchy.scope(("context", agent_id))
-        agent_scope = dl.hierarchy.scope(("agent", agent_id))
+    def _capture_base(self, agent_id: str, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Each module's input under the *base model*.
 
-        # Attribution: capture each module's input under the *base model*. Nothing learned ever changes those
-        # inputs, so a circuit's key (made from them) keeps matching its own pattern however much its B has learned
-        # and wherever it migrates; under the stack, a circuit's own output would shift deeper layers' inputs.
+        Nothing learned ever changes these inputs, so a circuit's key (made from them) keeps matching its own
+        pattern however much its B has learned and wherever it migrates; under the stack, a circuit's own output
+        would shift deeper layers' inputs, and every key would drift towards matching everything.
+        """
+        dl = self.dl
         plan = dl.planner.plan([agent_id], without=TIERS)
         session = dl.new_session(plan, observe=False, capture=True)
         with torch.no_grad(), dl.activate(plan, session):
             dl.model(input_ids=ids, use_cache=False)
-        context, consolidated = list(scope.circuits.values()), list(agent_scope.circuits.values())
-        # relative to each key's activation on its own origin: how much of "its" pattern this input is
-        acts = [
-            a / (c.key_self or 1.0)
-            for a, c in zip(key_activations(context + consolidated, session.capture), context + consolidated)
-        ]
-        ctx_acts, agent_acts = acts[: len(context)], acts[len(context) :]
+        return session.capture
 
-        # A pattern that already migrated to the agent's tier is reinforced there (a use), not learned again,
-        # unless the stack has lost it (its loss rose well above the loss it had when last learned).
-        if agent_acts and max(agent_acts) >= cfg.attribution_threshold and max(agent_acts) >= max(ctx_acts, default=0):
-            known = consolidated[agent_acts.index(max(agent_acts))]
-            dl.memory.record_use(known)
-            known.observe_example(max(agent_acts), *self._texts(prompt_ids, completion_ids))
-            with torch.no_grad():
-                loss = float(self._loss(agent_id, ids, labels, trainable=False))
-            if known.last_loss is None or loss <= max(1.2 * known.last_loss, known.last_loss + 0.1):
-                return LearnResult(known.id, False, max(agent_acts), loss, loss, None, trained=False)
-
-        best, best_act = (context[ctx_acts.index(max(ctx_acts))], max(ctx_acts)) if ctx_acts else (None, 0.0)
+    def _spawn(
+        self, agent_id: str, capture: dict[str, torch.Tensor], protect_from: list[Circuit]
+    ) -> tuple[Circuit, str | None]:
+        """A new context circuit keyed on these inputs (off the SCREENED keys' span); drops the weakest if full."""
+        dl, cfg = self.dl, self.dl.config.learning
+        scope = dl.hierarchy.scope(("context", agent_id))
         dropped = None
-        spawned = best is None or best_act < cfg.attribution_threshold
-        if spawned:
-            if len(scope) >= cfg.context_capacity:  # make room: the weakest FREE circuit goes first
-                weakest = min(
-                    scope.circuits.values(),
-                    key=lambda c: (c.critical, c.phase == "SCREENED", c.strength, c.u, c.updated_tick),
-                )
-                dropped = weakest.id
-                scope.remove(weakest.id)
-                self.forget(weakest.id)
-            protected = screened_bases(context + consolidated) if dl.config.dynamics.protect_screened else None
-            factors = init_factors(
-                session.capture,
-                {n: layer.out_features for n, layer in dl.layers.items()},
-                dl.config.adapter.circuit_rank,
-                cfg.init_from_activations,
-                dl.generator,
-                protected or None,
+        if len(scope) >= cfg.context_capacity:  # make room: the weakest FREE circuit goes first
+            weakest = min(
+                scope.circuits.values(),
+                key=lambda c: (c.critical, c.phase == "SCREENED", c.strength, c.u, c.updated_tick),
             )
-            best = Circuit(
-                factors=factors,
-                tier="context",
-                scope=agent_id,
-                created_tick=dl.tick_count,
-                label=dl.tokenizer.decode(prompt_ids, skip_special_tokens=True)[:60],
-            )
-            best.key_self = key_activations([best], session.capture)[0]
-            dl.add_circuit(scope.key, best)
-            best_act = 0.0
-        dl.memory.record_use(best)
-        best.observe_example(1.0 if spawned else best_act, *self._texts(prompt_ids, completion_ids))
+            dropped = weakest.id
+            scope.remove(weakest.id)
+            self.forget(weakest.id)
+        protected = screened_bases(protect_from) if dl.config.dynamics.protect_screened else None
+        factors = init_factors(
+            capture,
+            {n: layer.out_features for n, layer in dl.layers.items()},
+            dl.config.adapter.circuit_rank,
+            cfg.init_from_activations,
+            dl.generator,
+            protected or None,
+        )
+        circuit = Circuit(factors=factors, tier="context", scope=agent_id, created_tick=dl.tick_count)
+        circuit.key_self = key_activations([circuit], capture)[0]
+        dl.add_circuit(scope.key, circuit)
+        return circuit, dropped
 
-        params = [t for _, t in self._params(best)]
-        opt = self._optimizer(best)
-        damping = dl.config.dynamics.screened_damping if best.phase == "SCREENED" else 1.0
-        for group in opt.param_groups:  # updates to a SCREENED circuit are damped
+    def _train(self, agent_id: str, circuit: Circuit, ids: torch.Tensor, labels: torch.Tensor) -> float:
+        """``steps_per_learn`` Adam steps on the circuit's trainable factors (damped if SCREENED); the first loss."""
+        cfg = self.dl.config.learning
+        params = [t for _, t in self._params(circuit)]
+        opt = self._optimizer(circuit)
+        damping = self.dl.config.dynamics.screened_damping if circuit.phase == "SCREENED" else 1.0
+        for group in opt.param_groups:
             group["lr"] = cfg.learning_rate * damping
         for t in params:
             t.requires_grad_(True)
-        loss_before = None
+        first = None
         try:
             for _ in range(cfg.steps_per_learn):
                 loss = self._loss(agent_id, ids, labels, trainable=True)
-                loss_before = float(loss.detach()) if loss_before is None else loss_before
+                first = float(loss.detach()) if first is None else first
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if cfg.max_grad_norm:
@@ -256,13 +234,50 @@ class ContextLearner:
             for t in params:
                 t.requires_grad_(False)
                 t.grad = None
-        scope.touch()
+        self.dl.hierarchy.scope(("context", agent_id)).touch()
+        return first
+
+    def learn(self, agent_id: str, prompt_ids: list[int], completion_ids: list[int], critical: bool) -> LearnResult:
+        dl, cfg = self.dl, self.dl.config.learning
+        ids = torch.tensor([prompt_ids + completion_ids], device=dl.device)
+        labels = ids.clone()
+        labels[:, : len(prompt_ids)] = -100
+        texts = self._texts(prompt_ids, completion_ids)
+        capture = self._capture_base(agent_id, ids)
+        context = list(dl.hierarchy.scope(("context", agent_id)).circuits.values())
+        consolidated = list(dl.hierarchy.scope(("agent", agent_id)).circuits.values())
+        # each key's activation relative to its activation on its own origin: how much of "its" pattern this is
+        acts = [
+            a / (c.key_self or 1.0)
+            for a, c in zip(key_activations(context + consolidated, capture), context + consolidated)
+        ]
+        ctx_acts, agent_acts = acts[: len(context)], acts[len(context) :]
+
+        # A pattern that already migrated to the agent's tier is reinforced there (a use), not learned again,
+        # unless the stack has lost it (its loss rose well above the loss it had when last learned).
+        if agent_acts and max(agent_acts) >= cfg.attribution_threshold and max(agent_acts) >= max(ctx_acts, default=0):
+            known = consolidated[agent_acts.index(max(agent_acts))]
+            dl.memory.record_use(known)
+            known.observe_example(max(agent_acts), *texts)
+            with torch.no_grad():
+                loss = float(self._loss(agent_id, ids, labels, trainable=False))
+            if known.last_loss is None or loss <= max(1.2 * known.last_loss, known.last_loss + 0.1):
+                return LearnResult(known.id, False, max(agent_acts), loss, loss, None, trained=False)
+
+        best, best_act = (context[ctx_acts.index(max(ctx_acts))], max(ctx_acts)) if ctx_acts else (None, 0.0)
+        dropped = None
+        spawned = best is None or best_act < cfg.attribution_threshold
+        if spawned:
+            best, dropped = self._spawn(agent_id, capture, context + consolidated)
+            best_act = 0.0
+        dl.memory.record_use(best)
+        best.observe_example(1.0 if spawned else best_act, *texts)
+        loss_before = self._train(agent_id, best, ids, labels)
         best.critical = best.critical or critical
         best.updated_tick = dl.tick_count
         best.origin_interactions.append(dl.interactions)
         if agent_id not in best.origin_agents:
             best.origin_agents.append(agent_id)
         with torch.no_grad():
-            loss_after = float(self._loss(agent_id, ids, labels, trainable=False))
-        best.last_loss = loss_after
-        return LearnResult(best.id, spawned, best_act, loss_before, loss_after, dropped)
+            best.last_loss = float(self._loss(agent_id, ids, labels, trainable=False))
+        return LearnResult(best.id, spawned, best_act, loss_before, best.last_loss, dropped)
