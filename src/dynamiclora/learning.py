@@ -252,12 +252,15 @@ class ContextLearner:
             for a, c in zip(key_activations(context + consolidated, capture), context + consolidated)
         ]
         ctx_acts, agent_acts = acts[: len(context)], acts[len(context) :]
+        # usage is activation: every circuit whose key this input matches is used, whichever of them learns
+        for c, a in zip(context + consolidated, acts):
+            if a >= cfg.attribution_threshold:
+                dl.memory.record_use(c)
 
         # A pattern that already migrated to the agent's tier is reinforced there (a use), not learned again,
         # unless the stack has lost it (its loss rose well above the loss it had when last learned).
         if agent_acts and max(agent_acts) >= cfg.attribution_threshold and max(agent_acts) >= max(ctx_acts, default=0):
             known = consolidated[agent_acts.index(max(agent_acts))]
-            dl.memory.record_use(known)
             known.observe_example(max(agent_acts), *texts)
             with torch.no_grad():
                 loss = float(self._loss(agent_id, ids, labels, trainable=False))
@@ -270,7 +273,8 @@ class ContextLearner:
         if spawned:
             best, dropped = self._spawn(agent_id, capture, context + consolidated)
             best_act = 0.0
-        dl.memory.record_use(best)
+        if spawned:
+            dl.memory.record_use(best)
         best.observe_example(1.0 if spawned else best_act, *texts)
         loss_before = self._train(agent_id, best, ids, labels)
         best.critical = best.critical or critical

@@ -2,9 +2,9 @@
 
 Per tick and per circuit: the closed tick's use (0/1) is appended to its series; its usage statistic u
 is the fraction of used ticks in the tier's window; u ≥ θ_on makes it SCREENED, u ≤ θ_off FREE, in
-between nothing changes (hysteresis). An unused circuit loses ``decay`` of its strength per tick
-(SCREENED ones only ``screened_decay_ratio`` of that); below ``forget_below`` it is deleted and the
-forgetting logged. Context circuits whose use persists across the window (see detector.py) move to
+between nothing changes (hysteresis). Use strengthens, disuse weakens: a circuit used in a tick is back
+at full strength, an unused one loses ``decay`` of its strength (SCREENED ones only
+``screened_decay_ratio`` of that); below ``forget_below`` it is deleted and the forgetting logged. Context circuits whose use persists across the window (see detector.py) move to
 their agent's tier, at most ``bandwidth`` per tick, best stability first; critical ones skip the queue.
 Windows derive from the measured time scale of the tier they watch.
 """
@@ -94,7 +94,11 @@ class Memory:
                     c.history.append(event)
                     report.transitions.append({"circuit": c.id, **event})
                     c.phase = phase
-                if not c.uses_this_tick:
+                if c.uses_this_tick:  # use rehearses: back to full strength
+                    if c.scale_on_entry and c.scale != c.scale_on_entry:
+                        c.scale = c.scale_on_entry
+                        scope.touch()
+                else:  # disuse weakens
                     rate = reg.decay * (cfg.screened_decay_ratio if c.phase == SCREENED else 1.0)
                     if rate > 0:
                         c.scale *= 1.0 - rate
