@@ -280,3 +280,15 @@ def test_save_load_mid_stream_continues_identically(tmp_path):
     assert resumed.snapshot("alice").provenance_hash == straight.snapshot("alice").provenance_hash
     assert log(resumed.migrations()) == log(straight.migrations())
     assert log(resumed.forgotten()) == log(straight.forgotten())
+
+
+def test_timescales_come_out_ordered_on_a_stream_with_different_periods():
+    """Patterns recurring every 3 and 4 ticks among one-offs: what stays in the context tier is short-lived, what
+    migrates to the agent tier stays longer (the agent figure is a lower bound while nothing has left it)."""
+    from dynamiclora.bench.dynamics import timescales
+
+    result = timescales(quick=True)
+    scales = result["per_tier"]
+    assert result["migrations"] >= 2  # both recurring patterns consolidated
+    assert scales["context"]["ticks"] < scales["agent"]["ticks"]
+    assert result["agent_over_context"] > 1.3
