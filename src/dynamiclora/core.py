@@ -267,7 +267,9 @@ class DynamicLoRA:
     ) -> tuple[torch.Tensor, Session]:
         """Logits (B, T, V) of a batch whose row i runs agent_ids[i]'s stack, and the usage session.
 
-        ``observe=False`` skips the usage probe (default: ``AdapterConfig.observe_usage``).
+        ``observe=False`` skips the usage probe (default: ``AdapterConfig.observe_usage``). The probe's records stay in
+        the returned session, reduced only when read (``session.activations()``): a forward pays for the
+        observation, not for turning it into numbers nobody asked for. ``generate`` stores them on the circuits.
         """
         if len(agent_ids) != input_ids.shape[0]:
             raise ValueError(
@@ -282,7 +284,6 @@ class DynamicLoRA:
                 attention_mask=None if attention_mask is None else attention_mask.to(self.device),
                 use_cache=False,
             )
-        self._record_usage(plan, session)
         return out.logits, session
 
     def _record_usage(self, plan: BatchPlan, session: Session) -> torch.Tensor:
