@@ -180,9 +180,9 @@ class DynamicsConfig:
     )
     theta_on: float = field(default=0.5, metadata=_help("Usage u at or above which a circuit becomes SCREENED."))
     theta_off: float = field(default=0.2, metadata=_help("Usage u at or below which a circuit becomes FREE."))
-    decay: float = field(default=0.1, metadata=_help("Fraction of strength a FREE circuit loses per tick."))
+    decay: float = field(default=0.1, metadata=_help("Fraction of strength an unused FREE circuit loses per tick."))
     screened_decay_ratio: float = field(
-        default=0.02, metadata=_help("A SCREENED circuit decays at this fraction of the FREE decay.")
+        default=0.02, metadata=_help("An unused SCREENED circuit decays at this fraction of the FREE decay.")
     )
     forget_below: float = field(
         default=0.05,

@@ -4,9 +4,10 @@ Per tick and per circuit: the closed tick's use (0/1) is appended to its series;
 is the fraction of used ticks in the tier's window; u ≥ θ_on makes it SCREENED, u ≤ θ_off FREE, in
 between nothing changes (hysteresis). Use strengthens, disuse weakens: a circuit used in a tick is back
 at full strength, an unused one loses ``decay`` of its strength (SCREENED ones only
-``screened_decay_ratio`` of that); below ``forget_below`` it is deleted and the forgetting logged. Context circuits whose use persists across the window (see detector.py) move to
-their agent's tier, at most ``bandwidth`` per tick, best stability first; critical ones skip the queue.
-Windows derive from the measured time scale of the tier they watch.
+``screened_decay_ratio`` of that); below ``forget_below`` it is deleted and the forgetting logged.
+Context circuits whose use persists across the window (see detector.py) move to their agent's tier, at
+most ``bandwidth`` per tick, best stability first; critical ones skip the queue. Windows derive from
+the measured memory span of the tier they watch.
 """
 
 from __future__ import annotations
