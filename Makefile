@@ -16,7 +16,8 @@ $(BIN)/.installed: pyproject.toml
 demo: $(BIN)/.installed  ## the demo on the built-in model (pretrains it once, ~4 min on 2 cores)
 	$(BIN)/dynamiclora demo
 
-test: $(BIN)/.installed  ## the default test suite (fast, tiny models built in process)
+test: $(BIN)/.installed  ## lint, then the default test suite (fast, tiny models built in process)
+	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/python -m pytest -q
 
 test-slow: $(BIN)/.installed  ## tests marked slow
