@@ -36,15 +36,21 @@ class Persistence:
 
 def autocorrelation(x: list[float], lag: int) -> float:
     """Unbiased normalized autocorrelation of x at ``lag``."""
-    n = len(x)
-    if lag <= 0 or lag >= n:
+    centred, var = _centre(x)
+    return _autocorrelation(centred, var, lag)
+
+
+def _centre(x: list[float]) -> tuple[list[float], float]:
+    mean = sum(x) / len(x)
+    centred = [v - mean for v in x]
+    return centred, sum(v * v for v in centred) / len(x)
+
+
+def _autocorrelation(centred: list[float], var: float, lag: int) -> float:
+    n = len(centred)
+    if lag <= 0 or lag >= n or var == 0:
         return 0.0
-    mean = sum(x) / n
-    var = sum((v - mean) ** 2 for v in x) / n
-    if var == 0:
-        return 0.0
-    cov = sum((x[t] - mean) * (x[t + lag] - mean) for t in range(n - lag)) / (n - lag)
-    return cov / var
+    return sum(centred[t] * centred[t + lag] for t in range(n - lag)) / (n - lag) / var
 
 
 def persistence(
@@ -60,9 +66,10 @@ def persistence(
     coverage = covered / blocks
     if uses == n:  # used in every tick: perfectly persistent
         return Persistence(uses, coverage, 1.0, 1, coverage >= min_coverage)
+    centred, var = _centre(x)  # once per series, not once per lag
     best, best_lag = 0.0, 0
     for lag in range(1, n // 4 + 1):
-        r = min(autocorrelation(x, lag), autocorrelation(x, 2 * lag))
+        r = min(_autocorrelation(centred, var, lag), _autocorrelation(centred, var, 2 * lag))
         bound = max(min_autocorrelation, 2.5 / math.sqrt(n - 2 * lag))
         if r >= bound and r > best + 0.05:  # a multiple of the period must be clearly better to win
             best, best_lag = r, lag

@@ -68,11 +68,11 @@ class Memory:
             return self.config.window_min
         return min(max(self.config.window_min, math.ceil(self.config.window_scale * scale)), MAX_SERIES)
 
-    def persistence(self, circuit: Circuit) -> Persistence:
+    def persistence(self, circuit: Circuit, window: int | None = None) -> Persistence:
+        """The detector's verdict on a circuit, over ``window`` ticks (default: its tier's current window)."""
         cfg = self.config
-        return persistence(
-            circuit.series, self.window(circuit.tier), cfg.blocks, cfg.min_coverage, cfg.min_autocorrelation
-        )
+        window = self.window(circuit.tier) if window is None else window
+        return persistence(circuit.series, window, cfg.blocks, cfg.min_coverage, cfg.min_autocorrelation)
 
     # -- the tick -------------------------------------------------------------------------------------
     def tick(self) -> TickReport:
@@ -135,11 +135,12 @@ class Memory:
     def _migrate(self, report: TickReport) -> None:
         """Context → agent (the owner's own tier). Shared tiers above change only through consensus."""
         critical, candidates = [], []
+        window = self.window("context")  # one window for the whole tier in this tick
         for scope, c in self.tier_circuits("context"):
             if c.critical:
                 critical.append((scope, c, None))
                 continue
-            p = self.persistence(c)
+            p = self.persistence(c, window)
             if p.qualifies:
                 candidates.append((scope, c, p))
         candidates.sort(key=lambda item: (-item[2].score, item[1].created_tick, item[1].id))
