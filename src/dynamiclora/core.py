@@ -286,10 +286,9 @@ class DynamicLoRA:
             )
         return out.logits, session
 
-    def _record_usage(self, plan: BatchPlan, session: Session) -> torch.Tensor:
-        """Store the last observed activation on each circuit; returns the (rows, circuits) activations."""
-        acts = session.activations()
-        values = acts.tolist()
+    def _record_usage(self, plan: BatchPlan, session: Session) -> list[list[float]]:
+        """Store the last observed activation on each circuit; returns the (rows × circuits) activations."""
+        values = session.activations().tolist()
         for row, columns in enumerate(plan.row_columns):
             for col in columns:
                 plan.circuits[col].usage = values[row][col]
@@ -297,7 +296,7 @@ class DynamicLoRA:
             merged = session.merged_activations().max(0).values.tolist()
             for col, c in enumerate(plan.merged_circuits):
                 c.usage = merged[col]
-        return acts
+        return values
 
     def check_length(self, total: int, prompt_tokens: int | None = None, new_tokens: int = 0) -> None:
         limit = self.max_positions
@@ -396,7 +395,7 @@ class DynamicLoRA:
                 on_prefill_done=prefill_done,
             )
         timings["total_s"] = time.perf_counter() - t0
-        acts = self._record_usage(plan, session).tolist()
+        acts = self._record_usage(plan, session)
         touched = [{plan.circuits[c].id: acts[row][c] for c in plan.row_columns[row]} for row in range(len(prompts))]
         return decoded, touched, timings
 
