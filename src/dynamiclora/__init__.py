@@ -1,7 +1,15 @@
 """DynamicLoRA: a hierarchical LoRA memory that lets many agents learn continuously on one base model."""
 
 from .circuits import Circuit
-from .config import TIERS, AdapterConfig, DynamicLoRAConfig, GenerationConfig, LearningConfig
+from .config import (
+    TIERS,
+    AdapterConfig,
+    DynamicLoRAConfig,
+    DynamicsConfig,
+    GenerationConfig,
+    LearningConfig,
+    WaveGenConfig,
+)
 from .core import Agent, DynamicLoRA, GenerationResult
 from .errors import (
     ConfigError,
@@ -28,6 +36,7 @@ __all__ = [
     "DynamicLoRA",
     "DynamicLoRAConfig",
     "DynamicLoRAError",
+    "DynamicsConfig",
     "GenerationConfig",
     "GenerationResult",
     "IncompatibleAdapterError",
@@ -39,5 +48,6 @@ __all__ = [
     "StateMismatchError",
     "UnknownAgentError",
     "UnknownScopeError",
+    "WaveGenConfig",
     "__version__",
 ]

@@ -58,6 +58,7 @@ class Circuit:
     last_loss: float | None = None  # completion loss after its last update
     key_self: float | None = None  # its key's activation on the inputs it was made from (attribution reference)
     examples: list[list] = field(default_factory=list)  # [activation, prompt, completion] that activate it most
+    extracted: dict[str, Any] = field(default_factory=dict)  # summary of its extracted neuron circuit (WaveGen)
 
     def observe_example(self, activation: float, prompt: str, completion: str, keep: int = 3) -> None:
         """Remember the interactions that activate the circuit most; its label is the strongest one."""
@@ -131,6 +132,7 @@ class Circuit:
             "last_loss": self.last_loss,
             "key_self": self.key_self,
             "examples": [list(e) for e in self.examples],
+            "extracted": dict(self.extracted),
         }
 
     @classmethod

@@ -244,6 +244,128 @@ class DynamicsConfig:
         _check(self.bandwidth >= 1, f"DynamicsConfig.bandwidth must be >= 1, got {self.bandwidth}")
 
 
+CACHE_TIERS: tuple[str, ...] = ("foundation", "domain", "swarm", "agent")  # WaveGen tiers; context has no cache
+EVICTION_POLICIES = ("lru", "weighted_lru")
+
+
+@dataclass
+class WaveGenConfig:
+    """The generation cache (WaveGen). Per-tier tuples run foundation, domain, swarm, agent; the defaults are the
+    numbers of the WaveGen seed document."""
+
+    enabled: bool = field(default=True, metadata=_help("Route agent.generate through the cache."))
+    mode: str = field(
+        default="verify",
+        metadata=_help(
+            "'verify': a cached continuation is a draft, checked in one forward pass; the output is what uncached "
+            "decoding gives. 'jump': return the cached continuation as it is (fastest; may differ from what the "
+            "agent's fastest tiers would say now)."
+        ),
+    )
+    max_sizes: tuple[int, ...] = field(default=(1000, 5000, 10000, 20000), metadata=_help("Entries per tier."))
+    eviction: tuple[str, ...] = field(
+        default=("lru", "lru", "weighted_lru", "weighted_lru"), metadata=_help("'lru' or 'weighted_lru' per tier.")
+    )
+    consolidation_thresholds: tuple[float, ...] = field(
+        default=(0.9, 0.85, 0.7, 0.5),
+        metadata=_help("Hit rate at or above which a tier's entry is internalized into the matching LoRA tier."),
+    )
+    min_lookups: int = field(
+        default=5, metadata=_help("Lookups an entry needs before its hit rate can trigger consolidation.")
+    )
+    hit_weight: float = field(
+        default=64.0,
+        metadata=_help(
+            "weighted_lru: each hit protects an entry as if it had been used this many cache operations later."
+        ),
+    )
+    semantic_lookup: bool = field(
+        default=True,
+        metadata=_help("On an exact miss, look for the nearest cached prompt (served only through verification)."),
+    )
+    semantic_threshold: float = field(
+        default=0.95, metadata=_help("Cosine similarity of semantic vectors needed for a semantic hit.")
+    )
+    min_coherence: float = field(
+        default=0.3,
+        metadata=_help("Mean probability of the chosen tokens a trajectory needs to be stored (coherence gate)."),
+    )
+    swarm_min_agents: int = field(
+        default=2, metadata=_help("Distinct agents of one swarm that must ask for a prompt to store it swarm-wide.")
+    )
+    domain_min_swarms: int = field(
+        default=2, metadata=_help("Distinct swarms of one domain that must ask for a prompt to store it domain-wide.")
+    )
+    foundation_min_domains: int = field(
+        default=2, metadata=_help("Distinct domains that must ask for a prompt to store it in the foundation tier.")
+    )
+    observe_top_k: int = field(default=5, metadata=_help("Top logits kept per generated token (StepObservation)."))
+    learn_from_generations: bool = field(
+        default=True,
+        metadata=_help(
+            "After a miss, learn the generated continuation into the agent's context tier when its coherence "
+            "reaches learn_min_coherence (self-reinforcement of confident outputs)."
+        ),
+    )
+    learn_min_coherence: float = field(default=0.6, metadata=_help("Coherence needed to learn from a generation."))
+    internalize_steps: int = field(
+        default=80, metadata=_help("Most gradient steps spent internalizing one cache entry into a LoRA tier.")
+    )
+    internalize_lr: float = field(default=1e-2, metadata=_help("Adam learning rate while internalizing."))
+    extraction_weight_threshold: float = field(
+        default=0.1, metadata=_help("Circuit extraction: |weight| an edge between active neurons needs.")
+    )
+    extraction_min_size: int = field(
+        default=5, metadata=_help("Circuit extraction: neurons a connected component needs to count as a circuit.")
+    )
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        for name in ("max_sizes", "eviction", "consolidation_thresholds"):
+            value = tuple(getattr(self, name))
+            setattr(self, name, value)
+            _check(
+                len(value) == len(CACHE_TIERS),
+                f"WaveGenConfig.{name} needs one value per cache tier {CACHE_TIERS}, got {value!r}",
+            )
+        _check(self.mode in ("verify", "jump"), f"WaveGenConfig.mode must be 'verify' or 'jump', got {self.mode!r}")
+        for tier, size in zip(CACHE_TIERS, self.max_sizes):
+            _check(
+                isinstance(size, int) and size >= 1, f"WaveGenConfig.max_sizes: {tier} size must be >= 1, got {size!r}"
+            )
+        for tier, policy in zip(CACHE_TIERS, self.eviction):
+            _check(
+                policy in EVICTION_POLICIES,
+                f"WaveGenConfig.eviction: {tier} policy {policy!r} is unknown; choose from {EVICTION_POLICIES}",
+            )
+        for tier, t in zip(CACHE_TIERS, self.consolidation_thresholds):
+            _check(0 < t <= 1, f"WaveGenConfig.consolidation_thresholds: {tier} must lie in (0, 1], got {t!r}")
+        for name in ("semantic_threshold", "min_coherence", "learn_min_coherence"):
+            value = getattr(self, name)
+            _check(0 <= value <= 1, f"WaveGenConfig.{name} must lie in [0, 1], got {value}")
+        for name in (
+            "min_lookups",
+            "swarm_min_agents",
+            "domain_min_swarms",
+            "foundation_min_domains",
+            "internalize_steps",
+            "extraction_min_size",
+        ):
+            _check(getattr(self, name) >= 1, f"WaveGenConfig.{name} must be >= 1, got {getattr(self, name)}")
+        _check(self.observe_top_k >= 1, f"WaveGenConfig.observe_top_k must be >= 1, got {self.observe_top_k}")
+        _check(self.hit_weight >= 0, f"WaveGenConfig.hit_weight must be >= 0, got {self.hit_weight}")
+        _check(self.internalize_lr > 0, f"WaveGenConfig.internalize_lr must be > 0, got {self.internalize_lr}")
+        _check(
+            self.extraction_weight_threshold >= 0,
+            f"WaveGenConfig.extraction_weight_threshold must be >= 0, got {self.extraction_weight_threshold}",
+        )
+
+    def tier(self, name: str) -> tuple[int, str, float]:
+        """(max size, eviction policy, consolidation threshold) of one cache tier."""
+        i = CACHE_TIERS.index(name)
+        return self.max_sizes[i], self.eviction[i], self.consolidation_thresholds[i]
+
+
 @dataclass
 class DynamicLoRAConfig:
     """The whole configuration of a DynamicLoRA instance."""
@@ -252,6 +374,7 @@ class DynamicLoRAConfig:
     learning: LearningConfig = field(default_factory=LearningConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     dynamics: DynamicsConfig = field(default_factory=DynamicsConfig)
+    wavegen: WaveGenConfig = field(default_factory=WaveGenConfig)
     seed: int = field(default=0, metadata=_help("Seed of circuit initialisation and sampling."))
 
     def __post_init__(self) -> None:
@@ -261,6 +384,7 @@ class DynamicLoRAConfig:
             ("learning", LearningConfig),
             ("generation", GenerationConfig),
             ("dynamics", DynamicsConfig),
+            ("wavegen", WaveGenConfig),
         ):
             value = getattr(self, name)
             if isinstance(value, dict):

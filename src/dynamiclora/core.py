@@ -22,11 +22,12 @@ from .config import TIERS, DynamicLoRAConfig, GenerationConfig
 from .dynamics import Memory, TickReport
 from .errors import ConfigError, PromptTooLongError
 from .fingerprint import model_fingerprint, tokenizer_fingerprint
-from .generation import Decoded, decode
+from .generation import Decoded, ForwardFn, Observer, decode
 from .hierarchy import Hierarchy, ScopeKey, Snapshot
 from .learning import ContextLearner, LearnResult
 from .planner import BatchPlan, Planner
 from .stack import Session, StackedLinear, find_target_modules, inject, probe_input_groups
+from .wavegen import WaveController
 
 
 @dataclass
@@ -39,6 +40,10 @@ class GenerationResult:
     snapshot_hash: str
     circuits_touched: dict[str, float] = field(default_factory=dict)  # circuit id -> activation
     timings: dict[str, float] = field(default_factory=dict)
+    cache: str = "off"  # WaveGen: 'miss', the tier of an exact hit, 'semantic:<tier>', or 'off' (not consulted)
+    draft_tokens: int = 0  # cached tokens offered as a draft
+    accepted_tokens: int = 0  # of which the model accepted (all of them in 'jump' mode)
+    coherence: float | None = None  # mean probability of the chosen tokens (None when nothing was computed)
 
 
 class DynamicLoRA:
@@ -73,6 +78,7 @@ class DynamicLoRA:
         )
         self.learner = ContextLearner(self)
         self.memory = Memory(self)
+        self.wavegen = WaveController(self)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.tick_count = 0
         self.interactions = 0
@@ -181,8 +187,15 @@ class DynamicLoRA:
 
     # -- memory dynamics ----------------------------------------------------------------------------
     def tick(self) -> TickReport:
-        """One consolidation step: phases, decay and forgetting, migration upward (see dynamics.memory)."""
-        return self.memory.tick()
+        """One consolidation step: phases, decay and forgetting, migration upward (see dynamics.memory), then
+        WaveGen's cache consolidation (entries with high hit rates are internalized, see wavegen.controller)."""
+        report = self.memory.tick()
+        report.consolidated = self.wavegen.consolidate()
+        return report
+
+    def cache_statistics(self) -> dict:
+        """WaveGen: lookups, hits and hit rates per cache tier, draft acceptance, consolidation outcomes."""
+        return self.wavegen.statistics()
 
     def count_interactions(self, n: int = 1) -> list[TickReport]:
         """Advance the interaction counter; runs the tick that falls due every ``tick_interval`` interactions."""
@@ -353,51 +366,83 @@ class DynamicLoRA:
             )
         ]
 
-    def generate_ids(
-        self, agent_ids: Sequence[str], prompts: list[list[int]], cfg: GenerationConfig, use_kv_cache: bool = True
-    ) -> tuple[Decoded, list[dict[str, float]], dict[str, float]]:
-        """Token-level generation: decoded rows, per row the circuits touched with their activations, timings."""
-        for ids in prompts:
-            if not ids:
-                raise ValueError("the prompt is empty after tokenization; give at least one token of text")
-            self.check_length(len(ids) + cfg.max_new_tokens, len(ids), cfg.max_new_tokens)
-        t0 = time.perf_counter()
-        plan = self.planner.plan(list(agent_ids))
-        session = self.new_session(plan)
-        t_plan = time.perf_counter()
-        timings = {"plan_s": t_plan - t0}
+    def decoder_forward(self, session: Session, use_kv_cache: bool = True, pooled: list | None = None) -> ForwardFn:
+        """The model call used by decoding, under the plan activated around it.
 
-        def forward(ids, mask, pos, past):
-            session.mask = mask if past is None else None
+        ``forward(ids, mask, pos, past, keep=1)`` returns the last ``keep`` positions' logits ((B, V) when
+        ``keep == 1``) and the KV cache. With ``pooled`` (a list), each prefill appends the mask-averaged final hidden
+        state of the prompt (B, d): the model's own summary of the prompt, WaveGen's semantic vector.
+        """
+
+        def forward(ids, mask, pos, past, keep: int = 1):
+            prefill = past is None
+            session.mask = mask if prefill else None
             out = self.model(
                 input_ids=ids,
                 attention_mask=mask,
                 position_ids=pos,
                 past_key_values=past,
                 use_cache=use_kv_cache,
-                logits_to_keep=1,
+                logits_to_keep=keep,
+                output_hidden_states=pooled is not None and prefill,
             )
-            return out.logits[:, -1], out.past_key_values
+            if pooled is not None and prefill:
+                weights = mask.unsqueeze(-1).to(out.hidden_states[-1].dtype)
+                pooled.append(((out.hidden_states[-1] * weights).sum(1) / weights.sum(1).clamp_min(1)).float())
+            return (out.logits[:, -1] if keep == 1 else out.logits), out.past_key_values
+
+        return forward
+
+    def generate_ids(
+        self,
+        agent_ids: Sequence[str],
+        prompts: list[list[int]],
+        cfg: GenerationConfig,
+        use_kv_cache: bool = True,
+        without: tuple[str, ...] = (),
+        observer: Observer | None = None,
+        pooled: list | None = None,
+    ) -> tuple[Decoded, list[dict[str, float]], dict[str, float]]:
+        """Token-level generation: decoded rows, per row the circuits touched with their activations, timings.
+
+        ``without`` leaves tiers out of every row's stack (``("context",)``: what the slower tiers alone produce);
+        ``observer`` sees every step's logits (see generation.Observer); ``pooled`` collects the prompts' semantic
+        vectors (see :meth:`decoder_forward`).
+        """
+        for ids in prompts:
+            if not ids:
+                raise ValueError("the prompt is empty after tokenization; give at least one token of text")
+            self.check_length(len(ids) + cfg.max_new_tokens, len(ids), cfg.max_new_tokens)
+        t0 = time.perf_counter()
+        plan = self.planner.plan(list(agent_ids), without=without)
+        session = self.new_session(plan)
+        t_plan = time.perf_counter()
+        timings = {"plan_s": t_plan - t0}
 
         def prefill_done():
             timings["prefill_s"] = time.perf_counter() - t_plan
 
         with torch.no_grad(), self.activate(plan, session):
             decoded = decode(
-                forward,
+                self.decoder_forward(session, use_kv_cache, pooled),
                 prompts,
                 cfg,
-                pad_id=self.tokenizer.pad_token_id or 0,
+                pad_id=self.pad_id,
                 eos_id=self.tokenizer.eos_token_id,
                 device=self.device,
                 generator=self.generator,
                 use_kv_cache=use_kv_cache,
                 on_prefill_done=prefill_done,
+                observer=observer,
             )
         timings["total_s"] = time.perf_counter() - t0
         acts = self._record_usage(plan, session)
         touched = [{plan.circuits[c].id: acts[row][c] for c in plan.row_columns[row]} for row in range(len(prompts))]
         return decoded, touched, timings
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_token_id or 0
 
     # -- persistence and interop --------------------------------------------------------------------
     def save(self, state_dir: str | Path, overwrite_other_model: bool = False) -> Path:
@@ -437,8 +482,16 @@ class Agent:
     def info(self):
         return self.dl.hierarchy.agent(self.id)
 
-    def generate(self, prompt: str, **overrides: Any) -> GenerationResult:
-        return self.dl.generate_batch([(self.id, prompt)], **overrides)[0]
+    def generate(
+        self, prompt: str, mode: str | None = None, use_cache: bool | None = None, **overrides: Any
+    ) -> GenerationResult:
+        """Generate through WaveGen (``mode``: 'verify' or 'jump'; see WaveGenConfig). ``use_cache=False`` (or
+        ``WaveGenConfig.enabled=False``) bypasses the cache. ``overrides`` replace generation config fields."""
+        if use_cache is None:
+            use_cache = self.dl.config.wavegen.enabled
+        if not use_cache:
+            return self.dl.generate_batch([(self.id, prompt)], **overrides)[0]
+        return self.dl.wavegen.generate(self.id, prompt, mode=mode, **overrides)
 
     def learn(self, prompt: str, completion: str, critical: bool = False) -> LearnResult:
         """Gradient steps of the completion's next-token loss into this agent's context circuits only."""

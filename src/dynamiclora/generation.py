@@ -3,6 +3,10 @@
 Prompts of different lengths are left-padded; position ids are computed from the attention mask so
 that a padded row sees exactly the positions it would see alone. The adapted layers see the stack
 plan the caller activated around the whole loop.
+
+Decoding is split into :func:`prefill` (the prompt in one pass) and :func:`run` (one token per step
+from a :class:`DecodeState`), so that a caller can stop in between — WaveGen feeds a cached draft
+after the prefill, keeps the prefix the model accepts, and resumes the loop from there.
 """
 
 from __future__ import annotations
@@ -16,12 +20,26 @@ from .config import GenerationConfig
 
 # forward(input_ids, attention_mask, position_ids, past_key_values) -> (last logits (B, V), past)
 ForwardFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, object], tuple[torch.Tensor, object]]
+# observer(next-token logits (B, V), chosen tokens (B,), rows still running (B,) bool), called once per step
+Observer = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 
 @dataclass
 class Decoded:
     tokens: list[list[int]]  # generated ids per row (EOS included when emitted)
     finished: list[bool]  # row stopped on EOS
+
+
+@dataclass
+class DecodeState:
+    """Where a decode stands: the tokens so far, the KV cache over them, and the logits of the next token."""
+
+    ids: torch.Tensor  # (B, T) prompt (left-padded) and every token fed so far
+    mask: torch.Tensor  # (B, T)
+    past: object  # the model's KV cache over ``ids``
+    logits: torch.Tensor  # (B, V) logits of the next token
+    out: list[list[int]]  # generated tokens per row
+    done: torch.Tensor  # (B,) bool: row finished
 
 
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,22 +56,79 @@ def positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(-1) - 1).clamp_min(0)
 
 
+def probabilities(logits: torch.Tensor, cfg: GenerationConfig) -> torch.Tensor:
+    """The sampling distribution (…, V) that ``cfg`` defines on these logits: temperature, then top-k, then top-p."""
+    logits = logits.float() / cfg.temperature
+    if cfg.top_k:
+        kth = torch.topk(logits, min(cfg.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if cfg.top_p < 1.0:
+        sorted_logits, order = logits.sort(-1, descending=True)
+        sorted_probs = sorted_logits.softmax(-1)
+        drop = sorted_probs.cumsum(-1) - sorted_probs >= cfg.top_p  # keep the smallest prefix reaching top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return logits.softmax(-1)
+
+
 def sample_next(logits: torch.Tensor, cfg: GenerationConfig, generator: torch.Generator | None) -> torch.Tensor:
     """Next token per row from last-position logits (B, V)."""
     if cfg.greedy:
         return logits.argmax(-1)
-    logits = logits.float() / cfg.temperature
-    if cfg.top_k:
-        kth = torch.topk(logits, min(cfg.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if cfg.top_p < 1.0:
-        sorted_logits, order = logits.sort(-1, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) >= cfg.top_p  # keep the smallest prefix reaching top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = logits.softmax(-1)
+    probs = probabilities(logits, cfg)
     return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
+
+
+def prefill(forward: ForwardFn, prompts: list[list[int]], *, pad_id: int, device: torch.device) -> DecodeState:
+    """Run the (left-padded) prompts in one pass; the state holds the first token's logits."""
+    ids, mask = left_pad(prompts, pad_id)
+    ids, mask = ids.to(device), mask.to(device)
+    logits, past = forward(ids, mask, positions(mask), None)
+    rows = len(prompts)
+    return DecodeState(
+        ids, mask, past, logits, [[] for _ in range(rows)], torch.zeros(rows, dtype=torch.bool, device=device)
+    )
+
+
+def feed(forward: ForwardFn, state: DecodeState, tokens: torch.Tensor, use_kv_cache: bool = True) -> None:
+    """Append one token per row (B,) to the state and compute the next logits."""
+    state.mask = torch.cat([state.mask, (~state.done).long().unsqueeze(1)], 1)
+    state.ids = torch.cat([state.ids, tokens.unsqueeze(1)], 1)
+    if use_kv_cache:
+        state.logits, state.past = forward(tokens.unsqueeze(1), state.mask, positions(state.mask)[:, -1:], state.past)
+    else:
+        state.logits, _ = forward(state.ids, state.mask, positions(state.mask), None)
+
+
+@torch.no_grad()
+def run(
+    forward: ForwardFn,
+    state: DecodeState,
+    cfg: GenerationConfig,
+    *,
+    pad_id: int,
+    eos_id: int | None,
+    generator: torch.Generator | None = None,
+    use_kv_cache: bool = True,
+    observer: Observer | None = None,
+) -> Decoded:
+    """Decode from ``state`` until every row has EOS or ``cfg.max_new_tokens`` tokens in ``state.out``."""
+    rows = len(state.out)
+    for _ in range(cfg.max_new_tokens - max(len(o) for o in state.out)):
+        nxt = sample_next(state.logits, cfg, generator)
+        nxt = torch.where(state.done, torch.full_like(nxt, pad_id), nxt)
+        if observer is not None:
+            observer(state.logits, nxt, ~state.done)
+        for i in range(rows):
+            if not state.done[i]:
+                state.out[i].append(int(nxt[i]))
+        if eos_id is not None and cfg.stop_at_eos:
+            state.done |= nxt == eos_id
+        if bool(state.done.all()) or max(len(o) for o in state.out) >= cfg.max_new_tokens:
+            break
+        feed(forward, state, nxt, use_kv_cache)
+    finished = [bool(eos_id is not None and o and o[-1] == eos_id) for o in state.out]
+    return Decoded(state.out, finished)
 
 
 @torch.no_grad()
@@ -68,31 +143,18 @@ def decode(
     generator: torch.Generator | None = None,
     use_kv_cache: bool = True,
     on_prefill_done: Callable[[], None] | None = None,
+    observer: Observer | None = None,
 ) -> Decoded:
-    ids, mask = left_pad(prompts, pad_id)
-    ids, mask = ids.to(device), mask.to(device)
-    rows = len(prompts)
-    out: list[list[int]] = [[] for _ in range(rows)]
-    done = torch.zeros(rows, dtype=torch.bool, device=device)
-    logits, past = forward(ids, mask, positions(mask), None)
+    state = prefill(forward, prompts, pad_id=pad_id, device=device)
     if on_prefill_done is not None:
         on_prefill_done()
-    for step in range(cfg.max_new_tokens):
-        nxt = sample_next(logits, cfg, generator)
-        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
-        for i in range(rows):
-            if not done[i]:
-                out[i].append(int(nxt[i]))
-        if eos_id is not None and cfg.stop_at_eos:
-            done |= nxt == eos_id
-        if bool(done.all()) or step == cfg.max_new_tokens - 1:
-            break
-        mask = torch.cat([mask, (~done).long().unsqueeze(1)], 1)
-        ids = torch.cat([ids, nxt.unsqueeze(1)], 1)
-        if use_kv_cache:
-            pos = positions(mask)[:, -1:]
-            logits, past = forward(nxt.unsqueeze(1), mask, pos, past)
-        else:
-            logits, _ = forward(ids, mask, positions(mask), None)
-    finished = [bool(eos_id is not None and o and o[-1] == eos_id) for o in out]
-    return Decoded(out, finished)
+    return run(
+        forward,
+        state,
+        cfg,
+        pad_id=pad_id,
+        eos_id=eos_id,
+        generator=generator,
+        use_kv_cache=use_kv_cache,
+        observer=observer,
+    )

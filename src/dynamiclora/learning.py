@@ -285,3 +285,61 @@ class ContextLearner:
         with torch.no_grad():
             best.last_loss = float(self._loss(agent_id, ids, labels, trainable=False))
         return LearnResult(best.id, spawned, best_act, loss_before, best.last_loss, dropped)
+
+    def internalize(
+        self,
+        agent_id: str,
+        prompt_ids: list[int],
+        completion_ids: list[int],
+        without: tuple[str, ...],
+        steps: int,
+        learning_rate: float,
+    ) -> tuple[Circuit, int, bool]:
+        """Train a new circuit until the agent's stack, less the tiers in ``without``, plus the circuit, produces
+        ``completion_ids`` greedily after ``prompt_ids`` (checked by teacher forcing: every next-token argmax equals
+        the target), or for at most ``steps`` steps. Returns (circuit, steps taken, reproduced).
+
+        The circuit is keyed like a context circuit (explained-variance A on the base model's inputs, B from zero)
+        and belongs to no scope yet: the caller places it (see wavegen.controller).
+        """
+        dl = self.dl
+        ids = torch.tensor([prompt_ids + completion_ids], device=dl.device)
+        labels = ids.clone()
+        labels[:, : len(prompt_ids)] = -100
+        targets = ids[0, len(prompt_ids) :]
+        capture = self._capture_base(agent_id, ids)
+        factors = init_factors(
+            capture,
+            {n: layer.out_features for n, layer in dl.layers.items()},
+            dl.config.adapter.circuit_rank,
+            dl.config.learning.init_from_activations,
+            dl.generator,
+        )
+        factors = {n: (a.to(dl.device), b.to(dl.device)) for n, (a, b) in factors.items()}
+        circuit = Circuit(factors=factors, tier="", scope="", created_tick=dl.tick_count)
+        circuit.key_self = key_activations([circuit], capture)[0]
+        params = [b for _, b in factors.values()]
+        opt = torch.optim.Adam(params, lr=learning_rate)
+        reproduced, step = False, 0
+        for t in params:
+            t.requires_grad_(True)
+        try:
+            for step in range(steps + 1):
+                plan = dl.planner.plan([agent_id], trainable=True, without=without, extra=(circuit,))
+                with dl.activate(plan, dl.new_session(plan, observe=False)):
+                    out = dl.model(input_ids=ids, labels=labels, use_cache=False)
+                predicted = out.logits[0, len(prompt_ids) - 1 : -1].argmax(-1)
+                reproduced = bool(torch.equal(predicted, targets))
+                if reproduced or step == steps:
+                    break
+                opt.zero_grad(set_to_none=True)
+                out.loss.backward()
+                if dl.config.learning.max_grad_norm:
+                    torch.nn.utils.clip_grad_norm_(params, dl.config.learning.max_grad_norm)
+                opt.step()
+            circuit.last_loss = float(out.loss.detach())
+        finally:
+            for t in params:
+                t.requires_grad_(False)
+                t.grad = None
+        return circuit, step, reproduced

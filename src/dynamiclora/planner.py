@@ -52,16 +52,23 @@ class Planner:
 
     # -- public -----------------------------------------------------------------------------------
     def plan(
-        self, agent_ids: list[str] | tuple[str, ...], trainable: bool = False, without: tuple[str, ...] = ()
+        self,
+        agent_ids: list[str] | tuple[str, ...],
+        trainable: bool = False,
+        without: tuple[str, ...] = (),
+        extra: tuple[Circuit, ...] = (),
     ) -> BatchPlan:
         """A plan for rows of these agents, leaving out the tiers in ``without``.
 
-        Cached by scope versions unless ``trainable`` (then the factors must carry gradients).
+        ``extra`` circuits (not in any scope yet, e.g. one being internalized) are applied unmerged on every row.
+        Cached by scope versions unless ``trainable`` (then the factors must carry gradients) or ``extra`` is given.
         """
         agent_ids = tuple(agent_ids)
         stacks = [tuple(k for k in self.hierarchy.agent(a).stack() if k.tier not in without) for a in agent_ids]
         involved = sorted({k for s in stacks for k in s})
         key = (agent_ids, without, tuple(self.hierarchy.scopes[k].version for k in involved))
+        if extra:
+            return self._build(agent_ids, stacks, observe=not trainable, extra=tuple(extra))
         if not trainable and key in self._plans:
             self._plans.move_to_end(key)
             return self._plans[key]
@@ -78,7 +85,11 @@ class Planner:
 
     # -- building ---------------------------------------------------------------------------------
     def _build(
-        self, agent_ids: tuple[str, ...], stacks: list[tuple[ScopeKey, ...]], observe: bool = True
+        self,
+        agent_ids: tuple[str, ...],
+        stacks: list[tuple[ScopeKey, ...]],
+        observe: bool = True,
+        extra: tuple[Circuit, ...] = (),
     ) -> BatchPlan:
         scopes = self.hierarchy.scopes
         merged_keys, unmerged_pos = [], []
@@ -91,7 +102,7 @@ class Planner:
         row_keys = [tuple(s[p] for p in unmerged_pos) for s in stacks]
         groups = list(dict.fromkeys(row_keys))
         row_group = [groups.index(rk) for rk in row_keys]
-        group_circuits = [[c for k in g for c in scopes[k].circuits.values()] for g in groups]
+        group_circuits = [[c for k in g for c in scopes[k].circuits.values()] + list(extra) for g in groups]
 
         circuits: list[Circuit] = list({c.id: c for gc in group_circuits for c in gc}.values())
         column = {c.id: i for i, c in enumerate(circuits)}

@@ -48,8 +48,19 @@ CREATE TABLE IF NOT EXISTS circuits (id TEXT PRIMARY KEY, tier TEXT NOT NULL, sc
                                      record TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS migrations (seq INTEGER PRIMARY KEY, record TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS forgotten (seq INTEGER PRIMARY KEY, record TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS cache_entries (id TEXT NOT NULL, tier TEXT NOT NULL, record TEXT NOT NULL, vector BLOB,
+                                          PRIMARY KEY (tier, id));
+CREATE TABLE IF NOT EXISTS cache_log (seq INTEGER PRIMARY KEY, record TEXT NOT NULL);
 """
-TABLES = ("meta", "agents", "scopes", "circuits", "migrations", "forgotten")
+TABLES = ("meta", "agents", "scopes", "circuits", "migrations", "forgotten", "cache_entries", "cache_log")
+
+
+def _vector_blob(vector: torch.Tensor | None) -> bytes | None:
+    return None if vector is None else vector.detach().float().cpu().contiguous().numpy().tobytes()
+
+
+def _vector(blob: bytes | None) -> torch.Tensor | None:
+    return None if blob is None else torch.frombuffer(bytearray(blob), dtype=torch.float32).clone()
 
 
 def connect(path: Path) -> sqlite3.Connection:
@@ -149,12 +160,25 @@ def save_state(dl: DynamicLoRA, state_dir: Path, overwrite_other_model: bool = F
             "dynamics": json.dumps(dl.memory.state(), sort_keys=True),
             "optimizer_file": optimizer_file or "",
             "generator_state": dl.generator.get_state().numpy().tobytes().hex(),
+            "wavegen": json.dumps(dl.wavegen.cache.state(), sort_keys=True),
         }
         con.execute("BEGIN IMMEDIATE")
         try:
             for table in TABLES:
                 con.execute(f"DELETE FROM {table}")
-            for table, log in (("migrations", dl.memory.migrations), ("forgotten", dl.memory.forgotten)):
+            con.executemany(
+                "INSERT INTO cache_entries VALUES (?, ?, ?, ?)",
+                [
+                    (e.id, e.tier, json.dumps(e.record(), sort_keys=True), _vector_blob(e.vector))
+                    for e in dl.wavegen.cache.entries()
+                ],
+            )
+            logs = (
+                ("migrations", dl.memory.migrations),
+                ("forgotten", dl.memory.forgotten),
+                ("cache_log", dl.wavegen.log),
+            )
+            for table, log in logs:
                 con.executemany(
                     f"INSERT INTO {table} VALUES (?, ?)",
                     [(i, json.dumps(r, sort_keys=True)) for i, r in enumerate(log)],
@@ -197,8 +221,9 @@ def load_state(
             records = [json.loads(r) for (r,) in con.execute("SELECT record FROM circuits").fetchall()]
             logs = {
                 t: [json.loads(r) for (r,) in con.execute(f"SELECT record FROM {t} ORDER BY seq")]
-                for t in ("migrations", "forgotten")
+                for t in ("migrations", "forgotten", "cache_log")
             }
+            cache_rows = con.execute("SELECT record, vector FROM cache_entries").fetchall()
     except sqlite3.DatabaseError as exc:
         raise CorruptStateError(f"{db} is not a readable SQLite database ({exc}); restore it from a backup") from exc
     if not meta:
@@ -270,4 +295,9 @@ def load_state(
         dl.generator.set_state(torch.frombuffer(bytearray.fromhex(meta["generator_state"]), dtype=torch.uint8))
     dl.tick_count = int(meta.get("tick_count", 0))
     dl.interactions = int(meta.get("interactions", 0))
+    from .wavegen import CacheEntry
+
+    entries = [CacheEntry.from_record(json.loads(r), _vector(v)) for r, v in cache_rows]
+    dl.wavegen.cache.restore(json.loads(meta.get("wavegen", "{}")), entries, dl.hierarchy)
+    dl.wavegen.log = logs["cache_log"]
     return dl

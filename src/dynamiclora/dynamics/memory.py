@@ -37,6 +37,7 @@ class TickReport:
     forgotten: list[dict[str, Any]] = field(default_factory=list)
     migrated: list[dict[str, Any]] = field(default_factory=list)
     queued: list[tuple[str, float]] = field(default_factory=list)  # (circuit id, stability) still waiting
+    consolidated: list[dict[str, Any]] = field(default_factory=list)  # WaveGen internalizations (see wavegen)
 
 
 class Memory:

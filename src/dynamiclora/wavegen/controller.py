@@ -1,0 +1,420 @@
+"""The WaveController: the path every ``agent.generate`` takes.
+
+Per request: snapshot → provenance per cache tier → exact lookup (deepest tier first). A hit is served by
+``jump`` (the cached tokens, no model call) or ``verify`` (the cached tokens are a draft: one forward pass
+scores them, the model's own prefix is kept, decoding continues from there). An exact miss prefills the
+prompt once; its final hidden states give the semantic vector, the nearest cached prompt of equal
+provenance (if close enough) is verified the same way, and otherwise decoding simply continues from the
+prefill. A miss's trajectory is stored if coherent, in the tier its universality earns, and learned into
+the agent's context tier if confident. Exact misses of a batch with no semantic candidates decode together
+in one heterogeneous batch.
+
+In the tick, entries whose hit rate reached their tier's consolidation threshold are internalized: a circuit
+is trained into the matching LoRA scope until the stack up to that tier reproduces the continuation, greedy
+decoding without the cache confirms it, and only then is the entry evicted. Failures are logged and kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..config import CACHE_TIERS, TIERS, GenerationConfig
+from ..errors import ConfigError
+from ..generation import DecodeState, feed, positions, prefill, run
+from ..hierarchy import AgentInfo, ScopeKey, Snapshot
+from .cache import CacheEntry, TieredCache
+from .extraction import ExtractedCircuit, default_chain, extract
+from .observe import Recorder, Trajectory
+from .signature import prompt_key, provenance, rank_pattern_hash, sampling_key
+from .speculative import accept
+
+if TYPE_CHECKING:
+    from ..core import DynamicLoRA, GenerationResult
+
+
+@dataclass
+class _Request:
+    row: int
+    agent_id: str
+    info: AgentInfo
+    prompt: str
+    ids: list[int]
+    snapshot: Snapshot
+    provenances: dict[str, str]
+    key: str
+    sampling: str
+    entry: CacheEntry | None
+    started: float
+
+
+def scope_of(tier: str, info: AgentInfo) -> ScopeKey:
+    """The LoRA scope a cache tier's entries of this agent are internalized into."""
+    return {k.tier: k for k in info.stack()}[tier]
+
+
+class WaveController:
+    def __init__(self, dl: DynamicLoRA) -> None:
+        self.dl = dl
+        self.config = dl.config.wavegen
+        self.cache = TieredCache(self.config)
+        self.log: list[dict[str, Any]] = []  # consolidation attempts, successes and failures
+        self.chain = default_chain({n: (m.in_features, m.out_features) for n, m in dl.layers.items()})
+
+    # -- generation ---------------------------------------------------------------------------------
+    def generate(self, agent_id: str, prompt: str, **kwargs: Any) -> GenerationResult:
+        return self.generate_batch([(agent_id, prompt)], **kwargs)[0]
+
+    def generate_batch(
+        self,
+        requests: Sequence[tuple[str, str]],
+        generation: GenerationConfig | None = None,
+        mode: str | None = None,
+        **overrides: Any,
+    ) -> list[GenerationResult]:
+        """Generate for (agent id, prompt) pairs through the cache. ``mode``: 'verify' or 'jump' (default: config)."""
+        dl = self.dl
+        cfg = replace(generation or dl.config.generation, **overrides)
+        mode = mode or self.config.mode
+        if mode not in ("verify", "jump"):
+            raise ConfigError(f"mode must be 'verify' or 'jump', got {mode!r}")
+        sampling = sampling_key(cfg)
+        self.cache.sync(dl.hierarchy)
+        results: list[GenerationResult | None] = [None] * len(requests)
+        batched: list[_Request] = []
+        for row, (agent_id, prompt) in enumerate(requests):
+            started = time.perf_counter()
+            info = dl.hierarchy.agent(agent_id)
+            ids = dl.encode(prompt)
+            if not ids:
+                raise ValueError("the prompt is empty after tokenization; give at least one token of text")
+            dl.check_length(len(ids) + cfg.max_new_tokens, len(ids), cfg.max_new_tokens)
+            snap = dl.snapshot(agent_id)
+            provs = {t: provenance(snap, t, sampling) for t in CACHE_TIERS}
+            key = prompt_key(ids)
+            self.cache.record_request(key, info)
+            req = _Request(
+                row, agent_id, info, prompt, ids, snap, provs, key, sampling, self.cache.lookup(key, provs), started
+            )
+            if req.entry is not None and mode == "jump" and self._complete(req.entry, cfg):
+                results[row] = self._jump(req, cfg)
+            elif req.entry is not None or (self.config.semantic_lookup and self.cache.has_semantic(provs)):
+                results[row] = self._speculate(req, cfg)
+            else:
+                batched.append(req)
+        if batched:
+            for req, result in zip(batched, self._decode_misses(batched, cfg)):
+                results[req.row] = result
+        dl.count_interactions(len(requests))
+        return results  # type: ignore[return-value]
+
+    def _result(self, req: _Request, tokens: list[int], **fields: Any) -> GenerationResult:
+        from ..core import GenerationResult
+
+        eos = self.dl.tokenizer.eos_token_id
+        fields.setdefault("timings", {})["total_s"] = time.perf_counter() - req.started
+        return GenerationResult(
+            req.agent_id,
+            req.prompt,
+            self.dl.tokenizer.decode(tokens, skip_special_tokens=True),
+            tokens,
+            bool(eos is not None and tokens and tokens[-1] == eos),
+            req.snapshot.provenance_hash,
+            **fields,
+        )
+
+    def _complete(self, e: CacheEntry, cfg: GenerationConfig) -> bool:
+        """Does the entry answer the whole request (enough tokens, or it stopped on EOS)? Else verify extends it."""
+        eos = self.dl.tokenizer.eos_token_id
+        return len(e.tokens) >= cfg.max_new_tokens or (cfg.stop_at_eos and eos is not None and e.tokens[-1] == eos)
+
+    def _jump(self, req: _Request, cfg: GenerationConfig) -> GenerationResult:
+        e = req.entry
+        tokens = e.tokens[: cfg.max_new_tokens]
+        self._used(e)
+        return self._result(req, tokens, cache=e.tier, draft_tokens=len(tokens), accepted_tokens=len(tokens))
+
+    def _speculate(self, req: _Request, cfg: GenerationConfig) -> GenerationResult:
+        """One row: prefill, find a draft (exact or semantic), verify it, continue decoding."""
+        dl = self.dl
+        plan = dl.planner.plan([req.agent_id])
+        session = dl.new_session(plan)
+        pooled: list[torch.Tensor] = []
+        recorder = Recorder([req.ids], self.config.observe_top_k)
+        forward = dl.decoder_forward(session, True, pooled)
+        entry, served = req.entry, "miss"
+        drafted = accepted = 0
+        with torch.no_grad(), dl.activate(plan, session):
+            state = prefill(forward, [req.ids], pad_id=dl.pad_id, device=dl.device)
+            vector = pooled[0][0].cpu()
+            if entry is None:
+                found = self.cache.lookup_semantic(vector, req.provenances, self.config.semantic_threshold)
+                if found is not None:
+                    entry = found[0]
+                    self.cache.semantic_hit(entry)
+                else:
+                    self.cache.miss()
+            if entry is not None:
+                served = entry.tier if req.entry is not None else f"semantic:{entry.tier}"
+                draft = entry.tokens[: cfg.max_new_tokens]
+                drafted, accepted = len(draft), self._verify(forward, state, draft, cfg, recorder)
+                self.cache.served_draft(entry, drafted, accepted)
+            if not bool(state.done.all()):
+                run(
+                    forward,
+                    state,
+                    cfg,
+                    pad_id=dl.pad_id,
+                    eos_id=dl.tokenizer.eos_token_id,
+                    generator=dl.generator,
+                    observer=recorder,
+                )
+        acts = dl._record_usage(plan, session)
+        touched = {plan.circuits[c].id: acts[0][c] for c in plan.row_columns[0]}
+        tokens, traj = state.out[0], recorder.trajectories[0]
+        result = self._result(
+            req,
+            tokens,
+            cache=served,
+            draft_tokens=drafted,
+            accepted_tokens=accepted,
+            coherence=traj.coherence(),
+            circuits_touched=touched,
+        )
+        if req.entry is not None:
+            self._used(req.entry)
+        else:
+            self._after_miss(req, tokens, traj, vector)
+        return result
+
+    def _verify(self, forward, state: DecodeState, draft: list[int], cfg: GenerationConfig, recorder: Recorder) -> int:
+        """Score the draft in one pass, keep the accepted prefix (+ the model's next token); returns accepted."""
+        dl, eos = self.dl, self.dl.tokenizer.eos_token_id
+        n = len(draft)
+        if n == 0:
+            return 0
+        mask = torch.cat([state.mask, state.mask.new_ones(1, n)], 1)
+        d = torch.tensor([draft], device=state.ids.device)
+        logits, past = forward(d, mask, positions(mask)[:, -n:], state.past, keep=n)
+        rows = torch.cat([state.logits, logits.reshape(n, -1)], 0)  # (n + 1, V)
+        k, nxt = accept(rows, draft, cfg, dl.generator)
+        tokens = draft if k == n and n >= cfg.max_new_tokens else draft[:k] + [nxt]
+        if cfg.stop_at_eos and eos is not None and eos in tokens:
+            tokens = tokens[: tokens.index(eos) + 1]
+        for i, t in enumerate(tokens):
+            recorder(rows[i : i + 1], torch.tensor([t], device=rows.device), torch.ones(1, dtype=torch.bool))
+        fed = min(k, len(tokens))  # draft tokens that stay in the KV cache
+        if n > fed:
+            past.crop(-(n - fed))
+        state.mask = mask[:, : state.ids.shape[1] + fed]
+        state.ids = torch.cat([state.ids, d[:, :fed]], 1)
+        state.past = past
+        state.out = [list(tokens)]
+        finished = cfg.stop_at_eos and eos is not None and tokens[-1] == eos
+        if finished or len(tokens) >= cfg.max_new_tokens:
+            state.done[:] = True
+        elif len(tokens) > fed:  # the model's own next token is not in the cache yet
+            feed(forward, state, torch.tensor([tokens[-1]], device=state.ids.device))
+        return min(k, len(tokens))
+
+    def _decode_misses(self, reqs: list[_Request], cfg: GenerationConfig) -> list[GenerationResult]:
+        """Exact misses without semantic candidates: one heterogeneous batch."""
+        recorder = Recorder([r.ids for r in reqs], self.config.observe_top_k)
+        pooled: list[torch.Tensor] = []
+        decoded, touched, timings = self.dl.generate_ids(
+            [r.agent_id for r in reqs], [r.ids for r in reqs], cfg, observer=recorder, pooled=pooled
+        )
+        vectors = pooled[0].cpu()
+        out = []
+        for row, req in enumerate(reqs):
+            self.cache.miss()
+            traj = recorder.trajectories[row]
+            out.append(
+                self._result(
+                    req,
+                    decoded.tokens[row],
+                    cache="miss",
+                    coherence=traj.coherence(),
+                    circuits_touched=touched[row],
+                    timings=dict(timings),
+                )
+            )
+            self._after_miss(req, decoded.tokens[row], traj, vectors[row])
+        return out
+
+    def _after_miss(self, req: _Request, tokens: list[int], traj: Trajectory, vector: torch.Tensor) -> None:
+        """Store a coherent trajectory (tier by universality); learn it into the context tier if confident."""
+        cfg, dl = self.config, self.dl
+        coherence = traj.coherence()
+        entry = None
+        if tokens and coherence >= cfg.min_coherence:
+            tier = self.cache.store_tier(req.key, req.info)
+            entry = CacheEntry(
+                tier=tier,
+                prompt_key=req.key,
+                provenance=req.provenances[tier],
+                prompt_ids=list(req.ids),
+                tokens=list(tokens),
+                text=dl.tokenizer.decode(tokens, skip_special_tokens=True),
+                agent=req.agent_id,
+                swarm=req.info.swarm,
+                domain=req.info.domain,
+                sampling=req.sampling,
+                syntactic=rank_pattern_hash(traj.rank_pattern()),
+                coherence=coherence,
+                vector=vector,
+            )
+            self.cache.store(entry)
+        if cfg.learn_from_generations and tokens and coherence >= cfg.learn_min_coherence:
+            learned = dl.learner.learn(req.agent_id, list(req.ids), list(tokens), critical=False)
+            if entry is not None:
+                entry.circuit_ids.append(learned.circuit_id)
+
+    def _used(self, e: CacheEntry) -> None:
+        """A hit is a use of the circuits that learned the entry's continuation (wherever they live now)."""
+        for cid in e.circuit_ids:
+            with contextlib.suppress(KeyError):
+                self.dl.memory.record_use(self.dl.hierarchy.find_circuit(cid)[1])
+
+    # -- consolidation ------------------------------------------------------------------------------
+    def due(self) -> list[CacheEntry]:
+        """Entries whose hit rate reached their tier's threshold with enough lookups, best first per tier."""
+        out = []
+        for tier in self.cache.tiers.values():
+            ready = [
+                e
+                for e in tier.entries.values()
+                if e.lookups >= max(self.config.min_lookups, e.retry_after) and e.hit_rate >= tier.threshold
+            ]
+            ready.sort(key=lambda e: (-e.hit_rate, -e.lookups, e.created))
+            out.extend(ready[: self.dl.config.dynamics.bandwidth])
+        return out
+
+    def consolidate(self) -> list[dict[str, Any]]:
+        """The tick's cache step: internalize every due entry (at most ``bandwidth`` per tier)."""
+        return [self.internalize(e) for e in self.due()]
+
+    def internalize(self, e: CacheEntry) -> dict[str, Any]:
+        """Train the entry's continuation into its tier's LoRA scope; evict it only once the model produces it."""
+        dl = self.dl
+        record = {
+            "entry": e.id,
+            "tier": e.tier,
+            "agent": e.agent,
+            "tick": dl.tick_count,
+            "hit_rate": round(e.hit_rate, 4),
+            "lookups": e.lookups,
+            "text": e.text[:60],
+        }
+        if e.agent not in dl.hierarchy.agents:
+            self.cache.evict(e)
+            record.update(outcome="dropped", reason=f"agent {e.agent!r} is no longer registered")
+            self.log.append(record)
+            return record
+        info = dl.hierarchy.agent(e.agent)
+        target = scope_of(e.tier, info)
+        without = TIERS[TIERS.index(e.tier) + 1 :]
+        record["scope"] = str(target)
+        if self.produces(e, without):
+            record.update(outcome="already", reason="the stack up to this tier already produces it")
+        else:
+            circuit, steps, ok = dl.learner.internalize(
+                e.agent, e.prompt_ids, e.tokens, without, self.config.internalize_steps, self.config.internalize_lr
+            )
+            record["steps"] = steps
+            if not ok:
+                record.update(outcome="failed", reason=f"not reproduced after {steps} steps")
+            else:
+                prompt_text = dl.tokenizer.decode(e.prompt_ids, skip_special_tokens=True)
+                circuit.observe_example(1.0, prompt_text, e.text)
+                circuit.origin_agents = sorted(
+                    {a for a, s, d in self.cache.requesters.get(e.prompt_key, [])} | {e.agent}
+                )
+                circuit.history.append(
+                    {
+                        "event": "consolidated",
+                        "from": f"cache:{e.tier}",
+                        "tick": dl.tick_count,
+                        "hit_rate": record["hit_rate"],
+                        "lookups": e.lookups,
+                    }
+                )
+                dl.add_circuit(target, circuit)
+                if self.produces(e, without):
+                    extracted = self.extract(e.agent, e.prompt_ids, e.tokens, without)
+                    circuit.extracted = extracted.summary()
+                    record.update(outcome="internalized", circuit=circuit.id, neurons=len(extracted))
+                    entry = {
+                        "circuit": circuit.id,
+                        "from": f"cache:{e.tier}",
+                        "to": str(target),
+                        "tick": dl.tick_count,
+                        "label": circuit.label,
+                        "critical": False,
+                        "score": record["hit_rate"],
+                        "coverage": None,
+                        "autocorrelation": None,
+                        "kind": "consolidation",
+                    }
+                    dl.memory.migrations.append(entry)
+                else:
+                    dl.hierarchy.scope(target).remove(circuit.id)
+                    record.update(outcome="failed", reason="teacher forcing agreed but greedy decoding did not")
+        if record["outcome"] in ("already", "internalized"):
+            self.cache.evict(e)
+            self.cache.tiers[e.tier].stats["consolidated"] += 1
+        else:
+            e.failures += 1
+            e.retry_after = e.lookups + self.config.min_lookups  # try again after that many more lookups
+        self.log.append(record)
+        return record
+
+    def produces(self, e: CacheEntry, without: tuple[str, ...]) -> bool:
+        """Does the agent's stack without ``without`` produce the entry's continuation, greedily and uncached?"""
+        cfg = GenerationConfig(max_new_tokens=max(len(e.tokens), 1))
+        decoded, _, _ = self.dl.generate_ids([e.agent], [e.prompt_ids], cfg, without=without)
+        return decoded.tokens[0] == e.tokens
+
+    # -- extraction ---------------------------------------------------------------------------------
+    def extract(
+        self, agent_id: str, prompt_ids: list[int], tokens: list[int], without: tuple[str, ...] = ()
+    ) -> ExtractedCircuit:
+        """The circuit (active neurons and strong edges along the MLP chain) behind a continuation."""
+        dl = self.dl
+        if not self.chain or not tokens:
+            return ExtractedCircuit()
+        modules = {name: dl.layers[name] for name in self.chain}
+        captured: dict[str, torch.Tensor] = {}
+
+        def keep(name: str):
+            def hook(_module, args):
+                captured[name] = args[0][0, len(prompt_ids) - 1 : len(prompt_ids) - 1 + len(tokens)].detach().float()
+
+            return hook
+
+        handles = [m.register_forward_pre_hook(keep(n)) for n, m in modules.items()]
+        plan = dl.planner.plan([agent_id], without=without)
+        try:
+            with torch.no_grad(), dl.activate(plan, dl.new_session(plan, observe=False)):
+                dl.model(input_ids=torch.tensor([prompt_ids + tokens], device=dl.device), use_cache=False)
+        finally:
+            for h in handles:
+                h.remove()
+        weights = {name: m.base_weight().detach() for name, m in modules.items()}
+        return extract(
+            captured, weights, self.chain, self.config.extraction_weight_threshold, self.config.extraction_min_size
+        )
+
+    # -- reporting ----------------------------------------------------------------------------------
+    def statistics(self) -> dict[str, Any]:
+        stats = self.cache.statistics()
+        stats["consolidations"] = {
+            outcome: sum(r["outcome"] == outcome for r in self.log)
+            for outcome in ("internalized", "already", "failed")
+        }
+        return stats
