@@ -13,6 +13,8 @@ def test_fast_demo_end_to_end(tmp_path, capsys):
     assert report.reproduced == {"alice": True, "bob": True}
     assert report.untouched and report.reload_identical
     assert report.dynamics["migrated"] and report.dynamics["plot"].exists()
+    assert report.wavegen["outcome"] == "internalized" and report.wavegen["internalized"], report.wavegen
+    assert report.wavegen["hit_rate"] > 0 and report.wavegen["jump_speedup"] > report.wavegen["verify_speedup"] > 1
     out = capsys.readouterr().out
     assert "greedy generation after learning" in out and "circuits" in out
 
@@ -20,6 +22,7 @@ def test_fast_demo_end_to_end(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "context" in out and "alice" in out and "backend" in out
     assert "migrations" in out and "agent:alice" in out and "SCREENED" in out
+    assert "cache tiers" in out and "cache consolidations" in out and "internalized" in out
 
 
 def test_cli_demo_exit_code_and_export(tmp_path, capsys, monkeypatch):
@@ -65,3 +68,14 @@ def test_dynamics_benchmark_quick_writes_its_records(tmp_path):
     record = json.loads((tmp_path / "dynamics-cpu-quick.json").read_text())
     assert record["learning_step"][0]["ratio"] > 0 and len(record["tick_cost"]) == 2
     assert "context" in record["timescales"]["per_tier"] and checks
+
+
+def test_wavegen_benchmark_quick_writes_its_records(tmp_path):
+    from dynamiclora.bench import wavegen
+
+    checks = wavegen.main(["--quick", "--out", str(tmp_path)])
+    record = json.loads((tmp_path / "wavegen-cpu-quick.json").read_text())
+    assert {r["layout"] for r in record["lookups"]} == {"many agents", "one agent"}
+    assert record["serving"]["accepted"] == "64/64"  # a fully accepted verify was timed
+    assert all(0 < w["hit_rate"] < 1 for w in record["zipf"]) and checks
+    assert (tmp_path / "wavegen-cpu-quick.png").exists()

@@ -43,8 +43,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         circuits = [json.loads(r) for (r,) in con.execute("SELECT record FROM circuits")]
         logs = {
             t: [json.loads(r) for (r,) in con.execute(f"SELECT record FROM {t} ORDER BY seq")]
-            for t in ("migrations", "forgotten")
+            for t in ("migrations", "forgotten", "cache_log")
         }
+        cache = [json.loads(r) for (r,) in con.execute("SELECT record FROM cache_entries")]
     console = Console() if sys.stdout.isatty() else Console(width=160)  # logs and pipes: do not fold tables
     console.print(
         f"base model {meta.get('base_model')!r}  ticks {meta.get('tick_count')}  "
@@ -96,7 +97,74 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         for f in logs["forgotten"]:
             t.add_row(str(f["tick"]), f["circuit"][:8], f["tier"], f["scope"], f["label"].replace("\n", "⏎"))
         console.print(t)
+    _print_cache(console, json.loads(meta.get("wavegen", "{}")), cache, logs["cache_log"])
     return 0
+
+
+def _print_cache(console: Console, state: dict, entries: list[dict], log: list[dict]) -> None:
+    """WaveGen: per-tier statistics, the hottest entries, and the consolidation log."""
+    lookups = state.get("lookups", 0)
+    drafted = state.get("drafted", 0)
+    console.print(
+        f"WaveGen cache: {len(entries)} entries, {lookups} lookups, "
+        f"draft acceptance {state.get('accepted', 0) / drafted if drafted else 0:.2f}"
+    )
+    t = Table(title="cache tiers")
+    for col in (
+        "tier",
+        "entries",
+        "hits",
+        "semantic hits",
+        "hit rate",
+        "stores",
+        "evicted",
+        "invalidated",
+        "consolidated",
+    ):
+        t.add_column(col)
+    for tier, stats in state.get("stats", {}).items():
+        hits = stats["hits"] + stats["semantic_hits"]
+        t.add_row(
+            tier,
+            str(sum(e["tier"] == tier for e in entries)),
+            str(stats["hits"]),
+            str(stats["semantic_hits"]),
+            f"{hits / lookups if lookups else 0:.2f}",
+            str(stats["stores"]),
+            str(stats["evicted"]),
+            str(stats["invalidated"]),
+            str(stats["consolidated"]),
+        )
+    console.print(t)
+    if entries:
+        t = Table(title="hottest cache entries")
+        for col in ("tier", "agent", "hits/lookups", "accepted/drafted", "coherence", "continuation"):
+            t.add_column(col, overflow="fold")
+        for e in sorted(entries, key=lambda e: (-e["hits"], -e["lookups"]))[:10]:
+            t.add_row(
+                e["tier"],
+                e["agent"],
+                f"{e['hits']}/{e['lookups']}",
+                f"{e['accepted']}/{e['drafted']}",
+                f"{e['coherence']:.2f}",
+                e["text"][:50].replace("\n", "⏎"),
+            )
+        console.print(t)
+    if log:
+        t = Table(title="cache consolidations")
+        for col in ("tick", "tier", "scope", "outcome", "hit rate", "steps", "reason / continuation"):
+            t.add_column(col, overflow="fold")
+        for r in log:
+            t.add_row(
+                str(r["tick"]),
+                r["tier"],
+                r.get("scope", "-"),
+                r["outcome"],
+                f"{r['hit_rate']:.2f}",
+                str(r.get("steps", "")),
+                r.get("reason", r["text"]).replace("\n", "⏎"),
+            )
+        console.print(t)
 
 
 def cmd_export_peft(args: argparse.Namespace) -> int:
@@ -111,9 +179,9 @@ def cmd_export_peft(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """Run a benchmark and write JSON + markdown (+ plots) under the output directory."""
-    from .bench import dynamics, forward
+    from .bench import dynamics, forward, wavegen
 
-    {"forward": forward, "dynamics": dynamics}[args.name].main(
+    {"forward": forward, "dynamics": dynamics, "wavegen": wavegen}[args.name].main(
         ["--out", args.out] + (["--quick"] if args.quick else [])
     )
     return 0
@@ -141,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--agent", help="an agent id: export its whole stack")
     p.set_defaults(func=cmd_export_peft)
     p = sub.add_parser("bench", help=cmd_bench.__doc__)
-    p.add_argument("name", choices=["forward", "dynamics"])
+    p.add_argument("name", choices=["forward", "dynamics", "wavegen"])
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--quick", action="store_true", help="tiny model only, few repeats")
     p.set_defaults(func=cmd_bench)

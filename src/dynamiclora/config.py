@@ -287,7 +287,7 @@ class WaveGenConfig:
         default=0.95, metadata=_help("Cosine similarity of semantic vectors needed for a semantic hit.")
     )
     min_coherence: float = field(
-        default=0.3,
+        default=0.1,
         metadata=_help("Mean probability of the chosen tokens a trajectory needs to be stored (coherence gate)."),
     )
     swarm_min_agents: int = field(
@@ -301,13 +301,14 @@ class WaveGenConfig:
     )
     observe_top_k: int = field(default=5, metadata=_help("Top logits kept per generated token (StepObservation)."))
     learn_from_generations: bool = field(
-        default=True,
+        default=False,
         metadata=_help(
             "After a miss, learn the generated continuation into the agent's context tier when its coherence "
-            "reaches learn_min_coherence (self-reinforcement of confident outputs)."
+            "reaches learn_min_coherence. Off by default: on the built-in model, circuit keys of different prompts "
+            "overlap, and one self-learned continuation spread to unrelated prompts."
         ),
     )
-    learn_min_coherence: float = field(default=0.6, metadata=_help("Coherence needed to learn from a generation."))
+    learn_min_coherence: float = field(default=0.3, metadata=_help("Coherence needed to learn from a generation."))
     internalize_steps: int = field(
         default=80, metadata=_help("Most gradient steps spent internalizing one cache entry into a LoRA tier.")
     )

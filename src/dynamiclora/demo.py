@@ -14,6 +14,7 @@ from rich.table import Table
 
 from .core import DynamicLoRA
 from .demo_dynamics import run_dynamics
+from .demo_wavegen import run_wavegen
 
 PATTERNS = {
     "alice": ("def parse_json(text):", '\n    """Parse a JSON document."""\n    return json.loads(text)\n'),
@@ -28,6 +29,7 @@ class DemoReport:
     reload_identical: bool  # outputs after save -> load equal outputs before
     state_dir: Path
     dynamics: dict  # migrated / reproduced / forgotten / plot of the second act
+    wavegen: dict  # outcome / internalized / hit_rate / speedups of the third act
 
 
 def _build(fast: bool, data_dir: Path | None) -> DynamicLoRA:
@@ -115,8 +117,10 @@ def run_demo(
     )
     console.rule("[bold]memory dynamics")
     dynamics = run_dynamics(dl, state_dir, console)
+    console.rule("[bold]WaveGen: the generation cache")
+    wavegen = run_wavegen(dl, state_dir, console)
     dl.save(state_dir)
-    return DemoReport(reproduced, untouched, reload_identical, state_dir, dynamics)
+    return DemoReport(reproduced, untouched, reload_identical, state_dir, dynamics, wavegen)
 
 
 def _reload_model(dl: DynamicLoRA):
