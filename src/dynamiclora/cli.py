@@ -65,7 +65,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         t.add_row(tier, name, str(n), digest[:16])
     console.print(t)
     t = Table(title="circuits")
-    for col in ("id", "tier", "scope", "rank", "phase", "u", "strength", "label", "origin", "updated"):
+    for col in ("id", "tier", "scope", "rank", "phase", "u", "strength", "label", "origin", "updated", "neurons"):
         t.add_column(col, overflow="fold")
     for c in sorted(circuits, key=lambda c: (order.index(c["tier"]), c["scope"], c["created_tick"], c["id"])):
         t.add_row(
@@ -79,6 +79,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             c["label"].replace("\n", "⏎"),
             ",".join(c["origin_agents"]),
             str(c["updated_tick"]),
+            str(c.get("extracted", {}).get("neurons", "")),  # size of its extracted circuit (WaveGen)
         )
     console.print(t)
     if logs["migrations"]:
