@@ -197,18 +197,27 @@ class ContextLearner:
             scope.remove(weakest.id)
             self.forget(weakest.id)
         protected = screened_bases(protect_from) if dl.config.dynamics.protect_screened else None
+        circuit = self._keyed_circuit(capture, "context", agent_id, protected or None)
+        dl.add_circuit(scope.key, circuit)
+        return circuit, dropped
+
+    def _keyed_circuit(
+        self, capture: dict[str, torch.Tensor], tier: str, scope: str, protected: dict[str, torch.Tensor] | None = None
+    ) -> Circuit:
+        """A new circuit (in no scope yet) keyed on these base-model inputs: explained-variance A, B = 0."""
+        dl = self.dl
         factors = init_factors(
             capture,
             {n: layer.out_features for n, layer in dl.layers.items()},
             dl.config.adapter.circuit_rank,
-            cfg.init_from_activations,
+            dl.config.learning.init_from_activations,
             dl.generator,
-            protected or None,
+            protected,
         )
-        circuit = Circuit(factors=factors, tier="context", scope=agent_id, created_tick=dl.tick_count)
+        factors = {n: (a.to(dl.device), b.to(dl.device)) for n, (a, b) in factors.items()}
+        circuit = Circuit(factors=factors, tier=tier, scope=scope, created_tick=dl.tick_count)
         circuit.key_self = key_activations([circuit], capture)[0]
-        dl.add_circuit(scope.key, circuit)
-        return circuit, dropped
+        return circuit
 
     def _train(self, agent_id: str, circuit: Circuit, ids: torch.Tensor, labels: torch.Tensor) -> float:
         """``steps_per_learn`` Adam steps on the circuit's trainable factors (damped if SCREENED); the first loss."""
@@ -307,18 +316,8 @@ class ContextLearner:
         labels = ids.clone()
         labels[:, : len(prompt_ids)] = -100
         targets = ids[0, len(prompt_ids) :]
-        capture = self._capture_base(agent_id, ids)
-        factors = init_factors(
-            capture,
-            {n: layer.out_features for n, layer in dl.layers.items()},
-            dl.config.adapter.circuit_rank,
-            dl.config.learning.init_from_activations,
-            dl.generator,
-        )
-        factors = {n: (a.to(dl.device), b.to(dl.device)) for n, (a, b) in factors.items()}
-        circuit = Circuit(factors=factors, tier="", scope="", created_tick=dl.tick_count)
-        circuit.key_self = key_activations([circuit], capture)[0]
-        params = [b for _, b in factors.values()]
+        circuit = self._keyed_circuit(self._capture_base(agent_id, ids), "", "")
+        params = [b for _, b in circuit.factors.values()]
         opt = torch.optim.Adam(params, lr=learning_rate)
         reproduced, step = False, 0
         for t in params:

@@ -125,11 +125,8 @@ class CacheTier:
         """Insert (or replace) an entry; returns the entries evicted to make room."""
         if e.id in self.entries:
             self.remove(e.id)
-        e.tier = self.name
-        self.entries[e.id] = e
-        if e.vector is not None:
-            self.semantic.setdefault(e.provenance, VectorIndex(e.vector.shape[0])).add(e.id, e.vector)
-        self.touch(e, clock)
+        e.tier, e.last_used = self.name, clock
+        self.insert(e)  # newest entry: most recently used
         self.stats["stores"] += 1
         evicted = []
         while len(self.entries) > self.max_size:
@@ -139,6 +136,14 @@ class CacheTier:
             self._heap = [(self.score(x), x.last_used, x.id) for x in self.entries.values()]
             heapq.heapify(self._heap)
         return evicted
+
+    def insert(self, e: CacheEntry) -> None:
+        """Index an entry (exact and semantic), with its own ``last_used``, as the most recently used one."""
+        self.entries[e.id] = e
+        if e.vector is not None:
+            self.semantic.setdefault(e.provenance, VectorIndex(e.vector.shape[0])).add(e.id, e.vector)
+        if self.policy == "weighted_lru":
+            heapq.heappush(self._heap, (self.score(e), e.last_used, e.id))
 
     def _victim(self) -> str:
         if self.policy == "lru":
@@ -242,14 +247,17 @@ class TieredCache:
         self.clock += 1
         e.created = self.clock
         evicted = self.tiers[e.tier].put(e, self.clock)
-        for scope in e.scopes():
-            self.dependents.setdefault(scope, set()).add((e.tier, e.id))
+        self._depend(e)
         for old in evicted:
             self._forget_dependents(old)
         return evicted
 
     def evict(self, e: CacheEntry) -> None:
         self._forget_dependents(self.tiers[e.tier].remove(e.id))
+
+    def _depend(self, e: CacheEntry) -> None:
+        for scope in e.scopes():
+            self.dependents.setdefault(scope, set()).add((e.tier, e.id))
 
     def _forget_dependents(self, e: CacheEntry) -> None:
         for scope in e.scopes():
@@ -334,14 +342,8 @@ class TieredCache:
             if name in self.tiers:
                 self.tiers[name].stats.update(stats)
         for e in sorted(entries, key=lambda e: e.last_used):
-            tier = self.tiers[e.tier]
-            tier.entries[e.id] = e
-            if e.vector is not None:
-                tier.semantic.setdefault(e.provenance, VectorIndex(e.vector.shape[0])).add(e.id, e.vector)
-            if tier.policy == "weighted_lru":
-                heapq.heappush(tier._heap, (tier.score(e), e.last_used, e.id))
-            for scope in e.scopes():
-                self.dependents.setdefault(scope, set()).add((e.tier, e.id))
+            self.tiers[e.tier].insert(e)
+            self._depend(e)
         # scope versions are per process: re-read the hashes, and compare them with the saved ones
         saved = {k: v[1] for k, v in state.get("seen", {}).items()}
         self.seen = {k: (0, h) for k, h in saved.items()}

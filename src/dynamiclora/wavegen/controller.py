@@ -220,7 +220,7 @@ class WaveController:
             state.done[:] = True
         elif len(tokens) > fed:  # the model's own next token is not in the cache yet
             feed(forward, state, torch.tensor([tokens[-1]], device=state.ids.device))
-        return min(k, len(tokens))
+        return fed
 
     def _decode_misses(self, reqs: list[_Request], cfg: GenerationConfig) -> list[GenerationResult]:
         """Exact misses without semantic candidates: one heterogeneous batch."""
@@ -388,24 +388,13 @@ class WaveController:
         dl = self.dl
         if not self.chain or not tokens:
             return ExtractedCircuit()
-        modules = {name: dl.layers[name] for name in self.chain}
-        captured: dict[str, torch.Tensor] = {}
-
-        def keep(name: str):
-            def hook(_module, args):
-                captured[name] = args[0][0, len(prompt_ids) - 1 : len(prompt_ids) - 1 + len(tokens)].detach().float()
-
-            return hook
-
-        handles = [m.register_forward_pre_hook(keep(n)) for n, m in modules.items()]
         plan = dl.planner.plan([agent_id], without=without)
-        try:
-            with torch.no_grad(), dl.activate(plan, dl.new_session(plan, observe=False)):
-                dl.model(input_ids=torch.tensor([prompt_ids + tokens], device=dl.device), use_cache=False)
-        finally:
-            for h in handles:
-                h.remove()
-        weights = {name: m.base_weight().detach() for name, m in modules.items()}
+        session = dl.new_session(plan, observe=False, capture=True)  # keeps every adapted module's input
+        with torch.no_grad(), dl.activate(plan, session):
+            dl.model(input_ids=torch.tensor([prompt_ids + tokens], device=dl.device), use_cache=False)
+        steps = slice(len(prompt_ids) - 1, len(prompt_ids) - 1 + len(tokens))  # the positions that chose `tokens`
+        captured = {name: session.capture[name][0, steps].float() for name in self.chain}
+        weights = {name: dl.layers[name].base_weight().detach() for name in self.chain}
         return extract(
             captured, weights, self.chain, self.config.extraction_weight_threshold, self.config.extraction_min_size
         )
