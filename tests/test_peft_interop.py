@@ -41,8 +41,8 @@ def test_export_loads_in_peft_with_equal_logits(base_dir, tmp_path, ids, what):
         expected = dl.agent("alice").logits(ids)
     else:
         dl.export_peft(out, scope="swarm:backend")
-        dl.agent("bare", swarm="backend", domain="none")  # a stack holding only foundation + that swarm
-        for s in ("foundation",):
+        dl.agent("bare", swarm="backend", domain="python")  # its stack, emptied below but for that swarm
+        for s in ("foundation", "domain:python"):
             for cid in list(dl.hierarchy.scope(s).circuits):
                 dl.hierarchy.scope(s).remove(cid)
         expected = dl.agent("bare").logits(ids)

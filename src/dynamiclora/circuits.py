@@ -59,6 +59,7 @@ class Circuit:
     key_self: float | None = None  # its key's activation on the inputs it was made from (attribution reference)
     examples: list[list] = field(default_factory=list)  # [activation, prompt, completion] that activate it most
     extracted: dict[str, Any] = field(default_factory=dict)  # summary of its extracted neuron circuit (WaveGen)
+    residual_of: str = ""  # the shared scope whose consensus left this circuit behind (never proposed there again)
 
     def observe_example(self, activation: float, prompt: str, completion: str, keep: int = 3) -> None:
         """Remember the interactions that activate the circuit most; its label is the strongest one."""
@@ -133,6 +134,7 @@ class Circuit:
             "key_self": self.key_self,
             "examples": [list(e) for e in self.examples],
             "extracted": dict(self.extracted),
+            "residual_of": self.residual_of,
         }
 
     @classmethod

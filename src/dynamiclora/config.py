@@ -213,6 +213,17 @@ class DynamicsConfig:
     screened_damping: float = field(
         default=0.1, metadata=_help("Learning-rate factor for updates to a SCREENED circuit.")
     )
+    resonance_threshold: float = field(
+        default=0.5,
+        metadata=_help(
+            "Resonance consensus: a proposal for a shared scope enters only with at least this much support (sum of "
+            "positive delta cosines with other contributors); cosines at or above it make two proposals partners."
+        ),
+    )
+    resonance_gain: float = field(
+        default=0.1, metadata=_help("Gain law: N contributors of the same delta give (1 + gain·(N−1))·delta ...")
+    )
+    resonance_max_gain: float = field(default=1.5, metadata=_help("... capped at this multiple of one delta."))
     protect_screened: bool = field(
         default=True, metadata=_help("Keep new circuits' keys orthogonal to SCREENED keys in the same scope.")
     )
@@ -232,6 +243,7 @@ class DynamicsConfig:
             "min_coverage",
             "min_autocorrelation",
             "screened_damping",
+            "resonance_threshold",
         ):
             value = getattr(self, name)
             _check(0 <= value <= 1, f"DynamicsConfig.{name} must lie in [0, 1], got {value}")
@@ -242,6 +254,13 @@ class DynamicsConfig:
             f"DynamicsConfig.blocks must lie in [2, window_min={self.window_min}], got {self.blocks}",
         )
         _check(self.bandwidth >= 1, f"DynamicsConfig.bandwidth must be >= 1, got {self.bandwidth}")
+        _check(self.resonance_threshold > 0, "DynamicsConfig.resonance_threshold must be > 0 (0 lets lone pushers in)")
+        _check(self.resonance_gain >= 0, f"DynamicsConfig.resonance_gain must be >= 0, got {self.resonance_gain}")
+        _check(
+            self.resonance_max_gain >= 1,
+            f"DynamicsConfig.resonance_max_gain must be >= 1 (N agreeing contributors give at least one delta), "
+            f"got {self.resonance_max_gain}",
+        )
 
 
 CACHE_TIERS: tuple[str, ...] = ("foundation", "domain", "swarm", "agent")  # WaveGen tiers; context has no cache

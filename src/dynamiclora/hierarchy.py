@@ -135,6 +135,12 @@ class Hierarchy:
             if not isinstance(value, str) or not value or ":" in value:
                 raise ValueError(f"{what} must be a non-empty string without ':', got {value!r}")
         info = AgentInfo(agent_id, swarm, domain)
+        other = self.swarm_domain(swarm)
+        if other is not None and other != domain:
+            raise ValueError(
+                f"swarm {swarm!r} belongs to domain {other!r} (its agents are registered there); a swarm lives in one "
+                f"domain, so register {agent_id!r} with domain={other!r} or give it another swarm"
+            )
         known = self.agents.get(agent_id)
         if known is not None and known != info:
             raise ValueError(
@@ -145,6 +151,10 @@ class Hierarchy:
         for key in info.stack():
             self.scopes.setdefault(key, Scope(key))
         return info
+
+    def swarm_domain(self, swarm: str) -> str | None:
+        """The domain a swarm belongs to (the hierarchy is a tree), or None if no agent of it is registered."""
+        return next((a.domain for a in self.agents.values() if a.swarm == swarm), None)
 
     def agent(self, agent_id: str) -> AgentInfo:
         try:

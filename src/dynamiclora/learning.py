@@ -253,8 +253,9 @@ class ContextLearner:
         labels[:, : len(prompt_ids)] = -100
         texts = self._texts(prompt_ids, completion_ids)
         capture = self._capture_base(agent_id, ids)
-        context = list(dl.hierarchy.scope(("context", agent_id)).circuits.values())
-        consolidated = list(dl.hierarchy.scope(("agent", agent_id)).circuits.values())
+        stack = dl.hierarchy.stack_scopes(agent_id)  # foundation … context
+        context = list(stack[-1].circuits.values())
+        consolidated = [c for scope in stack[:-1] for c in scope.circuits.values()]  # every slower tier
         # each key's activation relative to its activation on its own origin: how much of "its" pattern this is
         acts = [
             a / (c.key_self or 1.0)
@@ -266,8 +267,9 @@ class ContextLearner:
             if a >= cfg.attribution_threshold:
                 dl.memory.record_use(c)
 
-        # A pattern that already migrated to the agent's tier is reinforced there (a use), not learned again,
-        # unless the stack has lost it (its loss rose well above the loss it had when last learned).
+        # A pattern that already migrated to a slower tier (the agent's own, or a shared one by consensus) is
+        # reinforced there (a use), not learned again, unless the stack has lost it (its loss rose well above the
+        # loss it had when last learned).
         if agent_acts and max(agent_acts) >= cfg.attribution_threshold and max(agent_acts) >= max(ctx_acts, default=0):
             known = consolidated[agent_acts.index(max(agent_acts))]
             known.observe_example(max(agent_acts), *texts)

@@ -21,6 +21,7 @@ from ..config import TIERS
 from ..hierarchy import Scope, ScopeKey
 from .detector import Persistence, persistence
 from .homeostasis import Homeostasis
+from .sharing import Sharing
 from .timescales import Timescales
 
 if TYPE_CHECKING:
@@ -38,6 +39,7 @@ class TickReport:
     migrated: list[dict[str, Any]] = field(default_factory=list)
     queued: list[tuple[str, float]] = field(default_factory=list)  # (circuit id, stability) still waiting
     consolidated: list[dict[str, Any]] = field(default_factory=list)  # WaveGen internalizations (see wavegen)
+    shared: list[dict[str, Any]] = field(default_factory=list)  # resonance consensus per shared scope (sharing.py)
 
 
 class Memory:
@@ -49,6 +51,7 @@ class Memory:
         self.migrations: list[dict[str, Any]] = []
         self.forgotten: list[dict[str, Any]] = []
         self.queue: list[tuple[str, float]] = []
+        self.sharing = Sharing(self)
 
     # -- observation ----------------------------------------------------------------------------------
     @staticmethod
@@ -109,6 +112,7 @@ class Memory:
                 if c.strength < cfg.forget_below:
                     self._forget(scope, c, report)
         self._migrate(report)
+        self.sharing.step(report)
         dl.tick_count += 1
         return report
 
@@ -134,7 +138,7 @@ class Memory:
         report.forgotten.append(entry)
 
     def _migrate(self, report: TickReport) -> None:
-        """Context → agent (the owner's own tier). Shared tiers above change only through consensus."""
+        """Context → agent (the owner's own tier). Shared tiers above change only through consensus (sharing.py)."""
         critical, candidates = [], []
         window = self.window("context")  # one window for the whole tier in this tick
         for scope, c in self.tier_circuits("context"):
@@ -177,10 +181,16 @@ class Memory:
 
     # -- persistence ----------------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
-        return {"homeostasis": self.homeostasis.state(), "timescales": self.timescales.state(), "queue": self.queue}
+        return {
+            "homeostasis": self.homeostasis.state(),
+            "timescales": self.timescales.state(),
+            "queue": self.queue,
+            "sharing": self.sharing.state(),
+        }
 
     def restore(self, state: dict[str, Any], migrations: list[dict], forgotten: list[dict]) -> None:
         self.homeostasis.restore(state.get("homeostasis", {}))
         self.timescales.restore(state.get("timescales", {}))
         self.queue = [tuple(q) for q in state.get("queue", [])]
+        self.sharing.restore(state.get("sharing", {}))
         self.migrations, self.forgotten = migrations, forgotten

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..config import CACHE_TIERS, TIERS, GenerationConfig
+from ..dynamics.resonance import Proposal
 from ..errors import ConfigError
 from ..generation import DecodeState, feed, positions, prefill, run
 from ..hierarchy import AgentInfo, ScopeKey, Snapshot
@@ -329,6 +330,8 @@ class WaveController:
             record["steps"] = steps
             if not ok:
                 record.update(outcome="failed", reason=f"not reproduced after {steps} steps")
+            elif target.tier != "agent":  # shared scopes change only by consensus: propose it for the next tick
+                self._propose(e, circuit, target, record)
             else:
                 prompt_text = dl.tokenizer.decode(e.prompt_ids, skip_special_tokens=True)
                 circuit.observe_example(1.0, prompt_text, e.text)
@@ -368,11 +371,30 @@ class WaveController:
         if record["outcome"] in ("already", "internalized"):
             self.cache.evict(e)
             self.cache.tiers[e.tier].stats["consolidated"] += 1
+        elif record["outcome"] == "proposed":  # checked again (and evicted) once the consensus has placed it
+            e.retry_after = e.lookups + 1
         else:
             e.failures += 1
             e.retry_after = e.lookups + self.config.min_lookups  # try again after that many more lookups
         self.log.append(record)
         return record
+
+    def _propose(self, e: CacheEntry, circuit, target: ScopeKey, record: dict[str, Any]) -> None:
+        """Offer an internalized shared-tier entry to the consensus. The requesters are its contributors: at the
+        swarm tier the agents that asked for it, at the domain tier their swarms, at the foundation their domains."""
+        dl = self.dl
+        level = {"swarm": 0, "domain": 1, "foundation": 2}[target.tier]
+        contributors = frozenset(r[level] for r in self.cache.requesters.get(e.prompt_key, [])) | {
+            (e.agent, e.swarm, e.domain)[level]
+        }
+        prompt_text = dl.tokenizer.decode(e.prompt_ids, skip_special_tokens=True)
+        circuit.observe_example(1.0, prompt_text, e.text)
+        circuit.origin_agents = sorted({r[0] for r in self.cache.requesters.get(e.prompt_key, [])} | {e.agent})
+        circuit.history.append({"event": "consolidated", "from": f"cache:{e.tier}", "tick": dl.tick_count})
+        dl.memory.sharing.propose(
+            Proposal(circuit, contributors, "", e.hit_rate, False, str(target))
+        )
+        record.update(outcome="proposed", circuit=circuit.id, contributors=sorted(contributors))
 
     def produces(self, e: CacheEntry, without: tuple[str, ...]) -> bool:
         """Does the agent's stack without ``without`` produce the entry's continuation, greedily and uncached?"""
@@ -404,6 +426,6 @@ class WaveController:
         stats = self.cache.statistics()
         stats["consolidations"] = {
             outcome: sum(r["outcome"] == outcome for r in self.log)
-            for outcome in ("internalized", "already", "failed")
+            for outcome in ("internalized", "proposed", "already", "failed")
         }
         return stats

@@ -1,0 +1,248 @@
+"""The tick's sharing step: circuits that proved themselves move into shared scopes by resonance consensus.
+
+Proposals come from two places: circuits of the agent, swarm and domain tiers whose use persisted across their
+tier's window *while in that tier* (so each tier adds its own residence before the next can be reached), and
+WaveGen consolidations of swarm/domain/foundation cache entries (queued with :meth:`Sharing.propose`). In a
+distributed run the proposals of every rank are gathered first (see dynamics.distributed), so every rank sees the
+same list in the same order and applies the same rule.
+
+Per target scope (at most ``bandwidth`` target scopes per tier per tick; critical proposals first, then by
+stability) the resonance rule (resonance.py) decides who enters and with which weights. The shared circuit is
+added to the target; each contributing owner scope gives up its entering circuits and keeps the residual
+``Σ Δ_own − Δ_shared``, so **no contributor's output changes** (sum invariance, as in migration), while every
+other member of the target scope gains the shared circuit. A residual is never proposed to the same scope again,
+so a lone pusher cannot reach it by repetition either. Proposals that do not enter wait in their tier.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ..circuits import Circuit
+from ..hierarchy import FOUNDATION, ScopeKey
+from .resonance import Proposal, combine, norm, resonate
+
+if TYPE_CHECKING:
+    from .memory import Memory, TickReport
+
+RESIDUAL_TOLERANCE = 1e-4  # residuals below this fraction of the owner's delta are dropped (the owner changes less)
+SOURCE_TIERS = ("agent", "swarm", "domain")
+
+#: Gathers every rank's proposals (and shared-circuit uses) in a distributed run; identity otherwise.
+Exchange = Callable[[list[Proposal]], list[Proposal]]
+
+
+@dataclass
+class _Target:
+    key: ScopeKey
+    proposals: list[Proposal]
+
+    @property
+    def priority(self) -> tuple:
+        return (
+            not any(p.critical for p in self.proposals),
+            -max(p.stability for p in self.proposals),
+            str(self.key),
+        )
+
+
+def circuit_digest(*parts: str) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(part.encode())
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+class Sharing:
+    def __init__(self, memory: Memory) -> None:
+        self.memory = memory
+        self.pending: list[Proposal] = []  # WaveGen consolidations waiting for the next tick
+        self.exchange: Exchange | None = None
+        self.log: list[dict[str, Any]] = []  # one record per consensus (target, who entered, who waited)
+
+    # -- proposals ------------------------------------------------------------------------------------
+    def propose(self, proposal: Proposal) -> None:
+        """Queue a circuit that lives in no scope (a cache consolidation) for the next tick's consensus."""
+        self.pending.append(proposal)
+
+    def target_of(self, key: ScopeKey) -> ScopeKey | None:
+        """The shared scope a scope's circuits move up into."""
+        h = self.memory.dl.hierarchy
+        if key.tier == "agent":
+            return ScopeKey("swarm", h.agent(key.name).swarm) if key.name in h.agents else None
+        if key.tier == "swarm":
+            domain = h.swarm_domain(key.name)
+            return None if domain is None else ScopeKey("domain", domain)
+        if key.tier == "domain":
+            return FOUNDATION
+        return None
+
+    def local_proposals(self) -> list[Proposal]:
+        """This process's circuits that qualify to move up, and its pending consolidations."""
+        mem = self.memory
+        now = mem.dl.tick_count
+        out = []
+        for key, scope in sorted(mem.dl.hierarchy.scopes.items(), key=lambda kv: str(kv[0])):
+            if key.tier not in SOURCE_TIERS or not scope.circuits:
+                continue
+            target = self.target_of(key)
+            if target is None:
+                continue
+            window = mem.window(key.tier)
+            for c in sorted(scope.circuits.values(), key=lambda c: c.id):
+                if c.residual_of == str(target):
+                    continue
+                p = mem.persistence(c, window)
+                resident = now - c.entered_tick >= window
+                if c.critical or (resident and p.qualifies):
+                    out.append(Proposal(c, frozenset({key.name}), str(key), p.score, c.critical, str(target)))
+        out.extend(self.pending)
+        self.pending = []
+        return out
+
+    # -- the step -------------------------------------------------------------------------------------
+    def step(self, report: TickReport) -> None:
+        proposals = self.local_proposals()
+        if self.exchange is not None:
+            proposals = self.exchange(proposals)
+        targets: dict[str, _Target] = {}
+        for p in proposals:
+            targets.setdefault(p.target, _Target(ScopeKey.parse(p.target), [])).proposals.append(p)
+        bandwidth = self.memory.config.bandwidth
+        for tier in ("swarm", "domain", "foundation"):
+            ordered = sorted((t for t in targets.values() if t.key.tier == tier), key=lambda t: t.priority)
+            for i, t in enumerate(ordered):
+                t.proposals.sort(key=lambda p: (sorted(p.contributors), p.circuit.content_hash()))
+                if i < bandwidth or any(p.critical for p in t.proposals):
+                    self.consensus(t.key, t.proposals, report)
+                else:  # over the bandwidth: these proposals wait in their tiers (and pending ones for the next tick)
+                    self.pending.extend(p for p in t.proposals if not p.owner)
+
+    def consensus(self, key: ScopeKey, proposals: list[Proposal], report: TickReport | None = None) -> Circuit | None:
+        """Apply the resonance rule to proposals bound for ``key``; returns the shared circuit (None if none)."""
+        mem, cfg = self.memory, self.memory.config
+        dl = mem.dl
+        now = dl.tick_count
+        result = resonate(proposals, cfg.resonance_threshold, cfg.resonance_gain, cfg.resonance_max_gain)
+        entered = [proposals[i] for i in result.entered]
+        record: dict[str, Any] = {
+            "scope": str(key),
+            "tick": now,
+            "proposals": [
+                {
+                    "circuit": p.circuit.id,
+                    "from": p.owner or "cache",
+                    "contributors": sorted(p.contributors),
+                    "support": round(v.support, 4),
+                    "opposition": round(v.opposition, 4),
+                    "weight": round(v.weight, 4),
+                    "resonant_fraction": round(v.resonant_fraction, 4),
+                    "entered": v.enters,
+                }
+                for p, v in zip(proposals, result.verdicts)
+            ],
+        }
+        shared = None
+        terms = [(p.circuit, float(c)) for p, c in zip(proposals, result.coefficients) if c != 0]
+        if entered and terms:
+            digests = sorted(p.circuit.content_hash() for p in entered)
+            shared = Circuit(
+                factors=combine(terms),
+                tier=key.tier,
+                scope=key.name,
+                id=circuit_digest("shared", str(key), str(now), *digests),
+                created_tick=now,
+            )
+            self._inherit(shared, entered)
+            shared.history.append(
+                {
+                    "event": "consensus",
+                    "tick": now,
+                    "from": sorted({p.owner or "cache" for p in entered}),
+                    "contributors": sorted(set().union(*(p.contributors for p in entered))),
+                }
+            )
+            dl.add_circuit(key, shared)
+            record["shared"] = shared.id
+            record["rank"] = shared.rank
+            for owner in sorted({p.owner for p in entered if p.owner}):
+                self._leave_residual(owner, [p for p in entered if p.owner == owner], shared, key, report)
+        self.log.append(record)
+        if report is not None:
+            report.shared.append(record)
+        return shared
+
+    @staticmethod
+    def _inherit(new: Circuit, sources: list[Proposal]) -> None:
+        """Record, phase, usage series and examples of the circuits a consensus circuit is made from."""
+        circuits = [p.circuit for p in sources]
+        new.origin_agents = sorted({a for c in circuits for a in c.origin_agents})
+        new.critical = any(c.critical for c in circuits)
+        new.phase = "SCREENED" if any(c.phase == "SCREENED" for c in circuits) else "FREE"
+        length = max(len(c.series) for c in circuits)
+        padded = [[0] * (length - len(c.series)) + c.series for c in circuits]
+        new.series = [max(col) for col in zip(*padded)] if padded else []
+        selves = [c.key_self for c in circuits if c.key_self is not None]
+        new.key_self = max(selves) if selves else None
+        for c in circuits:
+            for activation, prompt, completion in c.examples:
+                new.observe_example(activation, prompt, completion)
+
+    def _leave_residual(
+        self, owner: str, entered: list[Proposal], shared: Circuit, target: ScopeKey, report: TickReport | None
+    ) -> None:
+        """The owner scope gives up its entering circuits and keeps ``Σ Δ_own − Δ_shared`` (its output is kept)."""
+        mem, dl = self.memory, self.memory.dl
+        key = ScopeKey.parse(owner)
+        scope = dl.hierarchy.scopes.get(key)
+        if scope is None:  # another rank's scope: that rank applies it
+            return
+        circuits = [p.circuit for p in entered]
+        own = [(c, 1.0) for c in circuits]
+        factors = combine(own + [(shared, -1.0)])
+        residual = Circuit(
+            factors=factors,
+            tier=key.tier,
+            scope=key.name,
+            id=circuit_digest("residual", shared.id, owner),
+            created_tick=dl.tick_count,
+            residual_of=str(target),
+        )
+        reference = norm(Circuit(factors=combine(own), tier="", scope=""))
+        self._inherit(residual, entered)
+        for p in entered:
+            local = scope.circuits.get(p.circuit.id)
+            if local is None:
+                continue
+            mem._leave(scope, local, forgotten=False)
+            entry = {
+                "circuit": local.id,
+                "from": owner,
+                "to": str(target),
+                "tick": dl.tick_count,
+                "label": local.label,
+                "critical": local.critical,
+                "score": round(p.stability, 4),
+                "coverage": None,
+                "autocorrelation": None,
+                "kind": "consensus",
+                "shared": shared.id,
+            }
+            local.history.append({"event": "migrated", **{k: v for k, v in entry.items() if k != "circuit"}})
+            mem.migrations.append(entry)
+            if report is not None:
+                report.migrated.append(entry)
+        if norm(residual) > RESIDUAL_TOLERANCE * reference:
+            residual.history.append({"event": "residual", "tick": dl.tick_count, "of": shared.id, "scope": str(target)})
+            dl.add_circuit(key, residual)
+
+    # -- persistence ----------------------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        return {"log": self.log}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.log = list(state.get("log", []))

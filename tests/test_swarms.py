@@ -1,0 +1,231 @@
+"""Resonance consensus: the gain law, cancellation, orthogonal retention, the poisoning bound, and the sharing step
+of the tick on a real (tiny) model: contributors keep their outputs, other members gain the shared circuit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dynamiclora import Circuit, DynamicLoRAConfig
+from dynamiclora.config import DynamicsConfig
+from dynamiclora.dynamics.resonance import Proposal, combine, gram, resonate
+
+from .conftest import make_dl, random_circuit
+
+S, GAIN, MAX_GAIN = 0.5, 0.1, 1.5
+
+
+def dense(c: Circuit) -> dict[str, torch.Tensor]:
+    return {m: c.delta(m).double() for m in c.factors}
+
+
+def inner(x: dict[str, torch.Tensor], y: dict[str, torch.Tensor]) -> float:
+    return float(sum((x[m] * y[m]).sum() for m in x.keys() & y.keys()))
+
+
+def shared_dense(proposals: list[Proposal]) -> dict[str, torch.Tensor]:
+    """The shared delta the rule produces, re-factorized and then densified."""
+    result = resonate(proposals, S, GAIN, MAX_GAIN)
+    terms = [(p.circuit, float(c)) for p, c in zip(proposals, result.coefficients) if c != 0]
+    if not terms:
+        return {}
+    return dense(Circuit(factors=combine(terms), tier="", scope=""))
+
+
+def scaled(c: Circuit, factor: float) -> Circuit:
+    return Circuit(factors=c.factors, tier="", scope="", scale=c.scale * factor)
+
+
+@pytest.fixture
+def base():
+    dl = make_dl()
+    g = torch.Generator().manual_seed(3)
+    return dl, [random_circuit(dl, 4, g) for _ in range(4)]
+
+
+def orthogonalize(x: Circuit, y: Circuit) -> Circuit:
+    """x minus its projection on y, as a circuit (rank of both)."""
+    coef = inner(dense(x), dense(y)) / inner(dense(y), dense(y))
+    return Circuit(factors=combine([(x, 1.0), (y, -coef)]), tier="", scope="")
+
+
+def props(circuits: list[Circuit]) -> list[Proposal]:
+    return [Proposal(c, frozenset({f"agent{i}"})) for i, c in enumerate(circuits)]
+
+
+@pytest.mark.parametrize("n", [2, 3, 5, 8])
+def test_aligned_contributions_amplify_by_the_capped_gain_law(base, n):
+    _, (delta, *_) = base
+    shared = shared_dense(props([delta] * n))
+    d = dense(delta)
+    expected = min(MAX_GAIN, 1 + GAIN * (n - 1))
+    assert expected >= 1.0
+    for m in d:
+        torch.testing.assert_close(shared[m], expected * d[m], rtol=1e-5, atol=1e-7)
+
+
+def test_a_lone_contribution_does_not_enter(base):
+    _, (delta, *_) = base
+    assert shared_dense(props([delta])) == {}
+    verdict = resonate(props([delta]), S, GAIN, MAX_GAIN).verdicts[0]
+    assert not verdict.enters and verdict.support == 0
+
+
+def test_opposed_contributions_cancel(base):
+    _, (delta, *_) = base
+    assert shared_dense(props([delta, scaled(delta, -1.0)])) == {}  # neither resonates: the scope stays empty
+    # two for, one against: the opposition divides the group's weight
+    shared = shared_dense(props([delta, delta, scaled(delta, -1.0)]))
+    d = dense(delta)
+    ratio = inner(shared, d) / inner(d, d)
+    assert ratio == pytest.approx(2 * (1 + GAIN) / 3, rel=1e-5)
+
+
+def test_orthogonal_groups_are_both_kept(base):
+    _, (x, y, *_) = base
+    y = orthogonalize(y, x)
+    assert abs(inner(dense(x), dense(y))) < 1e-6 * inner(dense(x), dense(x))
+    shared = shared_dense(props([x, x, y, y]))
+    for c in (x, y):
+        d = dense(c)
+        assert inner(shared, d) / inner(d, d) == pytest.approx(1 + GAIN, rel=1e-4)
+
+
+def test_poisoning_bound(base):
+    _, (honest, poison, *_) = base
+    poison = orthogonalize(poison, honest)
+    p = dense(poison)
+    pp = inner(p, p)
+    # a lone pattern no one resonates with: nothing of it enters
+    assert shared_dense(props([honest, honest, poison])).keys() == dense(honest).keys()
+    assert inner(shared_dense(props([honest, honest, poison])), p) == pytest.approx(0.0, abs=1e-6 * pp)
+    # hidden inside a resonating delta: with two honest contributors it is projected away entirely
+    carrier = Circuit(factors=combine([(honest, 1.0), (poison, 1.0)]), tier="", scope="")
+    shared = shared_dense(props([honest, honest, carrier]))
+    assert abs(inner(shared, p)) / pp == pytest.approx(0.0, abs=1e-5)
+    # with one honest partner only, it leaks at most ½·w·‖Δ_honest‖ along the poison direction
+    proposals = props([honest, carrier])
+    result = resonate(proposals, S, GAIN, MAX_GAIN)
+    leaked = abs(inner(shared_dense(proposals), p)) / pp**0.5
+    h = inner(dense(honest), dense(honest)) ** 0.5
+    assert 0 < leaked <= 0.5 * result.verdicts[0].weight * h + 1e-6
+
+
+def test_combine_equals_the_dense_sum(base):
+    _, circuits = base
+    coefficients = [0.7, -1.3, 2.0, 0.25]
+    merged = dense(Circuit(factors=combine(list(zip(circuits, coefficients))), tier="", scope=""))
+    for m in merged:
+        naive = sum(k * c.delta(m).double() for c, k in zip(circuits, coefficients))
+        torch.testing.assert_close(merged[m], naive, rtol=1e-5, atol=1e-8)
+
+
+def test_gram_matches_dense_inner_products(base):
+    _, circuits = base
+    g = gram(circuits)
+    for i, x in enumerate(circuits):
+        for j, y in enumerate(circuits):
+            assert float(g[i, j]) == pytest.approx(inner(dense(x), dense(y)), rel=1e-4)
+
+
+# -- the sharing step of the tick on a tiny model ---------------------------------------------------------------
+
+
+def team(config: DynamicsConfig | None = None):
+    dl = make_dl(config=DynamicLoRAConfig(dynamics=config or DynamicsConfig(tick_interval=0)))
+    for name, swarm in (("a", "team"), ("b", "team"), ("c", "team"), ("x", "other")):
+        dl.agent(name, swarm=swarm, domain="python")
+    return dl
+
+
+def persistent(dl, agent: str, circuit: Circuit) -> Circuit:
+    """Place a circuit in an agent's tier as if it had been used in every tick of a full window there."""
+    dl.add_circuit(f"agent:{agent}", circuit)
+    window = dl.memory.window("agent")
+    circuit.entered_tick = dl.tick_count - window
+    circuit.series = [1] * window
+    circuit.uses_this_tick = 1
+    return circuit
+
+
+def copy(c: Circuit) -> Circuit:
+    return Circuit(factors={m: (a.clone(), b.clone()) for m, (a, b) in c.factors.items()}, tier="", scope="")
+
+
+def test_consensus_keeps_contributors_outputs_and_shares_with_other_members(ids):
+    dl = team()
+    delta = random_circuit(dl, 4, torch.Generator().manual_seed(7), magnitude=0.3)
+    persistent(dl, "a", copy(delta))
+    persistent(dl, "b", copy(delta))
+    before = {n: dl.agent(n).logits(ids) for n in ("a", "b", "c", "x")}
+    report = dl.tick()
+    [record] = report.shared
+    assert record["scope"] == "swarm:team" and all(p["entered"] for p in record["proposals"])
+    [shared] = dl.hierarchy.scope("swarm:team").circuits.values()
+    assert sorted(m["kind"] for m in dl.migrations() if m.get("kind") == "consensus") == ["consensus"] * 2
+    for n in ("a", "b"):  # contributors: sum invariance through the residual
+        torch.testing.assert_close(dl.agent(n).logits(ids), before[n], rtol=1e-4, atol=1e-4)
+        [residual] = dl.hierarchy.scope(f"agent:{n}").circuits.values()
+        assert residual.residual_of == "swarm:team"
+    # another member of the swarm now runs with (1 + gain)·delta; the other swarm is untouched
+    expected = make_dl()
+    expected.agent("c", swarm="team", domain="python")
+    expected.add_circuit("agent:c", Circuit(factors=delta.factors, tier="", scope="", scale=1 + GAIN))
+    torch.testing.assert_close(dl.agent("c").logits(ids), expected.agent("c").logits(ids), rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(dl.agent("c").logits(ids), before["c"], atol=1e-3)
+    torch.testing.assert_close(dl.agent("x").logits(ids), before["x"])
+    # a residual is never proposed to the same scope again
+    for _ in range(dl.memory.window("agent") + 2):
+        for n in ("a", "b"):
+            for c in dl.hierarchy.scope(f"agent:{n}").circuits.values():
+                dl.memory.record_use(c)
+        assert not dl.tick().shared
+
+
+def test_lone_pusher_never_reaches_the_swarm(ids):
+    dl = team()
+    poison = random_circuit(dl, 4, torch.Generator().manual_seed(9), magnitude=0.3)
+    persistent(dl, "a", poison)
+    before = dl.agent("c").logits(ids)
+    for _ in range(3 * dl.memory.window("agent")):
+        dl.memory.record_use(poison)
+        report = dl.tick()
+        assert all(not p["entered"] for r in report.shared for p in r["proposals"])
+    assert not dl.hierarchy.scope("swarm:team").circuits
+    torch.testing.assert_close(dl.agent("c").logits(ids), before)
+
+
+def test_a_circuit_must_reside_a_window_in_its_tier_before_it_moves_up():
+    dl = team()
+    delta = random_circuit(dl, 4, torch.Generator().manual_seed(7))
+    for n in ("a", "b"):
+        c = persistent(dl, n, copy(delta))
+        c.entered_tick = dl.tick_count - 1  # it used to be persistent elsewhere, but only just arrived
+    assert not dl.tick().shared
+
+
+def test_shared_scopes_climb_to_domain_and_foundation():
+    """Two swarms' resonating swarm circuits → their domain; two domains' → the foundation."""
+    dl = make_dl(config=DynamicLoRAConfig(dynamics=DynamicsConfig(tick_interval=0)))
+    for name, swarm, domain in (("a", "s1", "d1"), ("b", "s2", "d1"), ("c", "s3", "d2"), ("d", "s4", "d2")):
+        dl.agent(name, swarm=swarm, domain=domain)
+    delta = random_circuit(dl, 4, torch.Generator().manual_seed(5))
+    for swarm in ("s1", "s2", "s3", "s4"):
+        c = copy(delta)
+        dl.add_circuit(f"swarm:{swarm}", c)
+        c.series, c.entered_tick, c.uses_this_tick = [1] * 16, dl.tick_count - 16, 1
+    report = dl.tick()
+    assert sorted(r["scope"] for r in report.shared) == ["domain:d1", "domain:d2"]
+    for c in dl.hierarchy.all_circuits():
+        c.series, c.uses_this_tick = [1] * 64, 1
+        c.entered_tick -= 64
+    report = dl.tick()
+    assert [r["scope"] for r in report.shared] == ["foundation"]
+    assert len(dl.hierarchy.scope("foundation").circuits) == 1
+
+
+def test_a_swarm_lives_in_one_domain():
+    dl = make_dl()
+    dl.agent("a", swarm="team", domain="python")
+    with pytest.raises(ValueError, match="swarm 'team' belongs to domain 'python'"):
+        dl.agent("b", swarm="team", domain="rust")
