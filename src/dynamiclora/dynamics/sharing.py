@@ -237,7 +237,9 @@ class Sharing:
             if report is not None:
                 report.migrated.append(entry)
         if norm(residual) > RESIDUAL_TOLERANCE * reference:
-            residual.history.append({"event": "residual", "tick": dl.tick_count, "of": shared.id, "scope": str(target)})
+            residual.history.append(
+                {"event": "residual", "tick": dl.tick_count, "of": shared.id, "scope": str(target)}
+            )
             dl.add_circuit(key, residual)
 
     # -- persistence ----------------------------------------------------------------------------------

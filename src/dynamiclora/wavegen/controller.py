@@ -391,9 +391,7 @@ class WaveController:
         circuit.observe_example(1.0, prompt_text, e.text)
         circuit.origin_agents = sorted({r[0] for r in self.cache.requesters.get(e.prompt_key, [])} | {e.agent})
         circuit.history.append({"event": "consolidated", "from": f"cache:{e.tier}", "tick": dl.tick_count})
-        dl.memory.sharing.propose(
-            Proposal(circuit, contributors, "", e.hit_rate, False, str(target))
-        )
+        dl.memory.sharing.propose(Proposal(circuit, contributors, "", e.hit_rate, False, str(target)))
         record.update(outcome="proposed", circuit=circuit.id, contributors=sorted(contributors))
 
     def produces(self, e: CacheEntry, without: tuple[str, ...]) -> bool:
