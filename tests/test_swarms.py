@@ -182,6 +182,22 @@ def test_consensus_keeps_contributors_outputs_and_shares_with_other_members(ids)
         assert not dl.tick().shared
 
 
+def test_a_pattern_the_swarm_already_holds_is_absorbed_not_added_twice(ids):
+    dl = team()
+    delta = random_circuit(dl, 4, torch.Generator().manual_seed(7), magnitude=0.3)
+    held = dl.add_circuit("swarm:team", Circuit(factors=copy(delta).factors, tier="", scope="", scale=1.1))
+    held.uses_this_tick = 1  # in use: it does not decay in this tick
+    persistent(dl, "a", copy(delta))
+    swarm_hash = dl.hierarchy.scope("swarm:team").content_hash()
+    report = dl.tick()
+    [record] = report.shared
+    assert record["absorbed"] and not record["proposals"]
+    assert dl.hierarchy.scope("swarm:team").content_hash() == swarm_hash  # nothing added twice
+    assert not dl.hierarchy.scope("agent:a").circuits  # the copy was the shared pattern exactly: nothing left
+    assert [m["kind"] for m in dl.migrations()] == ["absorbed"]
+    torch.testing.assert_close(dl.agent("a").logits(ids), dl.agent("c").logits(ids))
+
+
 def test_lone_pusher_never_reaches_the_swarm(ids):
     dl = team()
     poison = random_circuit(dl, 4, torch.Generator().manual_seed(9), magnitude=0.3)

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..circuits import Circuit
 from ..hierarchy import FOUNDATION, ScopeKey
-from .resonance import Proposal, combine, norm, resonate
+from .resonance import Proposal, combine, gram, norm, resonate
 
 if TYPE_CHECKING:
     from .memory import Memory, TickReport
@@ -127,11 +127,14 @@ class Sharing:
         mem, cfg = self.memory, self.memory.config
         dl = mem.dl
         now = dl.tick_count
+        absorbed = self._absorb(key, proposals, report)
+        proposals = [p for p in proposals if id(p) not in absorbed]
         result = resonate(proposals, cfg.resonance_threshold, cfg.resonance_gain, cfg.resonance_max_gain)
         entered = [proposals[i] for i in result.entered]
         record: dict[str, Any] = {
             "scope": str(key),
             "tick": now,
+            "absorbed": list(absorbed.values()),
             "proposals": [
                 {
                     "circuit": p.circuit.id,
@@ -170,7 +173,8 @@ class Sharing:
             record["shared"] = shared.id
             record["rank"] = shared.rank
             for owner in sorted({p.owner for p in entered if p.owner}):
-                self._leave_residual(owner, [p for p in entered if p.owner == owner], shared, key, report)
+                mine = [p for p in entered if p.owner == owner]
+                self._replace(owner, mine, [(shared, -1.0)], key, "consensus", shared.id, report)
         self.log.append(record)
         if report is not None:
             report.shared.append(record)
@@ -192,29 +196,61 @@ class Sharing:
             for activation, prompt, completion in c.examples:
                 new.observe_example(activation, prompt, completion)
 
-    def _leave_residual(
-        self, owner: str, entered: list[Proposal], shared: Circuit, target: ScopeKey, report: TickReport | None
+    def _absorb(self, key: ScopeKey, proposals: list[Proposal], report: TickReport | None) -> dict[int, dict]:
+        """Proposals that resonate with a circuit the target already holds are not added again: the owner drops the
+        part the shared circuit already says (its projection on it) and keeps the rest. Returns {id(p): record}."""
+        scope = self.memory.dl.hierarchy.scopes.get(key)
+        existing = sorted(scope.circuits.values(), key=lambda c: c.id) if scope is not None else []
+        out: dict[int, dict] = {}
+        if not existing:
+            return out
+        threshold = self.memory.config.resonance_threshold
+        for p in proposals:
+            g = gram([p.circuit, *existing])
+            norms = g.diagonal().clamp_min(1e-30).sqrt()
+            cos = g[0, 1:] / (norms[0] * norms[1:])
+            best = int(cos.argmax())
+            if float(cos[best]) < threshold:
+                continue
+            x = existing[best]
+            projection = float(g[0, best + 1] / g[best + 1, best + 1])
+            out[id(p)] = {"circuit": p.circuit.id, "into": x.id, "cosine": round(float(cos[best]), 4)}
+            if p.owner:
+                self._replace(p.owner, [p], [(x, -projection)], key, "absorbed", x.id, report)
+            x.origin_agents = sorted(set(x.origin_agents) | set(p.circuit.origin_agents))
+        return out
+
+    def _replace(
+        self,
+        owner: str,
+        leaving: list[Proposal],
+        minus: list[tuple[Circuit, float]],
+        target: ScopeKey,
+        kind: str,
+        via: str,
+        report: TickReport | None,
     ) -> None:
-        """The owner scope gives up its entering circuits and keeps ``Σ Δ_own − Δ_shared`` (its output is kept)."""
+        """The owner scope gives up its ``leaving`` circuits and keeps ``Σ Δ_leaving + Σ coef·Δ`` over ``minus``.
+
+        After a consensus ``minus`` is the new shared circuit with −1: the owner's output does not change. After an
+        absorption it is the projection on the shared circuit that already carried the pattern twice."""
         mem, dl = self.memory, self.memory.dl
         key = ScopeKey.parse(owner)
         scope = dl.hierarchy.scopes.get(key)
         if scope is None:  # another rank's scope: that rank applies it
             return
-        circuits = [p.circuit for p in entered]
-        own = [(c, 1.0) for c in circuits]
-        factors = combine(own + [(shared, -1.0)])
+        own = [(p.circuit, 1.0) for p in leaving]
         residual = Circuit(
-            factors=factors,
+            factors=combine(own + minus),
             tier=key.tier,
             scope=key.name,
-            id=circuit_digest("residual", shared.id, owner),
+            id=circuit_digest("residual", via, owner, *(p.circuit.id for p in leaving)),
             created_tick=dl.tick_count,
             residual_of=str(target),
         )
         reference = norm(Circuit(factors=combine(own), tier="", scope=""))
-        self._inherit(residual, entered)
-        for p in entered:
+        self._inherit(residual, leaving)
+        for p in leaving:
             local = scope.circuits.get(p.circuit.id)
             if local is None:
                 continue
@@ -229,17 +265,15 @@ class Sharing:
                 "score": round(p.stability, 4),
                 "coverage": None,
                 "autocorrelation": None,
-                "kind": "consensus",
-                "shared": shared.id,
+                "kind": kind,
+                "shared": via,
             }
             local.history.append({"event": "migrated", **{k: v for k, v in entry.items() if k != "circuit"}})
             mem.migrations.append(entry)
             if report is not None:
                 report.migrated.append(entry)
         if norm(residual) > RESIDUAL_TOLERANCE * reference:
-            residual.history.append(
-                {"event": "residual", "tick": dl.tick_count, "of": shared.id, "scope": str(target)}
-            )
+            residual.history.append({"event": "residual", "tick": dl.tick_count, "of": via, "scope": str(target)})
             dl.add_circuit(key, residual)
 
     # -- persistence ----------------------------------------------------------------------------------
