@@ -16,7 +16,10 @@ def test_fast_demo_end_to_end(tmp_path, capsys):
     assert report.wavegen["outcome"] == "internalized" and report.wavegen["internalized"], report.wavegen
     assert report.wavegen["hit_rate"] > 0 and report.wavegen["jump_speedup"] > report.wavegen["verify_speedup"] > 1
     out = capsys.readouterr().out
-    assert "greedy generation after learning" in out and "circuits" in out
+    assert (
+        report.team["inherited"] == {"cy": True, "dee": True, "eve": True} and not report.team["other_swarm_inherited"]
+    )
+    assert "greedy generation after learning" in out and "circuits" in out and "the team scenario" in out
 
     assert main(["inspect", str(tmp_path / "state")]) == 0
     out = capsys.readouterr().out

@@ -245,3 +245,34 @@ def test_a_swarm_lives_in_one_domain():
     dl.agent("a", swarm="team", domain="python")
     with pytest.raises(ValueError, match="swarm 'team' belongs to domain 'python'"):
         dl.agent("b", swarm="team", domain="rust")
+
+
+# -- the seed's team scenario ------------------------------------------------------------------------------------
+
+
+def assert_scenario(checks: dict) -> None:
+    assert checks["a_missed_then_hit"] and checks["a_screened"] and checks["a_migrated_to_agent"], checks
+    assert checks["b_resonated"] and checks["swarm_consolidated"] and checks["entry_evicted"], checks
+    assert checks["inherited"] == {"cy": True, "dee": True, "eve": True}, checks
+    assert checks["other_swarm_inherited"] is False, checks
+
+
+def test_team_scenario_on_a_tiny_model(tmp_path):
+    from rich.console import Console
+
+    from dynamiclora.demo_team import run_team
+
+    checks = run_team(make_dl(), tmp_path, Console(file=open(tmp_path / "out.txt", "w")))
+    assert_scenario(checks)
+    assert checks["plot"].exists()
+
+
+@pytest.mark.slow
+def test_team_scenario_on_the_built_in_model(tmp_path):
+    from rich.console import Console
+
+    from dynamiclora import DynamicLoRA
+    from dynamiclora.demo_team import run_team
+
+    dl = DynamicLoRA.default(progress=False)
+    assert_scenario(run_team(dl, tmp_path, Console(file=open(tmp_path / "out.txt", "w"))))

@@ -14,6 +14,7 @@ from rich.table import Table
 
 from .core import DynamicLoRA
 from .demo_dynamics import run_dynamics
+from .demo_team import run_team
 from .demo_wavegen import run_wavegen
 
 PATTERNS = {
@@ -30,6 +31,7 @@ class DemoReport:
     state_dir: Path
     dynamics: dict  # migrated / reproduced / forgotten / plot of the second act
     wavegen: dict  # outcome / internalized / hit_rate / speedups of the third act
+    team: dict  # the seed's team scenario (fourth act): its checks, see demo_team
 
 
 def _build(fast: bool, data_dir: Path | None) -> DynamicLoRA:
@@ -119,8 +121,10 @@ def run_demo(
     dynamics = run_dynamics(dl, state_dir, console)
     console.rule("[bold]WaveGen: the generation cache")
     wavegen = run_wavegen(dl, state_dir, console)
+    console.rule("[bold]the team scenario: a pattern proves itself and the swarm inherits it")
+    team = run_team(dl, state_dir, console)
     dl.save(state_dir)
-    return DemoReport(reproduced, untouched, reload_identical, state_dir, dynamics, wavegen)
+    return DemoReport(reproduced, untouched, reload_identical, state_dir, dynamics, wavegen, team)
 
 
 def _reload_model(dl: DynamicLoRA):

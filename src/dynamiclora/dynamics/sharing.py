@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..circuits import Circuit
+from ..config import TIERS
 from ..hierarchy import FOUNDATION, ScopeKey
 from .resonance import Proposal, combine, gram, norm, resonate
 
@@ -127,7 +128,9 @@ class Sharing:
         mem, cfg = self.memory, self.memory.config
         dl = mem.dl
         now = dl.tick_count
-        absorbed = self._absorb(key, proposals, report)
+        scope = dl.hierarchy.scopes.get(key)
+        held = sorted(scope.circuits.values(), key=lambda c: c.id) if scope is not None else []
+        absorbed = self._absorb(key, proposals, held, report)
         proposals = [p for p in proposals if id(p) not in absorbed]
         result = resonate(proposals, cfg.resonance_threshold, cfg.resonance_gain, cfg.resonance_max_gain)
         entered = [proposals[i] for i in result.entered]
@@ -175,6 +178,7 @@ class Sharing:
             for owner in sorted({p.owner for p in entered if p.owner}):
                 mine = [p for p in entered if p.owner == owner]
                 self._replace(owner, mine, [(shared, -1.0)], key, "consensus", shared.id, report)
+            record["absorbed"].extend(self._absorb_members(key, shared, report))
         self.log.append(record)
         if report is not None:
             report.shared.append(record)
@@ -196,11 +200,11 @@ class Sharing:
             for activation, prompt, completion in c.examples:
                 new.observe_example(activation, prompt, completion)
 
-    def _absorb(self, key: ScopeKey, proposals: list[Proposal], report: TickReport | None) -> dict[int, dict]:
+    def _absorb(
+        self, key: ScopeKey, proposals: list[Proposal], existing: list[Circuit], report: TickReport | None
+    ) -> dict[int, dict]:
         """Proposals that resonate with a circuit the target already holds are not added again: the owner drops the
         part the shared circuit already says (its projection on it) and keeps the rest. Returns {id(p): record}."""
-        scope = self.memory.dl.hierarchy.scopes.get(key)
-        existing = sorted(scope.circuits.values(), key=lambda c: c.id) if scope is not None else []
         out: dict[int, dict] = {}
         if not existing:
             return out
@@ -214,11 +218,35 @@ class Sharing:
                 continue
             x = existing[best]
             projection = float(g[0, best + 1] / g[best + 1, best + 1])
-            out[id(p)] = {"circuit": p.circuit.id, "into": x.id, "cosine": round(float(cos[best]), 4)}
+            out[id(p)] = {
+                "circuit": p.circuit.id,
+                "from": p.owner or "cache",
+                "into": x.id,
+                "cosine": round(float(cos[best]), 4),
+            }
             if p.owner:
                 self._replace(p.owner, [p], [(x, -projection)], key, "absorbed", x.id, report)
             x.origin_agents = sorted(set(x.origin_agents) | set(p.circuit.origin_agents))
         return out
+
+    def _members(self, key: ScopeKey) -> list[ScopeKey]:
+        """The faster scopes whose agents' stacks include ``key`` (local ones only)."""
+        h = self.memory.dl.hierarchy
+        below = TIERS[TIERS.index(key.tier) + 1 :]
+        keys = {k for info in h.agents.values() if key in info.stack() for k in info.stack() if k.tier in below}
+        return sorted((k for k in keys if k in h.scopes), key=str)
+
+    def _absorb_members(self, key: ScopeKey, shared: Circuit, report: TickReport | None) -> list[dict]:
+        """When a shared scope gains a circuit, its members' own copies of the pattern (circuits resonating with it)
+        give up their projection on it, so that no member carries the pattern twice."""
+        h = self.memory.dl.hierarchy
+        copies = [
+            Proposal(c, frozenset(), str(k), 0.0, False, str(key))
+            for k in self._members(key)
+            for c in sorted(h.scopes[k].circuits.values(), key=lambda c: c.id)
+            if c.residual_of != str(key)
+        ]
+        return list(self._absorb(key, copies, [shared], report).values())
 
     def _replace(
         self,

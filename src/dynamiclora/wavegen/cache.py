@@ -99,7 +99,15 @@ class CacheTier:
         self.entries: OrderedDict[str, CacheEntry] = OrderedDict()  # least recently used first
         self.semantic: dict[str, VectorIndex] = {}  # provenance -> index of its entries' vectors
         self._heap: list[tuple[float, int, str]] = []  # weighted LRU: (score, clock, id), lazily invalidated
-        self.stats = {"hits": 0, "semantic_hits": 0, "stores": 0, "evicted": 0, "invalidated": 0, "consolidated": 0}
+        self.stats = {
+            "hits": 0,
+            "semantic_hits": 0,
+            "rejected": 0,  # hits whose draft verification did not fully accept (not counted as hits)
+            "stores": 0,
+            "evicted": 0,
+            "invalidated": 0,
+            "consolidated": 0,
+        }
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -207,11 +215,18 @@ class TieredCache:
     def semantic_hit(self, e: CacheEntry) -> None:
         self._hit(e, semantic=True)
 
-    def served_draft(self, e: CacheEntry, drafted: int, accepted: int) -> None:
+    def served_draft(self, e: CacheEntry, drafted: int, accepted: int, semantic: bool) -> None:
+        """Verification's verdict on a served draft. A draft the model did not fully accept is no hit: the entry is
+        not what this requester's stack says, so it must not count towards consolidating it."""
         e.drafted += drafted
         e.accepted += accepted
         self.drafted += drafted
         self.accepted += accepted
+        if accepted < drafted:
+            e.hits -= 1
+            tier = self.tiers[e.tier]
+            tier.stats["semantic_hits" if semantic else "hits"] -= 1
+            tier.stats["rejected"] += 1
 
     def miss(self) -> None:
         self.misses += 1

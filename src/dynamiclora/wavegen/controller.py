@@ -164,7 +164,7 @@ class WaveController:
                 served = entry.tier if req.entry is not None else f"semantic:{entry.tier}"
                 draft = entry.tokens[: cfg.max_new_tokens]
                 drafted, accepted = len(draft), self._verify(forward, state, draft, cfg, recorder)
-                self.cache.served_draft(entry, drafted, accepted)
+                self.cache.served_draft(entry, drafted, accepted, semantic=req.entry is None)
             if not bool(state.done.all()):
                 run(
                     forward,
@@ -189,6 +189,9 @@ class WaveController:
         )
         if req.entry is not None:
             self._used(req.entry)
+            if accepted < drafted and tokens and traj.coherence() >= self.config.min_coherence:
+                req.entry.tokens = list(tokens)  # the stack says something else now: keep what it says
+                req.entry.text = dl.tokenizer.decode(tokens, skip_special_tokens=True)
         else:
             self._after_miss(req, tokens, traj, vector)
         return result
