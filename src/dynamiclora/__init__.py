@@ -11,6 +11,7 @@ from .config import (
     WaveGenConfig,
 )
 from .core import Agent, DynamicLoRA, GenerationResult
+from .dynamics.distributed import SwarmGroup, join_swarm
 from .errors import (
     ConfigError,
     CorruptStateError,
@@ -18,6 +19,7 @@ from .errors import (
     IncompatibleAdapterError,
     PromptTooLongError,
     StateMismatchError,
+    SwarmSyncError,
     UnknownAgentError,
     UnknownScopeError,
 )
@@ -46,8 +48,11 @@ __all__ = [
     "ScopeKey",
     "Snapshot",
     "StateMismatchError",
+    "SwarmGroup",
+    "SwarmSyncError",
     "UnknownAgentError",
     "UnknownScopeError",
     "WaveGenConfig",
     "__version__",
+    "join_swarm",
 ]

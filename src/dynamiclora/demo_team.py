@@ -61,7 +61,11 @@ def _run(dl: DynamicLoRA, state_dir: Path, console: Console, rounds: int) -> dic
         for m in report.migrated:
             if m["from"] in ours:
                 lane = m["from"].split(":")[1]
-                cos = f" (cos {cosines[m['circuit']]:.2f} with the shared circuit)" if m.get("kind") == "absorbed" else ""
+                cos = (
+                    f" (cos {cosines[m['circuit']]:.2f} with the shared circuit)"
+                    if m.get("kind") == "absorbed"
+                    else ""
+                )
                 events.append((tick, lane, m.get("kind") or "migrated", f"{m['from']} → {m['to']}{cos}"))
         for c in report.consolidated:
             if c.get("scope") == f"swarm:{SWARM}" or c["agent"] in ("ana", "ben"):

@@ -43,3 +43,7 @@ class CorruptStateError(DynamicLoRAError, OSError):
 
 class IncompatibleAdapterError(DynamicLoRAError, ValueError):
     """A PEFT adapter cannot be imported into this model (unknown modules, wrong shapes, ...)."""
+
+
+class SwarmSyncError(DynamicLoRAError, RuntimeError):
+    """Ranks of a distributed swarm could not exchange their tick (a rank died, hung or is out of step)."""

@@ -13,6 +13,7 @@ the measured memory span of the tier they watch.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -52,6 +53,7 @@ class Memory:
         self.forgotten: list[dict[str, Any]] = []
         self.queue: list[tuple[str, float]] = []
         self.sharing = Sharing(self)
+        self.sync_usage: Callable[[], None] | None = None  # distributed: sums shared circuits' uses over ranks
 
     # -- observation ----------------------------------------------------------------------------------
     @staticmethod
@@ -83,6 +85,8 @@ class Memory:
         dl, cfg = self.dl, self.config
         now = dl.tick_count
         report = TickReport(now)
+        if self.sync_usage is not None:
+            self.sync_usage()
         for c in dl.hierarchy.all_circuits():
             c.series.append(1 if c.uses_this_tick else 0)
             del c.series[:-MAX_SERIES]
