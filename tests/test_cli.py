@@ -82,3 +82,15 @@ def test_wavegen_benchmark_quick_writes_its_records(tmp_path):
     assert record["serving"]["accepted"] == "64/64"  # a fully accepted verify was timed
     assert all(0 < w["hit_rate"] < 1 for w in record["zipf"]) and checks
     assert (tmp_path / "wavegen-cpu-quick.png").exists()
+
+
+def test_swarm_benchmark_quick_writes_its_records(tmp_path):
+    from dynamiclora.bench import swarm
+
+    swarm.main(["--quick", "--out", str(tmp_path)])
+    record = json.loads((tmp_path / "swarm-cpu-quick.json").read_text())
+    rules = {r["rule"]: r for r in record["rules"]}
+    assert set(rules) == {"resonance", "mean", "ties", "pcgrad"}
+    assert rules["resonance"]["contributors_keep_own"] == 1.0  # residuals keep every contributor's own patterns
+    assert abs(rules["resonance"]["poison_share"]) < rules["mean"]["poison_share"]
+    assert record["memory"]["tensor_bytes_per_agent"] > 0 and (tmp_path / "swarm-cpu-quick.png").exists()

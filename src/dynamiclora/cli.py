@@ -180,9 +180,9 @@ def cmd_export_peft(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """Run a benchmark and write JSON + markdown (+ plots) under the output directory."""
-    from .bench import dynamics, forward, wavegen
+    from .bench import dynamics, forward, swarm, wavegen
 
-    {"forward": forward, "dynamics": dynamics, "wavegen": wavegen}[args.name].main(
+    {"forward": forward, "dynamics": dynamics, "wavegen": wavegen, "swarm": swarm}[args.name].main(
         ["--out", args.out] + (["--quick"] if args.quick else [])
     )
     return 0
@@ -210,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--agent", help="an agent id: export its whole stack")
     p.set_defaults(func=cmd_export_peft)
     p = sub.add_parser("bench", help=cmd_bench.__doc__)
-    p.add_argument("name", choices=["forward", "dynamics", "wavegen"])
+    p.add_argument("name", choices=["forward", "dynamics", "wavegen", "swarm"])
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--quick", action="store_true", help="tiny model only, few repeats")
     p.set_defaults(func=cmd_bench)

@@ -9,9 +9,10 @@ the foundation) are compared by the cosine of their deltas, ``cos_ij = ⟨Δ_i, 
 * opposition ``O_i = Σ_c max(0, −worst cos with c)``.
 
 A proposal enters only if ``S_i ≥ s`` (``resonance_threshold``), and only its *resonant part* enters: its
-projection ``E_i`` onto the span of the deltas of the other contributors' proposals it resonates with (all of it
-when its support is its own). It enters with weight ``w_i = min(G_max, 1 + γ·S_i) / (1 + S_ext_i + O_i)``; the
-shared delta is ``Σ w_i E_i``. Consequences (tested in tests/test_swarms.py):
+projection ``E_i`` onto the span of the deltas of the other contributors' proposals it resonates with (positive
+cosine); all of it when its support is its own (a proposal several contributors stand behind). It enters with
+weight ``w_i = min(G_max, 1 + γ·S_i) / (1 + S_ext_i + O_i)``; the shared delta is ``Σ w_i E_i``.
+Consequences (tested in tests/test_swarms.py):
 
 * gain law — N contributors of the same delta Δ give ``min(G_max, 1 + γ(N − 1))·Δ``: at least one contribution,
   amplified by γ per extra contributor, capped at ``G_max``;
@@ -54,7 +55,7 @@ class Verdict:
     opposition: float  # O_i
     weight: float  # w_i (0 when it does not enter)
     enters: bool
-    partners: list[int] = field(default_factory=list)  # resonating proposals of other contributors
+    partners: list[int] = field(default_factory=list)  # proposals of other contributors with a positive cosine
     resonant_fraction: float = 0.0  # ‖E_i‖ / ‖Δ_i‖
 
 
@@ -100,7 +101,7 @@ def resonate(
             for who in q.contributors:
                 best[who] = max(best.get(who, 0.0), c)
                 worst[who] = min(worst.get(who, 0.0), c)
-            if c >= threshold:
+            if c > 0:
                 partners.append(j)
         external = sum(max(0.0, v) for v in best.values())
         support = len(p.contributors) - 1 + external
@@ -109,14 +110,14 @@ def resonate(
         weight, fraction = 0.0, 0.0
         if enters:
             weight = min(max_gain, 1.0 + gain * support) / (1.0 + external + opposition)
-            if partners:  # E_i: least-squares projection of Δ_i onto span{Δ_j : j partner}
+            if len(p.contributors) > 1:  # its support is its own (several contributors stand behind it)
+                coefficients[i] += weight
+                fraction = 1.0
+            else:  # E_i: least-squares projection of Δ_i onto span{Δ_j : j resonates with it}
                 sub = g[partners][:, partners]
                 c = torch.linalg.lstsq(sub, g[partners, i].unsqueeze(1), rcond=1e-10).solution.squeeze(1)
                 coefficients[partners] += weight * c
                 fraction = float((c @ sub @ c).clamp_min(0).sqrt() / norms[i])
-            else:  # its support is its own (several contributors behind one proposal)
-                coefficients[i] += weight
-                fraction = 1.0
         verdicts.append(Verdict(support, opposition, weight, enters, partners, fraction))
     return Consensus(verdicts, coefficients, cos)
 
