@@ -276,3 +276,22 @@ def test_team_scenario_on_the_built_in_model(tmp_path):
 
     dl = DynamicLoRA.default(progress=False)
     assert_scenario(run_team(dl, tmp_path, Console(file=open(tmp_path / "out.txt", "w"))))
+
+
+def test_consensus_state_survives_save_and_load(tmp_path):
+    from dynamiclora import DynamicLoRA
+    from dynamiclora.testing import tiny_model
+
+    dl = team()
+    delta = random_circuit(dl, 4, torch.Generator().manual_seed(7), magnitude=0.3)
+    persistent(dl, "a", copy(delta))
+    persistent(dl, "b", copy(delta))
+    dl.tick()
+    dl.save(tmp_path / "s")
+    model, tokenizer = tiny_model("llama")
+    again = DynamicLoRA.load(tmp_path / "s", model=model, tokenizer=tokenizer)
+    for key, scope in dl.hierarchy.scopes.items():
+        assert again.hierarchy.scopes[key].content_hash() == scope.content_hash()
+    [residual] = again.hierarchy.scope("agent:a").circuits.values()
+    assert residual.residual_of == "swarm:team"
+    assert again.memory.sharing.log == dl.memory.sharing.log

@@ -3,7 +3,7 @@
 Layout of a state directory::
 
     state.sqlite                 meta, agents, scopes, circuits (WAL mode)
-    scopes/<content-hash>.safetensors
+    scopes/<hash of content + circuit ids>.safetensors
 
 A save writes each changed scope to a new file named by its content hash (temporary file, fsync,
 rename, fsync of the directory), then replaces every record in one SQLite transaction, and only after
@@ -99,11 +99,17 @@ def _tensor_key(circuit_id: str, module: str, which: str) -> str:
 
 
 def write_scope(scope: Scope, directory: Path) -> str | None:
-    """Write a scope's tensors to ``<hash>.safetensors`` unless that file already exists; returns its name."""
+    """Write a scope's tensors to ``<hash>.safetensors`` unless that file already exists; returns its name.
+
+    The file is addressed by the scope's content hash *and* its circuit ids (the tensors are keyed by id): two
+    scopes of equal content but different circuits (e.g. two agents' residuals of one consensus) get two files."""
     if not scope.circuits:
         return None
     digest = scope.content_hash()
-    name = f"{digest}.safetensors"
+    h = hashlib.sha256(digest.encode())
+    for cid in sorted(scope.circuits):
+        h.update(cid.encode())
+    name = f"{h.hexdigest()}.safetensors"
     path = directory / name
     if path.exists():
         return name
