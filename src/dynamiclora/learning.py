@@ -255,34 +255,35 @@ class ContextLearner:
         capture = self._capture_base(agent_id, ids)
         stack = dl.hierarchy.stack_scopes(agent_id)  # foundation … context
         context = list(stack[-1].circuits.values())
-        consolidated = [c for scope in stack[:-1] for c in scope.circuits.values()]  # every slower tier
+        slower = [c for scope in stack[:-1] for c in scope.circuits.values()]  # agent tier and the shared ones
         # each key's activation relative to its activation on its own origin: how much of "its" pattern this is
-        acts = [
-            a / (c.key_self or 1.0)
-            for a, c in zip(key_activations(context + consolidated, capture), context + consolidated)
-        ]
-        ctx_acts, agent_acts = acts[: len(context)], acts[len(context) :]
+        acts = [a / (c.key_self or 1.0) for a, c in zip(key_activations(context + slower, capture), context + slower)]
+        ctx_acts, slower_acts = acts[: len(context)], acts[len(context) :]
         # usage is activation: every circuit whose key this input matches is used, whichever of them learns
-        for c, a in zip(context + consolidated, acts):
+        for c, a in zip(context + slower, acts):
             if a >= cfg.attribution_threshold:
                 dl.memory.record_use(c)
 
         # A pattern that already migrated to a slower tier (the agent's own, or a shared one by consensus) is
         # reinforced there (a use), not learned again, unless the stack has lost it (its loss rose well above the
         # loss it had when last learned).
-        if agent_acts and max(agent_acts) >= cfg.attribution_threshold and max(agent_acts) >= max(ctx_acts, default=0):
-            known = consolidated[agent_acts.index(max(agent_acts))]
-            known.observe_example(max(agent_acts), *texts)
+        if (
+            slower_acts
+            and max(slower_acts) >= cfg.attribution_threshold
+            and max(slower_acts) >= max(ctx_acts, default=0)
+        ):
+            known = slower[slower_acts.index(max(slower_acts))]
+            known.observe_example(max(slower_acts), *texts)
             with torch.no_grad():
                 loss = float(self._loss(agent_id, ids, labels, trainable=False))
             if known.last_loss is None or loss <= max(1.2 * known.last_loss, known.last_loss + 0.1):
-                return LearnResult(known.id, False, max(agent_acts), loss, loss, None, trained=False)
+                return LearnResult(known.id, False, max(slower_acts), loss, loss, None, trained=False)
 
         best, best_act = (context[ctx_acts.index(max(ctx_acts))], max(ctx_acts)) if ctx_acts else (None, 0.0)
         dropped = None
         spawned = best is None or best_act < cfg.attribution_threshold
         if spawned:
-            best, dropped = self._spawn(agent_id, capture, context + consolidated)
+            best, dropped = self._spawn(agent_id, capture, context + slower)
             best_act = 0.0
         if spawned:
             dl.memory.record_use(best)

@@ -6,7 +6,6 @@ Run: ``python benchmarks/dynamics.py`` (``--quick`` for fewer sizes and repeats)
 
 from __future__ import annotations
 
-import argparse
 import copy
 import time
 from pathlib import Path
@@ -17,7 +16,7 @@ from ..config import DynamicLoRAConfig, DynamicsConfig, LearningConfig
 from ..core import DynamicLoRA
 from ..testing import tiny_model
 from .forward import LAYOUT, build_model, build_stack, model_configs, random_circuit
-from .record import time_interleaved, write
+from .record import arguments, time_interleaved, write
 
 
 def learning_step(quick: bool) -> list[dict]:
@@ -151,10 +150,7 @@ def timescales(quick: bool) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--out", default="benchmarks/results")
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args(argv)
+    args = arguments(__doc__, argv)
     steps, ticks, scales = learning_step(args.quick), tick_cost(args.quick), timescales(args.quick)
     checks = {f"{r['model']}: learning step <= 1.5x a PEFT step": r["ratio"] <= 1.5 for r in steps}
     checks.update(

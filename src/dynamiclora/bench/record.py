@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -13,6 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from ..config import DynamicLoRAConfig
+from ..core import DynamicLoRA
 
 
 def machine() -> dict[str, Any]:
@@ -78,6 +82,24 @@ def time_interleaved(
         k: {"median_s": statistics.median(v), "min_s": min(v), "max_s": max(v), "n": len(v)}
         for k, v in samples.items()
     }
+
+
+def arguments(description: str | None, argv: list[str] | None) -> argparse.Namespace:
+    """The options every benchmark takes: ``--out`` (results directory) and ``--quick`` (tiny model, fewer repeats)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--quick", action="store_true")
+    return parser.parse_args(argv)
+
+
+def model_under_test(quick: bool, config: DynamicLoRAConfig, progress: bool = False) -> DynamicLoRA:
+    """A tiny random Llama with ``--quick``, the built-in model otherwise."""
+    if quick:
+        from ..testing import tiny_model
+
+        base, tokenizer = tiny_model("llama")
+        return DynamicLoRA(base, tokenizer, config)
+    return DynamicLoRA.default(config, progress=progress)
 
 
 def write(out_dir: Path, name: str, record: dict[str, Any], markdown: str) -> tuple[Path, Path]:

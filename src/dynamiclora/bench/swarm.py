@@ -22,7 +22,6 @@ Run: ``python benchmarks/swarm.py`` (``--quick``: tiny random model).
 
 from __future__ import annotations
 
-import argparse
 import resource
 import time
 from pathlib import Path
@@ -33,7 +32,7 @@ from ..circuits import Circuit
 from ..config import DynamicLoRAConfig, DynamicsConfig, GenerationConfig
 from ..core import DynamicLoRA
 from ..dynamics.resonance import Proposal, combine, resonate
-from .record import write
+from .record import arguments, model_under_test, write
 
 SHARED = [
     ("def add(a, b):", "\n    return a + b\n"),
@@ -53,13 +52,7 @@ RULES = ("resonance", "mean", "ties", "pcgrad")
 
 
 def build(quick: bool) -> DynamicLoRA:
-    config = DynamicLoRAConfig(dynamics=DynamicsConfig(tick_interval=0))
-    if quick:
-        from ..testing import tiny_model
-
-        model, tokenizer = tiny_model("llama")
-        return DynamicLoRA(model, tokenizer, config)
-    return DynamicLoRA.default(config)
+    return model_under_test(quick, DynamicLoRAConfig(dynamics=DynamicsConfig(tick_interval=0)), progress=True)
 
 
 def curriculum(agent: int) -> list[tuple[str, str]]:
@@ -329,10 +322,7 @@ def plot(record: dict, path: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--out", default="benchmarks/results")
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args(argv)
+    args = arguments(__doc__, argv)
     dl = build(args.quick)
     rounds = 8 if args.quick else 6
     dl.agent("newbie", swarm="team", domain="python")

@@ -6,7 +6,6 @@ Run: ``python benchmarks/wavegen.py`` (``--quick``: tiny random model, fewer req
 
 from __future__ import annotations
 
-import argparse
 import random
 import statistics
 import time
@@ -18,7 +17,7 @@ from ..config import CACHE_TIERS, DynamicLoRAConfig
 from ..core import DynamicLoRA
 from ..wavegen.cache import CacheEntry
 from ..wavegen.signature import prompt_key, provenance, sampling_key
-from .record import time_interleaved, write
+from .record import arguments, model_under_test, time_interleaved, write
 
 SNIPPETS = [
     "import json\n\ndef parse_json(text):\n",
@@ -41,13 +40,9 @@ SNIPPETS = [
 
 
 def build(quick: bool, **wavegen) -> DynamicLoRA:
-    config = DynamicLoRAConfig(wavegen={"min_coherence": 0.0, **wavegen}, dynamics={"tick_interval": 100})
-    if quick:
-        from ..testing import tiny_model
-
-        model, tokenizer = tiny_model("llama")
-        return DynamicLoRA(model, tokenizer, config)
-    return DynamicLoRA.default(config, progress=False)
+    return model_under_test(
+        quick, DynamicLoRAConfig(wavegen={"min_coherence": 0.0, **wavegen}, dynamics={"tick_interval": 100})
+    )
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -228,10 +223,7 @@ def plot(out_dir: Path, name: str, serve: dict, workloads: list[dict]) -> Path:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--out", default="benchmarks/results")
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args(argv)
+    args = arguments(__doc__, argv)
     dl = build(args.quick)
     lookups = lookup_latency(dl, args.quick)
     serve = serving(dl, args.quick)

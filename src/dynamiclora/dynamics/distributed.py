@@ -83,8 +83,8 @@ class SwarmGroup:
     def exchange(self, proposals: list[Proposal]) -> list[Proposal]:
         """Every rank's proposals, de-duplicated (a shared scope's circuit is proposed by every rank holding it)."""
         payload = [_pack(p) for p in proposals]
+        mine = {(packed["owner"], packed["target"], packed["hash"]): p for packed, p in zip(payload, proposals)}
         gathered = self._gather("proposals for shared scopes", payload)
-        mine = {(p.owner, p.target, p.circuit.content_hash()): p for p in proposals}
         out: dict[tuple[str, str, str], Proposal] = {}
         for rank_payload in gathered:
             for packed in rank_payload:

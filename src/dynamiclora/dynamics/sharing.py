@@ -21,7 +21,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ..circuits import Circuit
+import torch
+
+from ..circuits import Circuit, frobenius_inner
 from ..config import TIERS
 from ..hierarchy import FOUNDATION, ScopeKey
 from .resonance import Proposal, combine, gram, norm, resonate
@@ -95,11 +97,10 @@ class Sharing:
                 continue
             window = mem.window(key.tier)
             for c in sorted(scope.circuits.values(), key=lambda c: c.id):
-                if c.residual_of == str(target):
-                    continue
+                if c.residual_of == str(target) or not (c.critical or now - c.entered_tick >= window):
+                    continue  # evidence must be gathered in this tier: a window of residence first
                 p = mem.persistence(c, window)
-                resident = now - c.entered_tick >= window
-                if c.critical or (resident and p.qualifies):
+                if c.critical or p.qualifies:
                     out.append(Proposal(c, frozenset({key.name}), str(key), p.score, c.critical, str(target)))
         out.extend(self.pending)
         self.pending = []
@@ -209,15 +210,15 @@ class Sharing:
         if not existing:
             return out
         threshold = self.memory.config.resonance_threshold
+        squared = torch.tensor([frobenius_inner(x, x) for x in existing], dtype=torch.float64).clamp_min(1e-30)
         for p in proposals:
-            g = gram([p.circuit, *existing])
-            norms = g.diagonal().clamp_min(1e-30).sqrt()
-            cos = g[0, 1:] / (norms[0] * norms[1:])
+            inner = torch.tensor([frobenius_inner(p.circuit, x) for x in existing], dtype=torch.float64)
+            cos = inner / (squared.sqrt() * max(frobenius_inner(p.circuit, p.circuit), 1e-30) ** 0.5)
             best = int(cos.argmax())
             if float(cos[best]) < threshold:
                 continue
             x = existing[best]
-            projection = float(g[0, best + 1] / g[best + 1, best + 1])
+            projection = float(inner[best] / squared[best])
             out[id(p)] = {
                 "circuit": p.circuit.id,
                 "from": p.owner or "cache",
@@ -276,7 +277,7 @@ class Sharing:
             created_tick=dl.tick_count,
             residual_of=str(target),
         )
-        reference = norm(Circuit(factors=combine(own), tier="", scope=""))
+        reference = max(float(gram([p.circuit for p in leaving]).sum()), 0.0) ** 0.5  # ‖Σ Δ_leaving‖
         self._inherit(residual, leaving)
         for p in leaving:
             local = scope.circuits.get(p.circuit.id)

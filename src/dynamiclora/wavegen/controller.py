@@ -334,22 +334,10 @@ class WaveController:
             if not ok:
                 record.update(outcome="failed", reason=f"not reproduced after {steps} steps")
             elif target.tier != "agent":  # shared scopes change only by consensus: propose it for the next tick
+                self._describe(e, circuit, record)
                 self._propose(e, circuit, target, record)
             else:
-                prompt_text = dl.tokenizer.decode(e.prompt_ids, skip_special_tokens=True)
-                circuit.observe_example(1.0, prompt_text, e.text)
-                circuit.origin_agents = sorted(
-                    {a for a, s, d in self.cache.requesters.get(e.prompt_key, [])} | {e.agent}
-                )
-                circuit.history.append(
-                    {
-                        "event": "consolidated",
-                        "from": f"cache:{e.tier}",
-                        "tick": dl.tick_count,
-                        "hit_rate": record["hit_rate"],
-                        "lookups": e.lookups,
-                    }
-                )
+                self._describe(e, circuit, record)
                 dl.add_circuit(target, circuit)
                 if self.produces(e, without):
                     extracted = self.extract(e.agent, e.prompt_ids, e.tokens, without)
@@ -382,19 +370,28 @@ class WaveController:
         self.log.append(record)
         return record
 
+    def _describe(self, e: CacheEntry, circuit, record: dict[str, Any]) -> None:
+        """Label an internalized circuit with its entry, the agents that asked for it, and its origin."""
+        circuit.observe_example(1.0, self.dl.tokenizer.decode(e.prompt_ids, skip_special_tokens=True), e.text)
+        circuit.origin_agents = sorted({r[0] for r in self.cache.requesters.get(e.prompt_key, [])} | {e.agent})
+        circuit.history.append(
+            {
+                "event": "consolidated",
+                "from": f"cache:{e.tier}",
+                "tick": self.dl.tick_count,
+                "hit_rate": record["hit_rate"],
+                "lookups": e.lookups,
+            }
+        )
+
     def _propose(self, e: CacheEntry, circuit, target: ScopeKey, record: dict[str, Any]) -> None:
         """Offer an internalized shared-tier entry to the consensus. The requesters are its contributors: at the
         swarm tier the agents that asked for it, at the domain tier their swarms, at the foundation their domains."""
-        dl = self.dl
         level = {"swarm": 0, "domain": 1, "foundation": 2}[target.tier]
         contributors = frozenset(r[level] for r in self.cache.requesters.get(e.prompt_key, [])) | {
             (e.agent, e.swarm, e.domain)[level]
         }
-        prompt_text = dl.tokenizer.decode(e.prompt_ids, skip_special_tokens=True)
-        circuit.observe_example(1.0, prompt_text, e.text)
-        circuit.origin_agents = sorted({r[0] for r in self.cache.requesters.get(e.prompt_key, [])} | {e.agent})
-        circuit.history.append({"event": "consolidated", "from": f"cache:{e.tier}", "tick": dl.tick_count})
-        dl.memory.sharing.propose(Proposal(circuit, contributors, "", e.hit_rate, False, str(target)))
+        self.dl.memory.sharing.propose(Proposal(circuit, contributors, "", e.hit_rate, False, str(target)))
         record.update(outcome="proposed", circuit=circuit.id, contributors=sorted(contributors))
 
     def produces(self, e: CacheEntry, without: tuple[str, ...]) -> bool:
