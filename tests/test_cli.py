@@ -70,7 +70,8 @@ def test_dynamics_benchmark_quick_writes_its_records(tmp_path):
     checks = dynamics.main(["--quick", "--out", str(tmp_path)])
     record = json.loads((tmp_path / "dynamics-cpu-quick.json").read_text())
     assert record["learning_step"][0]["ratio"] > 0 and len(record["tick_cost"]) == 2
-    assert "context" in record["timescales"]["per_tier"] and checks
+    assert "context" in record["timescales"]["runs"][0]["per_tier"] and checks
+    assert (tmp_path / "dynamics-cpu-quick.png").exists()
 
 
 def test_wavegen_benchmark_quick_writes_its_records(tmp_path):

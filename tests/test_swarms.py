@@ -182,6 +182,27 @@ def test_consensus_keeps_contributors_outputs_and_shares_with_other_members(ids)
         assert not dl.tick().shared
 
 
+def test_two_patterns_entering_together_stay_two_shared_circuits(ids):
+    """Two unrelated patterns both resonate in one tick: each becomes its own shared circuit (so each can move on
+    by itself), together equal to what one combined circuit would be; contributors' outputs do not change."""
+    dl = team()
+    g = torch.Generator().manual_seed(7)
+    first, second = random_circuit(dl, 4, g, magnitude=0.3), random_circuit(dl, 4, g, magnitude=0.3)
+    for n in ("a", "b"):
+        persistent(dl, n, copy(first))
+        persistent(dl, n, copy(second))
+    before = {n: dl.agent(n).logits(ids) for n in ("a", "b")}
+    [record] = dl.tick().shared
+    assert len(record["shared"]) == 2 and all(p["entered"] for p in record["proposals"])
+    held = list(dl.hierarchy.scope("swarm:team").circuits.values())
+    for pattern in (first, second):  # each shared circuit is (1 + gain) times exactly one of the patterns
+        best = max(held, key=lambda c: inner(dense(c), dense(pattern)))
+        expected = {m: (1 + GAIN) * v for m, v in dense(pattern).items()}
+        torch.testing.assert_close(dense(best), expected, rtol=1e-4, atol=1e-5)
+    for n in ("a", "b"):
+        torch.testing.assert_close(dl.agent(n).logits(ids), before[n], rtol=1e-4, atol=1e-4)
+
+
 def test_a_pattern_the_swarm_already_holds_is_absorbed_not_added_twice(ids):
     dl = team()
     delta = random_circuit(dl, 4, torch.Generator().manual_seed(7), magnitude=0.3)
@@ -226,15 +247,18 @@ def test_shared_scopes_climb_to_domain_and_foundation():
     for name, swarm, domain in (("a", "s1", "d1"), ("b", "s2", "d1"), ("c", "s3", "d2"), ("d", "s4", "d2")):
         dl.agent(name, swarm=swarm, domain=domain)
     delta = random_circuit(dl, 4, torch.Generator().manual_seed(5))
+    window = dl.memory.window("swarm")
     for swarm in ("s1", "s2", "s3", "s4"):
         c = copy(delta)
         dl.add_circuit(f"swarm:{swarm}", c)
-        c.series, c.entered_tick, c.uses_this_tick = [1] * 16, dl.tick_count - 16, 1
+        c.series, c.entered_tick, c.uses_this_tick = [1] * window, dl.tick_count - window, 1
     report = dl.tick()
     assert sorted(r["scope"] for r in report.shared) == ["domain:d1", "domain:d2"]
-    for c in dl.hierarchy.all_circuits():
-        c.series, c.uses_this_tick = [1] * 64, 1
-        c.entered_tick -= 64
+    window = dl.memory.window("domain")  # now measured: at least the swarm tier's time scale
+    assert window > dl.config.dynamics.window_min
+    for c in [c for d in ("d1", "d2") for c in dl.hierarchy.scope(f"domain:{d}").circuits.values()]:
+        c.series, c.uses_this_tick = [1] * window, 1
+        c.entered_tick -= window
     report = dl.tick()
     assert [r["scope"] for r in report.shared] == ["foundation"]
     assert len(dl.hierarchy.scope("foundation").circuits) == 1

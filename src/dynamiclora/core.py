@@ -218,14 +218,17 @@ class DynamicLoRA:
         return list(self.memory.forgotten)
 
     def timescales(self) -> dict[str, dict]:
-        """Per tier: the measured time scale (median residence in ticks), the detector window derived from it,
-        the number of circuits, the SCREENED fraction and the current (homeostatic) thresholds."""
+        """Per tier: the measured time scale (median survival in ticks; ``lower_bound`` while more than half of
+        what entered is still there), the detector window derived from it, the number of circuits, the SCREENED
+        fraction and the current (homeostatic) thresholds."""
         out = {}
         for tier in TIERS:
             members = [c for _, c in self.memory.tier_circuits(tier)]
             reg = self.memory.homeostasis.tiers[tier]
+            scale = self.memory.timescale(tier)
             out[tier] = {
-                "ticks": self.memory.timescale(tier),
+                "ticks": scale.ticks,
+                "lower_bound": scale.lower_bound,
                 "window": self.memory.window(tier),
                 "circuits": len(members),
                 "screened_fraction": sum(c.phase == "SCREENED" for c in members) / len(members) if members else 0.0,

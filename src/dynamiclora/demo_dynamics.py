@@ -67,8 +67,12 @@ def run_dynamics(dl: DynamicLoRA, state_dir: Path, console: Console, ticks: int 
     )
     scales = dl.timescales()
     console.print(
-        "measured time scales (median ticks in tier): "
-        + ", ".join(f"{tier} {v['ticks']:.0f}" for tier, v in scales.items() if v["ticks"] is not None)
+        "measured time scales (mean ticks in tier): "
+        + ", ".join(
+            f"{tier} {'≥ ' if v['lower_bound'] else ''}{v['ticks']:.0f}"
+            for tier, v in scales.items()
+            if v["ticks"] is not None
+        )
     )
     return {
         "migrated": bool(migrated),

@@ -74,7 +74,8 @@ def _run(dl: DynamicLoRA, state_dir: Path, console: Console, rounds: int) -> dic
         for s in report.shared:
             if s["scope"] == f"swarm:{SWARM}" and s.get("shared"):
                 who = sorted({w for p in s["proposals"] if p["entered"] for w in p["contributors"]})
-                events.append((tick, "swarm", "consensus", f"contributors {', '.join(who)} → {s['shared'][:8]}"))
+                into = ", ".join(x["circuit"][:8] for x in s["shared"])
+                events.append((tick, "swarm", "consensus", f"contributors {', '.join(who)} → {into}"))
 
     table = Table(title=f"the team scenario: '{PROMPT.strip()}' (one tick per round)")
     for col in ("tick", "who", "event", "detail"):

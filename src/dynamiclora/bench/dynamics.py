@@ -1,5 +1,6 @@
-"""Costs of the memory dynamics: the learning step against a PEFT LoRA training step of the same rank, and the
-tick's cost amortized over the interactions between ticks as the number of circuits grows.
+"""Costs of the memory dynamics: the learning step against a PEFT LoRA training step of the same rank, the
+tick's cost amortized over the interactions between ticks as the number of circuits grows, and the time scales
+the five tiers exhibit on a team stream (bench/tiers.py).
 
 Run: ``python benchmarks/dynamics.py`` (``--quick`` for fewer sizes and repeats).
 """
@@ -17,6 +18,7 @@ from ..core import DynamicLoRA
 from ..testing import tiny_model
 from .forward import LAYOUT, build_model, build_stack, model_configs, random_circuit
 from .record import arguments, time_interleaved, write
+from .tiers import STREAM_TICKS, plot_timescales, tier_timescales, timescale_checks, timescale_table
 
 
 def learning_step(quick: bool) -> list[dict]:
@@ -116,42 +118,10 @@ def tick_cost(quick: bool) -> list[dict]:
     return rows
 
 
-def timescales(quick: bool) -> dict:
-    """Time scales measured on a stream where patterns recur at different periods, with one-offs among them."""
-    from ..demo_dynamics import ONE_OFFS
-
-    model, tok = tiny_model("llama")
-    cfg = DynamicLoRAConfig(dynamics=DynamicsConfig(tick_interval=1), learning=LearningConfig(steps_per_learn=2))
-    dl = DynamicLoRA(model, tok, cfg)
-    alice = dl.agent("alice", swarm="s", domain="d")
-    recurring = [
-        ("def parse_json(text):", " return json.loads(text)"),
-        ("def read_config(path):", " return open(path)"),
-    ]
-    ticks = 80 if quick else 160
-    for t in range(ticks):
-        if t % 3 == 0:
-            alice.learn(*recurring[0])  # recurs every 3 ticks
-        elif t % 4 == 1:
-            alice.learn(*recurring[1])  # every 4 ticks
-        elif t % 7 == 2:
-            alice.learn(*ONE_OFFS[(t // 7) % len(ONE_OFFS)])  # one-offs, each back only after 56 ticks
-        else:
-            dl.tick()
-    scales = dl.timescales()
-    ctx, agent = scales["context"]["ticks"], scales["agent"]["ticks"]
-    return {
-        "ticks": ticks,
-        "per_tier": scales,
-        "agent_over_context": (agent / ctx) if ctx and agent else None,
-        "migrations": len(dl.migrations()),
-        "forgotten": len(dl.forgotten()),
-    }
-
-
 def main(argv: list[str] | None = None) -> dict:
     args = arguments(__doc__, argv)
-    steps, ticks, scales = learning_step(args.quick), tick_cost(args.quick), timescales(args.quick)
+    steps, ticks = learning_step(args.quick), tick_cost(args.quick)
+    scales = tier_timescales(STREAM_TICKS, seeds=1 if args.quick else 3)
     checks = {f"{r['model']}: learning step <= 1.5x a PEFT step": r["ratio"] <= 1.5 for r in steps}
     checks.update(
         {
@@ -181,27 +151,8 @@ def main(argv: list[str] | None = None) -> dict:
         f"{r['amortized_fraction'] * 100:.2f}% |"
         for r in ticks
     ]
-    md += [
-        "",
-        f"Measured time scales after {scales['ticks']} ticks of a stream with patterns recurring every 3 and "
-        f"4 ticks and one-offs ({scales['migrations']} migrations, {scales['forgotten']} forgotten):",
-        "",
-        "| tier | median ticks in tier | memory span | window | circuits |",
-        "|---|---|---|---|---|",
-    ]
-    for tier, v in scales["per_tier"].items():
-        if v["ticks"] is not None:
-            span = "" if v["span"] is None else f"{v['span']:.0f}"
-            md.append(f"| {tier} | {v['ticks']:.1f} | {span} | {v['window']} | {v['circuits']} |")
-    if scales["agent_over_context"]:
-        md += [
-            "",
-            f"agent / context: {scales['agent_over_context']:.2f}× (the agent tier's figure is a lower bound "
-            "while nothing has left it)",
-        ]
-    checks["time scales ordered: context < agent"] = bool(scales["agent_over_context"]) and (
-        scales["agent_over_context"] > 1
-    )
+    md += ["", *timescale_table(scales)]
+    checks.update(timescale_checks(scales))
     md += ["", "## Targets", ""] + [f"- {'met' if ok else '**missed**'}: {k}" for k, ok in checks.items()]
     name = "dynamics-cpu" + ("-quick" if args.quick else "")
     write(
@@ -216,6 +167,7 @@ def main(argv: list[str] | None = None) -> dict:
         },
         "\n".join(md) + "\n",
     )
+    plot_timescales(scales, Path(args.out) / f"{name}.png")
     print("\n".join(md))
     return checks
 

@@ -1,13 +1,13 @@
 """The tick: usage series → phases (with hysteresis) → decay and forgetting → migration upward.
 
-Per tick and per circuit: the closed tick's use (0/1) is appended to its series; its usage statistic u
-is the fraction of used ticks in the tier's window; u ≥ θ_on makes it SCREENED, u ≤ θ_off FREE, in
-between nothing changes (hysteresis). Use strengthens, disuse weakens: a circuit used in a tick is back
-at full strength, an unused one loses ``decay`` of its strength (SCREENED ones only
-``screened_decay_ratio`` of that); below ``forget_below`` it is deleted and the forgetting logged.
-Context circuits whose use persists across the window (see detector.py) move to their agent's tier, at
-most ``bandwidth`` per tick, best stability first; critical ones skip the queue. Windows derive from
-the measured memory span of the tier they watch.
+Per tick and per circuit: the closed tick's use (0/1) is appended to its series; its usage statistic u is the
+fraction of used ticks over the tier's horizon (set by homeostasis); u ≥ θ_on makes it SCREENED, u ≤ θ_off
+FREE, in between nothing changes (hysteresis). Use strengthens, disuse weakens: a circuit used in a tick is
+back at full strength, an unused one loses ``decay`` of its strength (SCREENED ones only
+``screened_decay_ratio`` of that); below ``forget_below`` it is deleted and the forgetting logged. Context
+circuits whose use persists across the window (see detector.py) move to their agent's tier, at most
+``bandwidth`` per tick, best stability first; critical ones skip the queue. Detector windows derive from
+measured figures (timescales.py): a tier's own memory span and the time scale of the faster tier below.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from ..hierarchy import Scope, ScopeKey
 from .detector import Persistence, persistence
 from .homeostasis import Homeostasis
 from .sharing import Sharing
-from .timescales import Timescales
+from .timescales import Scale, Timescales
 
 if TYPE_CHECKING:
     from ..core import DynamicLoRA
@@ -63,16 +63,21 @@ class Memory:
     def tier_circuits(self, tier: str) -> list[tuple[Scope, Circuit]]:
         return [(s, c) for k, s in self.dl.hierarchy.scopes.items() if k.tier == tier for c in s.circuits.values()]
 
-    def timescale(self, tier: str) -> float | None:
+    def timescale(self, tier: str) -> Scale:
         now = self.dl.tick_count
         return self.timescales.measure(tier, [now - c.entered_tick for _, c in self.tier_circuits(tier)])
 
     def window(self, tier: str) -> int:
-        """``window_scale`` × the tier's measured memory span (``window_min`` until it has forgotten something)."""
-        scale = self.timescales.span(tier)
-        if scale is None:
+        """The detector window of a tier, in ticks: ``window_scale`` × the longer of the tier's own memory span
+        (persistence means outliving ordinary forgetting) and the time scale of the faster tier below it, whose
+        circuits it receives (what belongs to a slower tier must outlast the faster one); ``window_min`` while
+        neither is known."""
+        faster = TIERS.index(tier) + 1  # TIERS runs slow to fast
+        below = self.timescale(TIERS[faster]).ticks if faster < len(TIERS) else None
+        measured = [m for m in (self.timescales.span(tier), below) if m is not None]
+        if not measured:
             return self.config.window_min
-        return min(max(self.config.window_min, math.ceil(self.config.window_scale * scale)), MAX_SERIES)
+        return min(max(self.config.window_min, math.ceil(self.config.window_scale * max(measured))), MAX_SERIES)
 
     def persistence(self, circuit: Circuit, window: int | None = None) -> Persistence:
         """The detector's verdict on a circuit, over ``window`` ticks (default: its tier's current window)."""
@@ -94,9 +99,11 @@ class Memory:
             members = self.tier_circuits(tier)
             self.homeostasis.update(tier, [c.phase for _, c in members])
             reg = self.homeostasis.tiers[tier]
-            window = self.window(tier)
+            # u averages over the tier's homeostatic horizon, not over the detector window: windows derive from
+            # spans, spans from decay, and decay from the phases u decides, which would close a runaway loop
+            horizon = max(1, round(cfg.window_min * reg.horizon))
             for scope, c in members:
-                c.u = sum(c.series[-window:]) / window  # ticks before a circuit existed count as unused
+                c.u = sum(c.series[-horizon:]) / horizon  # ticks before a circuit existed count as unused
                 phase = SCREENED if c.u >= reg.theta_on else FREE if c.u <= reg.theta_off else c.phase
                 if phase != c.phase:
                     event = {"event": "phase", "from": c.phase, "to": phase, "tick": now, "u": round(c.u, 4)}

@@ -1,4 +1,4 @@
-"""Resonance consensus: how circuits of several contributors combine into one shared circuit.
+"""Resonance consensus: how circuits of several contributors combine into shared circuits.
 
 Proposals bound for one shared scope (agents' circuits for their swarm, swarms' for their domain, domains' for
 the foundation) are compared by the cosine of their deltas, ``cos_ij = ⟨Δ_i, Δ_j⟩ / (‖Δ_i‖ ‖Δ_j‖)`` with
@@ -24,8 +24,9 @@ Consequences (tested in tests/test_swarms.py):
   delta when that is the honest one's only partner, by at most ``w·‖Δ_honest‖·cosθ·sinθ ≤ ½·w·‖Δ_honest‖``;
   with two honest partners sharing the pattern it leaks nothing. ``bench swarm`` measures it.
 
-The shared circuit is re-factorized from the stacked factors (QR of both sides and an SVD of the small core), so
-nothing of size out × in is ever formed.
+The shared delta becomes one circuit per group of resonating proposals (``Consensus.groups``): two patterns that
+arrive in the same tick stay two circuits. Each is re-factorized from the stacked factors (QR of both sides and
+an SVD of the small core), so nothing of size out × in is ever formed.
 """
 
 from __future__ import annotations
@@ -68,6 +69,35 @@ class Consensus:
     @property
     def entered(self) -> list[int]:
         return [i for i, v in enumerate(self.verdicts) if v.enters]
+
+    def groups(self, threshold: float) -> list[list[int]]:
+        """The shared delta split by pattern: connected components of ``cos ≥ threshold`` among the proposals with
+        a non-zero coefficient that hold an entering proposal. A term outside all of them (an entering proposal's
+        projection landing on a weakly related partner) joins the group it has the highest cosine with, so the
+        groups' terms still add up to the whole shared delta. Each group sorted, in order of first index."""
+        terms = [i for i in range(len(self.verdicts)) if float(self.coefficients[i]) != 0]
+        label = {i: i for i in terms}
+
+        def root(i: int) -> int:
+            while label[i] != i:
+                i = label[i]
+            return i
+
+        for a in terms:
+            for b in terms:
+                if a < b and float(self.cosines[a, b]) >= threshold:
+                    label[root(b)] = root(a)
+        components: dict[int, list[int]] = {}
+        for i in terms:
+            components.setdefault(root(i), []).append(i)
+        groups = [g for g in components.values() if any(self.verdicts[i].enters for i in g)]
+        if not groups:
+            return []
+        for stray in (g for g in components.values() if not any(self.verdicts[i].enters for i in g)):
+            for i in stray:
+                nearest = max(range(len(groups)), key=lambda k: max(float(self.cosines[i, j]) for j in groups[k]))
+                groups[nearest].append(i)
+        return sorted((sorted(g) for g in groups), key=lambda g: g[0])
 
 
 def gram(circuits: list[Circuit]) -> torch.Tensor:

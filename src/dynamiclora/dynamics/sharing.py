@@ -3,15 +3,16 @@
 Proposals come from two places: circuits of the agent, swarm and domain tiers whose use persisted across their
 tier's window *while in that tier* (so each tier adds its own residence before the next can be reached), and
 WaveGen consolidations of swarm/domain/foundation cache entries (queued with :meth:`Sharing.propose`). In a
-distributed run the proposals of every rank are gathered first (see dynamics.distributed), so every rank sees the
-same list in the same order and applies the same rule.
+distributed run the proposals of every rank are gathered first (see dynamics.distributed), so every rank sees
+the same list in the same order and applies the same rule.
 
 Per target scope (at most ``bandwidth`` target scopes per tier per tick; critical proposals first, then by
-stability) the resonance rule (resonance.py) decides who enters and with which weights. The shared circuit is
-added to the target; each contributing owner scope gives up its entering circuits and keeps the residual
-``Σ Δ_own − Δ_shared``, so **no contributor's output changes** (sum invariance, as in migration), while every
-other member of the target scope gains the shared circuit. A residual is never proposed to the same scope again,
-so a lone pusher cannot reach it by repetition either. Proposals that do not enter wait in their tier.
+stability) the resonance rule (resonance.py) decides who enters and with which weights. One shared circuit per
+resonating group is added to the target; each contributing owner scope gives up its entering circuits of that
+group and keeps the residual ``Σ Δ_own − Δ_shared``, so **no contributor's output changes by its own pattern**
+(sum invariance, as in migration), while every other member of the target scope gains the shared circuit. A
+residual is never proposed to the same scope again, so a lone pusher cannot reach it by repetition either.
+Proposals that do not enter wait in their tier.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ class Sharing:
         self.memory = memory
         self.pending: list[Proposal] = []  # WaveGen consolidations waiting for the next tick
         self.exchange: Exchange | None = None
-        self.log: list[dict[str, Any]] = []  # one record per consensus (target, who entered, who waited)
+        self.log: list[dict[str, Any]] = []  # one record per consensus that changed a scope (who entered, who waited)
 
     # -- proposals ------------------------------------------------------------------------------------
     def propose(self, proposal: Proposal) -> None:
@@ -89,13 +90,14 @@ class Sharing:
         mem = self.memory
         now = mem.dl.tick_count
         out = []
+        windows = {tier: mem.window(tier) for tier in SOURCE_TIERS}
         for key, scope in sorted(mem.dl.hierarchy.scopes.items(), key=lambda kv: str(kv[0])):
             if key.tier not in SOURCE_TIERS or not scope.circuits:
                 continue
             target = self.target_of(key)
             if target is None:
                 continue
-            window = mem.window(key.tier)
+            window = windows[key.tier]
             for c in sorted(scope.circuits.values(), key=lambda c: c.id):
                 if c.residual_of == str(target) or not (c.critical or now - c.entered_tick >= window):
                     continue  # evidence must be gathered in this tier: a window of residence first
@@ -124,8 +126,10 @@ class Sharing:
                 else:  # over the bandwidth: these proposals wait in their tiers (and pending ones for the next tick)
                     self.pending.extend(p for p in t.proposals if not p.owner)
 
-    def consensus(self, key: ScopeKey, proposals: list[Proposal], report: TickReport | None = None) -> Circuit | None:
-        """Apply the resonance rule to proposals bound for ``key``; returns the shared circuit (None if none)."""
+    def consensus(self, key: ScopeKey, proposals: list[Proposal], report: TickReport | None = None) -> list[Circuit]:
+        """Apply the resonance rule to proposals bound for ``key``; returns the shared circuits it added: one per
+        group of resonating proposals (so two patterns that arrive in the same tick stay two circuits, each free
+        to move on by itself)."""
         mem, cfg = self.memory, self.memory.config
         dl = mem.dl
         now = dl.tick_count
@@ -134,7 +138,6 @@ class Sharing:
         absorbed = self._absorb(key, proposals, held, report)
         proposals = [p for p in proposals if id(p) not in absorbed]
         result = resonate(proposals, cfg.resonance_threshold, cfg.resonance_gain, cfg.resonance_max_gain)
-        entered = [proposals[i] for i in result.entered]
         record: dict[str, Any] = {
             "scope": str(key),
             "tick": now,
@@ -152,10 +155,12 @@ class Sharing:
                 }
                 for p, v in zip(proposals, result.verdicts)
             ],
+            "shared": [],
         }
-        shared = None
-        terms = [(p.circuit, float(c)) for p, c in zip(proposals, result.coefficients) if c != 0]
-        if entered and terms:
+        added = []
+        for group in result.groups(cfg.resonance_threshold):
+            entered = [proposals[i] for i in group if result.verdicts[i].enters]
+            terms = [(proposals[i].circuit, float(result.coefficients[i])) for i in group]
             digests = sorted(p.circuit.content_hash() for p in entered)
             shared = Circuit(
                 factors=combine(terms),
@@ -174,16 +179,18 @@ class Sharing:
                 }
             )
             dl.add_circuit(key, shared)
-            record["shared"] = shared.id
-            record["rank"] = shared.rank
+            added.append(shared)
+            made_of = [p.circuit.id for p in entered]
+            record["shared"].append({"circuit": shared.id, "rank": shared.rank, "from": made_of})
             for owner in sorted({p.owner for p in entered if p.owner}):
                 mine = [p for p in entered if p.owner == owner]
                 self._replace(owner, mine, [(shared, -1.0)], key, "consensus", shared.id, report)
             record["absorbed"].extend(self._absorb_members(key, shared, report))
-        self.log.append(record)
+        if added or record["absorbed"]:  # proposals that only waited are reported, not kept
+            self.log.append(record)
         if report is not None:
             report.shared.append(record)
-        return shared
+        return added
 
     @staticmethod
     def _inherit(new: Circuit, sources: list[Proposal]) -> None:

@@ -1,19 +1,38 @@
 """Time scales each tier actually exhibits, measured rather than configured.
 
-A tier's scale is the median residence time (in ticks) of the circuits that left it (by migration
-or by being forgotten); while none has left yet, the median age of those still in it, as a lower bound.
-Its *memory span* is the median lifetime of the circuits it forgot: how long an unreinforced pattern
-survives there. Detector windows derive from the span (deriving them from residences would feed back:
-a circuit that migrates stayed about one window, so the next window would grow by the scale factor).
+A tier's *time scale* is the mean time a circuit stays in it, by Little's law: the circuit-ticks spent in the
+tier divided by the departures from it (by migration or by being forgotten), over the recent departures and
+everything still there. Circuits still present count with their age, so a tier that keeps what it holds (its
+circuits rarely leave) measures slow even in a finite run; while nothing has left at all, the oldest age is
+reported as a lower bound. Its *memory span* is the median lifetime of the circuits it forgot: how long an
+unreinforced pattern survives there.
+
+Detector windows (memory.Memory.window) derive from the memory span of the faster tier below: a pattern
+belongs to a slower tier only if it keeps recurring for longer than the faster tier would hold it unused.
 """
 
 from __future__ import annotations
 
 import statistics
 from collections import deque
+from dataclasses import dataclass
 from typing import Any
 
 from ..config import TIERS
+
+
+@dataclass(frozen=True)
+class Scale:
+    ticks: float | None  # median survival in the tier (None: nothing has ever been in it)
+    lower_bound: bool  # the median is not reached yet: ``ticks`` is the longest survival seen so far
+
+
+def mean_residence(ended: list[int], censored: list[int]) -> Scale:
+    """Mean time in the tier by Little's law: circuit-ticks spent there over departures (the maximum-likelihood
+    estimate for exponential residence, with ``censored`` circuits still present counted as exposure)."""
+    if not ended:
+        return Scale(float(max(censored)) if censored else None, bool(censored))
+    return Scale((sum(ended) + sum(censored)) / len(ended), False)
 
 
 class Timescales:
@@ -29,11 +48,8 @@ class Timescales:
     def span(self, tier: str) -> float | None:
         return float(statistics.median(self.lifetimes[tier])) if self.lifetimes[tier] else None
 
-    def measure(self, tier: str, alive_ages: list[int]) -> float | None:
-        done = self.residences[tier]
-        if done:
-            return float(statistics.median(done))
-        return float(statistics.median(alive_ages)) if alive_ages else None
+    def measure(self, tier: str, alive_ages: list[int]) -> Scale:
+        return mean_residence(list(self.residences[tier]), [max(a, 1) for a in alive_ages])
 
     def state(self) -> dict[str, Any]:
         return {
