@@ -26,6 +26,9 @@ test-slow: $(BIN)/.installed  ## tests marked slow
 bench: $(BIN)/.installed  ## benchmarks: JSON + markdown + plots under benchmarks/results
 	$(BIN)/python benchmarks/forward.py
 	$(BIN)/python benchmarks/dynamics.py
+	$(BIN)/python benchmarks/wavegen.py
+	$(BIN)/python benchmarks/swarm.py
+	$(BIN)/python benchmarks/server.py
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check src tests benchmarks

@@ -95,3 +95,14 @@ def test_swarm_benchmark_quick_writes_its_records(tmp_path):
     assert rules["resonance"]["contributors_keep_own"] == 1.0  # residuals keep every contributor's own patterns
     assert abs(rules["resonance"]["poison_share"]) < rules["mean"]["poison_share"]
     assert record["memory"]["tensor_bytes_per_agent"] > 0 and (tmp_path / "swarm-cpu-quick.png").exists()
+
+
+def test_server_benchmark_quick_writes_its_records(tmp_path):
+    from dynamiclora.bench import server
+
+    checks = server.main(["--quick", "--out", str(tmp_path)])
+    record = json.loads((tmp_path / "server-cpu-quick.json").read_text())
+    batched, unbatched = record["runs"]
+    assert batched["requests"] > 0 and unbatched["requests"] > 0 and checks["zero failed requests"]
+    assert batched["engine"]["rows"] > batched["engine"]["batches"]  # it did batch
+    assert (tmp_path / "server-cpu-quick.png").exists()

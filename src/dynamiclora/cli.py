@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sqlite3
 import sys
 from contextlib import closing
@@ -180,11 +181,28 @@ def cmd_export_peft(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """Run a benchmark and write JSON + markdown (+ plots) under the output directory."""
-    from .bench import dynamics, forward, swarm, wavegen
+    from .bench import dynamics, forward, server, swarm, wavegen
 
-    {"forward": forward, "dynamics": dynamics, "wavegen": wavegen, "swarm": swarm}[args.name].main(
-        ["--out", args.out] + (["--quick"] if args.quick else [])
+    benches = {"forward": forward, "dynamics": dynamics, "wavegen": wavegen, "swarm": swarm, "server": server}
+    benches[args.name].main(["--out", args.out] + (["--quick"] if args.quick else []))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve an OpenAI-compatible API (per-agent keys, batching, dashboard at /) over a saved state."""
+    import uvicorn
+
+    from .server import create_app, open_state
+    from .server.keys import ADMIN_FILE
+
+    state_dir = Path(args.state_dir)
+    dl = open_state(state_dir, args.model)
+    app = create_app(dl, state_dir, max_queue=args.max_queue, max_batch=args.max_batch, batching=not args.no_batching)
+    where = "$DYNAMICLORA_ADMIN_KEY" if os.environ.get("DYNAMICLORA_ADMIN_KEY") else state_dir / ADMIN_FILE
+    Console(stderr=True).print(
+        f"serving {state_dir} on http://{args.host}:{args.port}  (admin key: {where}; dashboard: /?key=<admin key>)"
     )
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
 
@@ -210,10 +228,21 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--agent", help="an agent id: export its whole stack")
     p.set_defaults(func=cmd_export_peft)
     p = sub.add_parser("bench", help=cmd_bench.__doc__)
-    p.add_argument("name", choices=["forward", "dynamics", "wavegen", "swarm"])
+    p.add_argument("name", choices=["forward", "dynamics", "wavegen", "swarm", "server"])
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--quick", action="store_true", help="tiny model only, few repeats")
     p.set_defaults(func=cmd_bench)
+    p = sub.add_parser("serve", help=cmd_serve.__doc__)
+    p.add_argument("--state-dir", default="state/server", help="saved state to serve (created if missing)")
+    p.add_argument("--model", default=None, help="a Transformers model for a new state (default: built-in)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting before 429")
+    p.add_argument("--max-batch", type=int, default=16, help="generation requests per batched forward")
+    p.add_argument("--no-batching", action="store_true", help="serve generation requests one at a time")
+    p.add_argument("--no-cache", action="store_true", help="do not serve single requests through WaveGen")
+    p.add_argument("--log-level", default="warning")
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

@@ -1,0 +1,348 @@
+"""The HTTP API: OpenAI-compatible completions for every agent, plus the memory's own endpoints.
+
+``model`` names the agent whose stack generates (or the base model itself). Each agent has its own API key
+(``Authorization: Bearer <key>``) and can generate with and learn into only its own tiers; the admin key
+registers agents and runs ticks. Shared tiers change only through migration and consensus, never through a
+request. Errors use the OpenAI shape ``{"error": {"message", "type", "param", "code"}}``, with 4xx for
+everything a client can get wrong.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..core import DynamicLoRA
+from ..errors import DynamicLoRAError, PromptTooLongError
+from . import dashboard
+from .engine import Busy, Completion, Engine, GenerateJob
+from .keys import KeyStore, Principal
+from .schemas import ChatRequest, CompletionRequest, LearnRequest, RegisterRequest, Sampling
+
+log = logging.getLogger("dynamiclora.server")
+DEFAULT_MAX_TOKENS = 64
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.kind, self.param = status, message, kind, param
+
+
+def _error(status: int, message: str, kind: str, param: str | None = None, headers=None) -> JSONResponse:
+    body = {"error": {"message": message, "type": kind, "param": param, "code": status}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def base_name(dl: DynamicLoRA) -> str:
+    path = str(getattr(dl.model.config, "_name_or_path", "") or "")
+    return Path(path).name or "base"
+
+
+def create_app(
+    dl: DynamicLoRA,
+    state_dir: str | Path,
+    admin_key: str | None = None,
+    **engine_options: Any,
+) -> FastAPI:
+    """The app around ``dl``, saving to ``state_dir`` (``engine_options``: see server.engine.Engine)."""
+    state_dir = Path(state_dir)
+    keys = KeyStore(state_dir, admin_key)
+    engine = Engine(dl, state_dir, **engine_options)
+    base = base_name(dl)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        engine.start()
+        yield
+        engine.stop()
+
+    app = FastAPI(title="DynamicLoRA", lifespan=lifespan)
+    app.state.engine, app.state.keys, app.state.dl = engine, keys, dl
+
+    # -- errors ---------------------------------------------------------------------------------------
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, e: APIError):
+        return _error(e.status, e.message, e.kind, e.param)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, e: RequestValidationError):
+        first = e.errors()[0]
+        if first.get("type") == "json_invalid":
+            return _error(400, f"the body is not valid JSON: {first.get('msg')}", "invalid_request_error")
+        loc = []
+        for part in first.get("loc", ())[1:]:  # after "body"; stop at pydantic's names of union members
+            if isinstance(part, str) and not part.isidentifier():
+                break
+            loc.append(str(part))
+        field = ".".join(loc) or "body"
+        msg = first.get("msg", "invalid value")
+        return _error(400, f"{field}: {msg}", "invalid_request_error", field)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException):
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        detail = str(e.detail)
+        if detail == "There was an error parsing the body":
+            detail = "the body could not be parsed: send JSON encoded as UTF-8"
+        return _error(e.status_code, detail, kind)
+
+    @app.exception_handler(Busy)
+    async def busy(request: Request, e: Busy):
+        return _error(429, str(e), "rate_limit_error", headers={"Retry-After": "1"})
+
+    @app.exception_handler(Exception)
+    async def crashed(request: Request, e: Exception):
+        log.exception("unexpected error on %s", request.url.path)
+        return _error(500, f"internal error: {type(e).__name__}: {e}", "server_error")
+
+    # -- auth -----------------------------------------------------------------------------------------
+    def principal(request: Request) -> Principal:
+        header = request.headers.get("authorization", "")
+        if not header:
+            raise APIError(401, "missing API key: send 'Authorization: Bearer <key>'", "authentication_error")
+        scheme, _, key = header.partition(" ")
+        who = keys.resolve(key.strip()) if scheme.lower() == "bearer" and key.strip() else None
+        if who is None:
+            raise APIError(401, "invalid API key", "authentication_error")
+        return who
+
+    def admin(who: Principal = Depends(principal)) -> Principal:
+        if not who.admin:
+            raise APIError(403, "this needs the admin key", "permission_error")
+        return who
+
+    async def run(fn, durable: bool = False):
+        return await asyncio.wrap_future(engine.call(fn, durable))
+
+    def agent_for(model: str, who: Principal, param: str = "model") -> str:
+        if model not in dl.hierarchy.agents:
+            raise APIError(404, f"unknown agent {model!r}: register it with POST /v1/agents", param=param)
+        if not who.may_act_as(model):
+            raise APIError(403, f"this key belongs to {who.agent!r}, not to {model!r}", "permission_error", param)
+        return model
+
+    # -- OpenAI-compatible ----------------------------------------------------------------------------
+    @app.get("/v1/models")
+    async def models(who: Principal = Depends(principal)):
+        agents = sorted(await run(lambda: list(dl.hierarchy.agents)))
+        data = [{"id": base, "object": "model", "created": 0, "owned_by": "dynamiclora"}]
+        data += [
+            {"id": a, "object": "model", "created": 0, "owned_by": "dynamiclora", "parent": base, "root": base}
+            for a in agents
+        ]
+        return {"object": "list", "data": data}
+
+    async def complete(req: Sampling, prompt: str, who: Principal, max_tokens: int | None) -> Completion:
+        if req.model == base:
+            agent_id = who.agent or next(iter(sorted(dl.hierarchy.agents)), None)
+            if agent_id is None:
+                raise APIError(400, "no agent is registered yet; the base model runs under an agent's key")
+            base_only = True
+        else:
+            agent_id, base_only = agent_for(req.model, who), False
+        tokens = max_tokens or DEFAULT_MAX_TOKENS
+        try:
+            prompt_tokens = len(dl.encode(prompt))
+            dl.check_length(prompt_tokens + tokens, prompt_tokens, tokens)
+        except PromptTooLongError as e:
+            raise APIError(400, str(e), param="max_tokens") from None
+        job = GenerateJob(agent_id, prompt, tokens, req.temperature, req.top_p, base_only, req.stops())
+        return await asyncio.wrap_future(engine.submit(job))
+
+    def usage(c: Completion) -> dict:
+        return {
+            "prompt_tokens": c.prompt_tokens,
+            "completion_tokens": c.completion_tokens,
+            "total_tokens": c.prompt_tokens + c.completion_tokens,
+        }
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest, who: Principal = Depends(principal)):
+        c = await complete(req, req.text(), who, req.max_tokens)
+        rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+
+        def choice(text: str, reason: str | None) -> dict:
+            return {"index": 0, "text": text, "finish_reason": reason, "logprobs": None}
+
+        head = {"id": rid, "object": "text_completion", "created": created, "model": req.model}
+        if req.stream:
+            return _stream(head, c, lambda piece, reason: {"choices": [choice(piece, reason)]}, req)
+        return {**head, "choices": [choice(c.text, c.finish_reason)], "usage": usage(c), "cache": c.cache}
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: ChatRequest, who: Principal = Depends(principal)):
+        template = getattr(dl.tokenizer, "chat_template", None)
+        if not template:
+            raise APIError(400, f"model {base!r} has no chat template; use /v1/completions", param="messages")
+        messages = [{"role": m.role, "content": m.content} for m in req.messages]
+        try:
+            prompt = dl.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as e:  # noqa: BLE001 - a template may reject a message order
+            raise APIError(400, f"the chat template rejected these messages: {e}", param="messages") from None
+        c = await complete(req, prompt, who, req.max_completion_tokens or req.max_tokens)
+        rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        head = {"id": rid, "created": created, "model": req.model}
+        if req.stream:
+
+            def chunk(piece: str, reason: str | None) -> dict:
+                delta = {"content": piece} if piece else {}
+                return {
+                    "object": "chat.completion.chunk",
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": reason}],
+                }
+
+            return _stream(head, c, chunk, req)
+        message = {"role": "assistant", "content": c.text}
+        return {
+            **head,
+            "object": "chat.completion",
+            "choices": [{"index": 0, "message": message, "finish_reason": c.finish_reason}],
+            "usage": usage(c),
+        }
+
+    def _stream(head: dict, c: Completion, chunk, req: Sampling) -> StreamingResponse:
+        async def events() -> AsyncIterator[str]:
+            for piece in re.findall(r"\s*\S+|\s+", c.text):
+                yield f"data: {json.dumps({**head, **chunk(piece, None)})}\n\n"
+            last = {**head, **chunk("", c.finish_reason)}
+            if (req.stream_options or {}).get("include_usage"):
+                last["usage"] = usage(c)
+            yield f"data: {json.dumps(last)}\n\n"
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    # -- the memory's own endpoints ---------------------------------------------------------------------
+    @app.post("/v1/agents", status_code=201)
+    async def register(req: RegisterRequest, who: Principal = Depends(admin)):
+        def create() -> dict:
+            if req.id in dl.hierarchy.agents and keys.has_key(req.id):
+                raise APIError(409, f"agent {req.id!r} already exists", "conflict_error", "id")
+            if req.id == base:
+                raise APIError(409, f"{req.id!r} is the base model's name", "conflict_error", "id")
+            info = dl.agent(req.id, swarm=req.swarm, domain=req.domain).info
+            return {"id": info.id, "swarm": info.swarm, "domain": info.domain}
+
+        try:
+            record = await run(create, durable=True)
+        except DynamicLoRAError as e:
+            raise APIError(400, str(e), param="swarm") from None
+        return {**record, "api_key": keys.issue(req.id)}  # issued after the agent is saved
+
+    @app.post("/v1/learn")
+    async def learn(req: LearnRequest, who: Principal = Depends(principal)):
+        agent_id = agent_for(req.model, who)
+        try:
+            r = await run(lambda: dl.agent(agent_id).learn(req.prompt, req.completion, req.critical), durable=True)
+        except PromptTooLongError as e:
+            raise APIError(400, str(e), param="prompt") from None
+        return {
+            "agent": agent_id,
+            "circuit": r.circuit_id,
+            "spawned": r.spawned,
+            "trained": r.trained,
+            "loss_before": r.loss_before,
+            "loss_after": r.loss_after,
+            "interaction": dl.interactions,
+            "saved": True,
+        }
+
+    @app.post("/v1/tick")
+    async def tick(who: Principal = Depends(admin)):
+        report = await run(dl.tick, durable=True)
+        return {
+            "tick": report.tick,
+            "transitions": len(report.transitions),
+            "migrated": report.migrated,
+            "forgotten": report.forgotten,
+            "shared": report.shared,
+            "consolidated": report.consolidated,
+        }
+
+    def scoped(who: Principal, agent: str | None) -> str | None:
+        if agent is not None:
+            return agent_for(agent, who, "agent")
+        return None if who.admin else who.agent
+
+    @app.get("/v1/circuits")
+    async def circuits(agent: str | None = None, who: Principal = Depends(principal)):
+        target = scoped(who, agent)
+        return {"data": await run(lambda: dl.circuits(agent=target))}
+
+    @app.get("/v1/migrations")
+    async def migrations(agent: str | None = None, who: Principal = Depends(principal)):
+        target = scoped(who, agent)
+        return {"data": await run(lambda: dl.migrations(agent=target))}
+
+    @app.get("/v1/timescales")
+    async def timescales(who: Principal = Depends(principal)):
+        return await run(dl.timescales)
+
+    @app.get("/v1/cache")
+    async def cache(who: Principal = Depends(principal)):
+        return await run(dl.wavegen.statistics)
+
+    @app.get("/health")
+    async def health():
+        return {
+            "status": "ok",
+            "base": base,
+            "agents": len(dl.hierarchy.agents),
+            "tick": dl.tick_count,
+            "interactions": dl.interactions,
+            "queue": engine.queue.qsize(),
+            "engine": dict(engine.stats),
+        }
+
+    # -- the dashboard --------------------------------------------------------------------------------
+    def dashboard_key(request: Request) -> None:
+        key = request.query_params.get("key", "")
+        who = keys.resolve(key) if key else None
+        if who is None or not who.admin:
+            raise APIError(401, "the dashboard's data needs the admin key (?key=...)", "authentication_error")
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page():
+        return dashboard.PAGE
+
+    @app.get("/dashboard/data", dependencies=[Depends(dashboard_key)])
+    async def dashboard_data():
+        return await run(lambda: dashboard.data(dl))
+
+    @app.get("/dashboard/plot/{name}.png", dependencies=[Depends(dashboard_key)])
+    async def dashboard_plot(name: str):
+        if name not in dashboard.PLOTS:
+            raise APIError(404, f"no plot {name!r}; choose from {sorted(dashboard.PLOTS)}", "not_found_error")
+        snapshot = await run(lambda: dashboard.data(dl))
+        png = await asyncio.to_thread(dashboard.PLOTS[name], snapshot)
+        return Response(png, media_type="image/png", headers={"Cache-Control": "no-store"})
+
+    return app
+
+
+def open_state(state_dir: Path, model: str | None = None) -> DynamicLoRA:
+    """The saved state in ``state_dir`` if there is one, else a fresh one on ``model`` (default: built-in)."""
+    from ..store import DB_NAME
+
+    if (state_dir / DB_NAME).exists():
+        return DynamicLoRA.load(state_dir)
+    dl = DynamicLoRA.from_pretrained(model) if model else DynamicLoRA.default()
+    dl.save(state_dir)
+    return dl
+
+
+__all__ = ["APIError", "base_name", "create_app", "open_state"]

@@ -1,0 +1,73 @@
+"""Request bodies, validated at the edge: every bad field is named in a 400 before anything runs."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+MAX_PROMPT_CHARS = 32_000
+MAX_TOKENS = 2048  # the model's context bounds it further (checked per request)
+NAME = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$"
+
+
+def _utf8(text: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"not valid UTF-8 text (character {e.start} is a lone surrogate)") from None
+    return text
+
+
+Text = Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS), AfterValidator(_utf8)]
+Stop = Annotated[str, Field(min_length=1, max_length=200), AfterValidator(_utf8)]
+
+
+class Body(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # the openai client sends fields we do not use
+
+
+class Sampling(Body):
+    model: str = Field(min_length=1, max_length=200)
+    max_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS)
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    n: Literal[1] = 1
+    stream: bool = False
+    stop: Stop | list[Stop] | None = Field(default=None)
+    stream_options: dict | None = None
+
+    def stops(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop[:4])
+
+
+class CompletionRequest(Sampling):
+    prompt: Text | Annotated[list[Text], Field(min_length=1, max_length=1)]
+
+    def text(self) -> str:
+        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+
+class Message(Body):
+    role: Literal["system", "user", "assistant", "developer"]
+    content: Text
+
+
+class ChatRequest(Sampling):
+    messages: list[Message] = Field(min_length=1, max_length=256)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS)
+
+
+class LearnRequest(Body):
+    model: str = Field(min_length=1, max_length=200, description="the agent that learns")
+    prompt: Text
+    completion: Text
+    critical: bool = False
+
+
+class RegisterRequest(Body):
+    id: str = Field(pattern=NAME)
+    swarm: str | None = Field(default=None, pattern=NAME)
+    domain: str | None = Field(default=None, pattern=NAME)
