@@ -29,6 +29,7 @@ bench: $(BIN)/.installed  ## benchmarks: JSON + markdown + plots under benchmark
 	$(BIN)/python benchmarks/wavegen.py
 	$(BIN)/python benchmarks/swarm.py
 	$(BIN)/python benchmarks/server.py
+	$(BIN)/python benchmarks/continual.py
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check src tests benchmarks

@@ -106,3 +106,15 @@ def test_server_benchmark_quick_writes_its_records(tmp_path):
     assert batched["requests"] > 0 and unbatched["requests"] > 0 and checks["zero failed requests"]
     assert batched["engine"]["rows"] > batched["engine"]["batches"]  # it did batch
     assert (tmp_path / "server-cpu-quick.png").exists()
+
+
+def test_continual_benchmark_quick_writes_its_records(tmp_path):
+    from dynamiclora.bench import continual
+
+    continual.main(["--quick", "--out", str(tmp_path)])
+    record = json.loads((tmp_path / "continual-cpu-quick.json").read_text())
+    [report] = record["streams"]
+    methods = {r["method"] for r in report["results"]}
+    assert "DynamicLoRA" in methods and "sequential LoRA (PEFT)" in methods and len(methods) == 6
+    assert all(len(r["R"]) in (1, 3) for r in report["results"]) and report["base_perplexity"] > 1
+    assert (tmp_path / "continual-cpu-quick.png").exists()

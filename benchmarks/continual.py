@@ -1,0 +1,6 @@
+"""Continual-learning benchmark (work in progress); see dynamiclora.bench.continual."""
+
+from dynamiclora.bench.continual import main
+
+if __name__ == "__main__":
+    main()

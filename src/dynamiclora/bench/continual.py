@@ -1,0 +1,203 @@
+"""Continual learning against real baselines (DESIGN 10): task streams, the accuracy matrix and its GEM metrics,
+held-out perplexity of standard-library source, wall time and trainable parameters.
+
+Run: ``python benchmarks/continual.py`` (the built-in model; ``--quick``: a tiny random model, short streams).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from ..continual import streams
+from ..continual.methods import (
+    DynamicLoRAMethod,
+    FastSlowEMA,
+    Method,
+    OrthogonalLoRA,
+    Replay,
+    SequentialLoRA,
+    encode,
+)
+from ..continual.metrics import summarize
+from .record import arguments, write
+
+CHUNK, CHUNKS = 128, 12  # held-out perplexity: this many chunks of this many tokens
+# One learning rate for every method. At DynamicLoRA's default (1e-2, tuned for learning one completion in two or
+# three calls) every method, PEFT's included, wrecks the model on this stream (held-out perplexity 60 → 16,000+).
+LEARNING_RATES = (3e-3, 1e-3)
+
+
+def held_out_chunks(tokenizer, quick: bool) -> list[torch.Tensor]:
+    """Standard-library source the built-in model never trained on, cut into equal chunks."""
+    from ..default_model import held_out_texts
+
+    texts = held_out_texts()
+    out: list[torch.Tensor] = []
+    for text in texts:
+        ids = tokenizer(text)["input_ids"]
+        for start in range(0, len(ids) - CHUNK, CHUNK * 8):
+            out.append(torch.tensor([ids[start : start + CHUNK]]))
+            if len(out) == (4 if quick else CHUNKS):
+                return out
+    return out
+
+
+def run(stream: streams.Stream, method: Method, tokenizer, chunks: list[torch.Tensor], seed: int = 0) -> dict:
+    """Learn the stream task by task (rounds of the task's items, shuffled per round); evaluate every task after
+    each task (the accuracy matrix) and task 1 after every round."""
+    rng = random.Random(seed)
+    tasks = [[encode(tokenizer, p, c) for p, c in t.items] for t in stream.tasks]
+    recurring = [encode(tokenizer, p, c) for p, c in stream.recurring]
+    owners = [t.agent for t in stream.tasks]
+    R, task1, learn_s, interactions = [], [], 0.0, 0
+    for k, (task, owner) in enumerate(zip(tasks, owners)):
+        for _ in range(stream.rounds):
+            order = [(owner, e) for e in task] + [(owners[0], e) for e in recurring]
+            rng.shuffle(order)
+            t0 = time.perf_counter()
+            for agent, example in order:
+                method.learn(agent, example)
+            learn_s += time.perf_counter() - t0
+            interactions += len(order)
+            task1.append(method.accuracy(owners[0], tasks[0]))
+        method.end_task(task)
+        R.append([method.accuracy(o, t) for o, t in zip(owners, tasks)])
+    out = {
+        "method": method.name,
+        "R": R,
+        **summarize(R),
+        "task1_over_rounds": task1,
+        "learn_s": learn_s,
+        "interactions": interactions,
+        "trainable_parameters": method.trainable_parameters(),
+        "perplexity": method.perplexity(owners[0], chunks),
+    }
+    if recurring:
+        out["recurring_retained"] = method.accuracy(owners[0], recurring)
+        out["one_offs_retained"] = out["acc"]
+    return out
+
+
+def multitask(stream: streams.Stream, make, tokenizer, chunks, seed: int = 0) -> dict:
+    """The upper bound: one LoRA given every task's interactions at once, shuffled (the same number of them)."""
+    rng = random.Random(seed)
+    method = make()
+    method.name = "multi-task LoRA (upper bound)"
+    tasks = [[encode(tokenizer, p, c) for p, c in t.items] for t in stream.tasks]
+    everything = [e for t in tasks for e in t] * stream.rounds
+    rng.shuffle(everything)
+    t0 = time.perf_counter()
+    for e in everything:
+        method.learn("learner", e)
+    learn_s = time.perf_counter() - t0
+    final = [method.accuracy("learner", t) for t in tasks]
+    return {"method": method.name, "R": [final], "acc": sum(final) / len(final), "learn_s": learn_s,
+            "interactions": len(everything), "trainable_parameters": method.trainable_parameters(),
+            "perplexity": method.perplexity("learner", chunks)}  # fmt: skip
+
+
+def base_perplexity(model, chunks) -> float:
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for ids in chunks:
+            logits = model(input_ids=ids).logits
+            loss = torch.nn.functional.cross_entropy(logits[0, :-1].float(), ids[0, 1:], reduction="sum")
+            total, count = total + float(loss), count + ids.shape[1] - 1
+    return float(torch.tensor(total / count).exp())
+
+
+def model_and_tokenizer(quick: bool):
+    if quick:
+        from ..testing import tiny_model
+
+        return tiny_model("llama")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..default_model import ensure_default_model
+
+    path = ensure_default_model(progress=False)
+    return AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+
+
+def fresh(quick: bool):
+    model, tok = model_and_tokenizer(quick)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, tok
+
+
+def compare(stream: streams.Stream, quick: bool, lr: float, tick_intervals=(100,)) -> dict:
+    model, tok = fresh(quick)
+    chunks = held_out_chunks(tok, quick)
+    agents = sorted({t.agent for t in stream.tasks})
+    results = []
+    for interval in tick_intervals:
+        dl_method = DynamicLoRAMethod(fresh(quick)[0], tok, agents, interval, lr=lr)
+        results.append(run(stream, dl_method, tok, chunks))
+    for cls in (SequentialLoRA, Replay, OrthogonalLoRA, FastSlowEMA):
+        results.append(run(stream, cls(model, tok, lr=lr), tok, chunks))
+    results.append(multitask(stream, lambda: SequentialLoRA(model, tok, lr=lr), tok, chunks))
+    return {"stream": stream.name, "lr": lr, "base_perplexity": base_perplexity(model, chunks), "results": results}
+
+
+def _plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = report["results"]
+    fig, axes = plt.subplots(1, len(results) + 1, figsize=(3.0 * (len(results) + 1), 3.2))
+    for ax, r in zip(axes, results):
+        ax.imshow(r["R"], vmin=0, vmax=1, cmap="viridis")
+        ax.set_title(r["method"], fontsize=7)
+        ax.set_xlabel("task evaluated", fontsize=7)
+        ax.set_ylabel("after task", fontsize=7)
+    curve = axes[-1]
+    for r in results:
+        if "task1_over_rounds" in r:
+            curve.plot(r["task1_over_rounds"], label=r["method"])
+    curve.set_title("task 1 accuracy over rounds", fontsize=7)
+    curve.legend(fontsize=5)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def table(report: dict) -> list[str]:
+    base = report["base_perplexity"]
+    md = [
+        f"### stream: {report['stream']}, learning rate {report['lr']:g} (held-out perplexity of the base model: "
+        f"{base:.1f})",
+        "",
+        "| method | ACC | BWT | forgetting | plasticity | held-out perplexity | learning time | trainable params |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report["results"]:
+        cells = [f"{r[k]:+.2f}" if k in r else "" for k in ("bwt", "forgetting")]
+        plasticity = f"{r['plasticity']:.2f}" if "plasticity" in r else ""
+        md.append(
+            f"| {r['method']} | {r['acc']:.2f} | {cells[0]} | {cells[1]} | {plasticity} | "
+            f"{r['perplexity']:.1f} ({r['perplexity'] / base - 1:+.0%}) | {r['learn_s']:.1f} s | "
+            f"{r['trainable_parameters']:,} |"
+        )
+    return md
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = arguments(__doc__, argv)
+    stream = streams.facts(tasks=3, per_task=2, rounds=2) if args.quick else streams.facts()
+    reports = [compare(stream, args.quick, lr) for lr in LEARNING_RATES[: 1 if args.quick else None]]
+    name = "continual-cpu" + ("-quick" if args.quick else "")
+    md = ["# Continual learning (cpu)", ""]
+    for report in reports:
+        md += [*table(report), ""]
+    out = Path(args.out)
+    write(out, name, {"streams": reports}, "\n".join(md) + "\n")
+    _plot(reports[-1], out / f"{name}.png")
+    print("\n".join(md))
+    return {"reports": reports}

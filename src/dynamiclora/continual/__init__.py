@@ -1,0 +1,1 @@
+"""Continual learning, measured: task streams, GEM/Avalanche metrics, DynamicLoRA and PEFT baselines."""
