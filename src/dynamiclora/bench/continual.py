@@ -88,16 +88,20 @@ def multitask(stream: streams.Stream, make, tokenizer, chunks, seed: int = 0) ->
     method = make()
     method.name = "multi-task LoRA (upper bound)"
     tasks = [[encode(tokenizer, p, c) for p, c in t.items] for t in stream.tasks]
-    everything = [e for t in tasks for e in t] * stream.rounds
+    recurring = [encode(tokenizer, p, c) for p, c in stream.recurring]
+    everything = ([e for t in tasks for e in t] + recurring * len(tasks)) * stream.rounds
     rng.shuffle(everything)
     t0 = time.perf_counter()
     for e in everything:
         method.learn("learner", e)
     learn_s = time.perf_counter() - t0
     final = [method.accuracy("learner", t) for t in tasks]
-    return {"method": method.name, "R": [final], "acc": sum(final) / len(final), "learn_s": learn_s,
-            "interactions": len(everything), "trainable_parameters": method.trainable_parameters(),
-            "perplexity": method.perplexity("learner", chunks)}  # fmt: skip
+    out = {"method": method.name, "R": [final], "acc": sum(final) / len(final), "learn_s": learn_s,
+           "interactions": len(everything), "trainable_parameters": method.trainable_parameters(),
+           "perplexity": method.perplexity("learner", chunks)}  # fmt: skip
+    if recurring:
+        out["recurring_retained"] = method.accuracy("learner", recurring)
+    return out
 
 
 def base_perplexity(model, chunks) -> float:
@@ -177,11 +181,15 @@ def table(report: dict) -> list[str]:
         "| method | ACC | BWT | forgetting | plasticity | held-out perplexity | learning time | trainable params |",
         "|---|---|---|---|---|---|---|---|",
     ]
+    if any("recurring_retained" in r for r in report["results"]):
+        md[2] = md[2].replace("| ACC |", "| ACC (one-offs) | recurring retained |")
+        md[3] += "---|"
     for r in report["results"]:
         cells = [f"{r[k]:+.2f}" if k in r else "" for k in ("bwt", "forgetting")]
+        acc = f"{r['acc']:.2f}" + (f" | {r['recurring_retained']:.2f}" if "recurring_retained" in r else "")
         plasticity = f"{r['plasticity']:.2f}" if "plasticity" in r else ""
         md.append(
-            f"| {r['method']} | {r['acc']:.2f} | {cells[0]} | {cells[1]} | {plasticity} | "
+            f"| {r['method']} | {acc} | {cells[0]} | {cells[1]} | {plasticity} | "
             f"{r['perplexity']:.1f} ({r['perplexity'] / base - 1:+.0%}) | {r['learn_s']:.1f} s | "
             f"{r['trainable_parameters']:,} |"
         )
@@ -190,14 +198,18 @@ def table(report: dict) -> list[str]:
 
 def main(argv: list[str] | None = None) -> dict:
     args = arguments(__doc__, argv)
-    stream = streams.facts(tasks=3, per_task=2, rounds=2) if args.quick else streams.facts()
-    reports = [compare(stream, args.quick, lr) for lr in LEARNING_RATES[: 1 if args.quick else None]]
+    if args.quick:
+        plan = [(streams.facts(tasks=3, per_task=2, rounds=2), LEARNING_RATES[0])]
+    else:
+        plan = [(streams.facts(), lr) for lr in LEARNING_RATES]
+        plan += [(streams.selective(), LEARNING_RATES[-1]), (streams.styles(), LEARNING_RATES[-1])]
+    reports = [compare(stream, args.quick, lr) for stream, lr in plan]
     name = "continual-cpu" + ("-quick" if args.quick else "")
     md = ["# Continual learning (cpu)", ""]
     for report in reports:
         md += [*table(report), ""]
     out = Path(args.out)
     write(out, name, {"streams": reports}, "\n".join(md) + "\n")
-    _plot(reports[-1], out / f"{name}.png")
+    _plot(reports[len(LEARNING_RATES) - 1] if not args.quick else reports[0], out / f"{name}.png")
     print("\n".join(md))
     return {"reports": reports}
