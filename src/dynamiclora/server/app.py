@@ -155,12 +155,12 @@ def create_app(
         else:
             agent_id, base_only = agent_for(req.model, who), False
         tokens = max_tokens or DEFAULT_MAX_TOKENS
+        prompt_ids = dl.encode(prompt)
         try:
-            prompt_tokens = len(dl.encode(prompt))
-            dl.check_length(prompt_tokens + tokens, prompt_tokens, tokens)
+            dl.check_length(len(prompt_ids) + tokens, len(prompt_ids), tokens)
         except PromptTooLongError as e:
             raise APIError(400, str(e), param="max_tokens") from None
-        job = GenerateJob(agent_id, prompt, tokens, req.temperature, req.top_p, base_only, req.stops())
+        job = GenerateJob(agent_id, prompt, prompt_ids, tokens, req.temperature, req.top_p, base_only, req.stops())
         return await asyncio.wrap_future(engine.submit(job))
 
     def usage(c: Completion) -> dict:

@@ -40,6 +40,7 @@ class Completion:
 class GenerateJob:
     agent_id: str
     prompt: str
+    prompt_ids: list[int]  # tokenized once, where the request's length was checked
     max_tokens: int
     temperature: float = 0.0
     top_p: float = 1.0
@@ -169,25 +170,24 @@ class Engine:
             temperature=first.temperature,
             top_p=first.top_p,
         )
-        prompts = [dl.encode(j.prompt) for j in jobs]
         if len(jobs) == 1 and not first.base_only and self.use_cache:  # alone: through WaveGen, the agent's cache
             r = dl.agent(first.agent_id).generate(
                 first.prompt, max_new_tokens=first.max_tokens, temperature=first.temperature, top_p=first.top_p
             )
-            return [self._finish(first, r.token_ids, r.finished, len(prompts[0]), r.cache)]
+            return [self._finish(first, r.token_ids, r.finished, r.cache)]
         without = TIERS if first.base_only else ()
-        decoded, _, _ = dl.generate_ids([j.agent_id for j in jobs], prompts, cfg, without=without)
+        decoded, _, _ = dl.generate_ids([j.agent_id for j in jobs], [j.prompt_ids for j in jobs], cfg, without=without)
         dl.count_interactions(len(jobs))
         return [
-            self._finish(j, toks[: j.max_tokens], fin and len(toks) <= j.max_tokens, len(p))
-            for j, toks, fin, p in zip(jobs, decoded.tokens, decoded.finished, prompts)
+            self._finish(j, toks[: j.max_tokens], fin and len(toks) <= j.max_tokens)
+            for j, toks, fin in zip(jobs, decoded.tokens, decoded.finished)
         ]
 
-    def _finish(self, job: GenerateJob, tokens: list[int], finished: bool, prompt_tokens: int, cache="off"):
+    def _finish(self, job: GenerateJob, tokens: list[int], finished: bool, cache: str = "off") -> Completion:
         text = self.dl.tokenizer.decode(tokens, skip_special_tokens=True)
         reason = "stop" if finished else "length"
         for s in job.stop:
             cut = text.find(s)
             if cut >= 0:
                 text, reason = text[:cut], "stop"
-        return Completion(text, prompt_tokens, len(tokens), reason, cache)
+        return Completion(text, len(job.prompt_ids), len(tokens), reason, cache)

@@ -12,7 +12,6 @@ import os
 import secrets
 import sqlite3
 import threading
-from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,17 +36,14 @@ class KeyStore:
     def __init__(self, state_dir: Path, admin_key: str | None = None) -> None:
         state_dir.mkdir(parents=True, exist_ok=True)
         self.path = state_dir / DB_NAME
-        self._lock = threading.Lock()
-        with closing(self._connect()) as con, con:
-            con.execute("CREATE TABLE IF NOT EXISTS keys (digest TEXT PRIMARY KEY, agent TEXT NOT NULL UNIQUE)")
+        self._lock = threading.Lock()  # one connection, shared by the request threads
+        self._con = sqlite3.connect(self.path, check_same_thread=False)
+        self._con.execute("PRAGMA journal_mode=WAL")
+        self._con.execute("PRAGMA synchronous=FULL")
+        with self._lock, self._con:
+            self._con.execute("CREATE TABLE IF NOT EXISTS keys (digest TEXT PRIMARY KEY, agent TEXT NOT NULL UNIQUE)")
         self.admin_key = admin_key or os.environ.get("DYNAMICLORA_ADMIN_KEY") or self._admin_file(state_dir)
         self._admin_digest = digest(self.admin_key)
-
-    def _connect(self) -> sqlite3.Connection:
-        con = sqlite3.connect(self.path, check_same_thread=False)
-        con.execute("PRAGMA journal_mode=WAL")
-        con.execute("PRAGMA synchronous=FULL")
-        return con
 
     @staticmethod
     def _admin_file(state_dir: Path) -> str:
@@ -63,19 +59,19 @@ class KeyStore:
     def issue(self, agent_id: str) -> str:
         """A new key for ``agent_id`` (replacing its old one), durable before it is returned."""
         key = "dlk-" + secrets.token_urlsafe(24)
-        with self._lock, closing(self._connect()) as con, con:
-            con.execute("DELETE FROM keys WHERE agent = ?", (agent_id,))
-            con.execute("INSERT INTO keys (digest, agent) VALUES (?, ?)", (digest(key), agent_id))
+        with self._lock, self._con:  # one transaction, committed before the key is returned
+            self._con.execute("DELETE FROM keys WHERE agent = ?", (agent_id,))
+            self._con.execute("INSERT INTO keys (digest, agent) VALUES (?, ?)", (digest(key), agent_id))
         return key
 
     def has_key(self, agent_id: str) -> bool:
-        with closing(self._connect()) as con:
-            return con.execute("SELECT 1 FROM keys WHERE agent = ?", (agent_id,)).fetchone() is not None
+        with self._lock:
+            return self._con.execute("SELECT 1 FROM keys WHERE agent = ?", (agent_id,)).fetchone() is not None
 
     def resolve(self, key: str) -> Principal | None:
         d = digest(key)
         if secrets.compare_digest(d, self._admin_digest):
             return Principal(admin=True)
-        with closing(self._connect()) as con:
-            row = con.execute("SELECT agent FROM keys WHERE digest = ?", (d,)).fetchone()
+        with self._lock:
+            row = self._con.execute("SELECT agent FROM keys WHERE digest = ?", (d,)).fetchone()
         return Principal(admin=False, agent=row[0]) if row else None
