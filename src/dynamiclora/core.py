@@ -218,9 +218,9 @@ class DynamicLoRA:
         return list(self.memory.forgotten)
 
     def timescales(self) -> dict[str, dict]:
-        """Per tier: the measured time scale (median survival in ticks; ``lower_bound`` while more than half of
-        what entered is still there), the detector window derived from it, the number of circuits, the SCREENED
-        fraction and the current (homeostatic) thresholds."""
+        """Per tier: the measured time scale (mean residence in ticks by Little's law; ``lower_bound`` while
+        nothing has left the tier), the detector window, the number of circuits, the SCREENED fraction and the
+        current (homeostatic) thresholds."""
         out = {}
         for tier in TIERS:
             members = [c for _, c in self.memory.tier_circuits(tier)]

@@ -21,6 +21,7 @@ from ..continual.methods import (
     Replay,
     SequentialLoRA,
     encode,
+    perplexity,
 )
 from ..continual.metrics import summarize
 from .record import arguments, write
@@ -105,13 +106,7 @@ def multitask(stream: streams.Stream, make, tokenizer, chunks, seed: int = 0) ->
 
 
 def base_perplexity(model, chunks) -> float:
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for ids in chunks:
-            logits = model(input_ids=ids).logits
-            loss = torch.nn.functional.cross_entropy(logits[0, :-1].float(), ids[0, 1:], reduction="sum")
-            total, count = total + float(loss), count + ids.shape[1] - 1
-    return float(torch.tensor(total / count).exp())
+    return perplexity(lambda ids: model(input_ids=ids).logits, chunks)
 
 
 def model_and_tokenizer(quick: bool):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import random
+from abc import ABC, abstractmethod
 from typing import Any
 
 import torch
@@ -45,38 +46,41 @@ def produces(logits: torch.Tensor, example: Example) -> bool:
     return bool((predicted == target).all())
 
 
-def nll(logits: torch.Tensor, ids: torch.Tensor) -> tuple[float, int]:
-    loss = F.cross_entropy(logits[0, :-1].float(), ids[0, 1:], reduction="sum")
-    return float(loss), ids.shape[1] - 1
+@torch.no_grad()
+def perplexity(logits_of, chunks: list[torch.Tensor]) -> float:
+    """Token-level perplexity of ``logits_of(ids)`` over the chunks, pooled over all their tokens."""
+    total, count = 0.0, 0
+    for ids in chunks:
+        total += float(F.cross_entropy(logits_of(ids)[0, :-1].float(), ids[0, 1:], reduction="sum"))
+        count += ids.shape[1] - 1
+    return float(torch.tensor(total / count).exp())
 
 
-class Method:
+class Method(ABC):
     name = "method"
 
+    @abstractmethod
     def learn(self, agent: str, example: Example) -> None:
-        raise NotImplementedError
+        """One interaction: the method's whole step budget spent on this example."""
 
     def end_task(self, examples: list[Example]) -> None:
         """Called when a task's rounds are over (with the task's examples)."""
 
+    @abstractmethod
     def logits(self, agent: str, ids: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """(1, L, V) logits of ``agent``'s model as it is now."""
 
+    @abstractmethod
     def trainable_parameters(self) -> int:
-        raise NotImplementedError
+        """Parameters the method has trained (for DynamicLoRA: the context circuits it created)."""
 
     @torch.no_grad()
     def accuracy(self, agent: str, examples: list[Example]) -> float:
         hits = [produces(self.logits(agent, torch.tensor([p + c])), (p, c)) for p, c in examples]
         return sum(hits) / len(hits) if hits else 0.0
 
-    @torch.no_grad()
     def perplexity(self, agent: str, chunks: list[torch.Tensor]) -> float:
-        total, count = 0.0, 0
-        for ids in chunks:
-            loss, n = nll(self.logits(agent, ids), ids)
-            total, count = total + loss, count + n
-        return float(torch.tensor(total / count).exp())
+        return perplexity(lambda ids: self.logits(agent, ids), chunks)
 
 
 class DynamicLoRAMethod(Method):

@@ -17,7 +17,8 @@ from ..config import TIERS, DynamicsConfig
 BAND = (0.05, 0.6)  # the SCREENED fraction a tier holds to, once it has enough circuits to measure it
 MIN_CIRCUITS = 4
 STEP = 1.05  # per tick outside the band: slow enough that a tier does not swing between the two failures
-RELAX = 1.05  # per tick inside it, back toward the configured values: slower still, so a tier settles in the band
+RELAX = 1.05  # per tick inside it, back toward the configured values (a slower 1.01 left the demo's context tier
+# still amnesic from its second act when the team act began)
 FLOORS = {"theta_on": 0.1, "theta_off": 0.02, "decay": 0.02, "horizon": 0.25}  # forgetting never stops entirely
 MAX_HORIZON = 64.0
 

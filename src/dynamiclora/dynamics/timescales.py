@@ -7,8 +7,9 @@ circuits rarely leave) measures slow even in a finite run; while nothing has lef
 reported as a lower bound. Its *memory span* is the median lifetime of the circuits it forgot: how long an
 unreinforced pattern survives there.
 
-Detector windows (memory.Memory.window) derive from the memory span of the faster tier below: a pattern
-belongs to a slower tier only if it keeps recurring for longer than the faster tier would hold it unused.
+Detector windows (memory.Memory.window) derive from these figures: a tier's window is at least its own memory
+span (persistence means outliving ordinary forgetting) and at least the time scale of the faster tier below it
+(what belongs to a slower tier must outlast the faster one).
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ from ..config import TIERS
 
 @dataclass(frozen=True)
 class Scale:
-    ticks: float | None  # median survival in the tier (None: nothing has ever been in it)
-    lower_bound: bool  # the median is not reached yet: ``ticks`` is the longest survival seen so far
+    ticks: float | None  # mean residence in the tier (None: nothing has ever been in it)
+    lower_bound: bool  # nothing has left the tier yet: ``ticks`` is the oldest age there
 
 
 def mean_residence(ended: list[int], censored: list[int]) -> Scale:
