@@ -115,6 +115,7 @@ def test_continual_benchmark_quick_writes_its_records(tmp_path):
     record = json.loads((tmp_path / "continual-cpu-quick.json").read_text())
     [report] = record["streams"]
     methods = {r["method"] for r in report["results"]}
-    assert "DynamicLoRA" in methods and "sequential LoRA (PEFT)" in methods and len(methods) == 6
+    assert {"DynamicLoRA", "DynamicLoRA (no routing)", "sequential LoRA (PEFT)"} <= methods and len(methods) == 7
     assert all(len(r["R"]) in (1, 3) for r in report["results"]) and report["base_perplexity"] > 1
+    assert set(record["targets"]) and all(isinstance(t["met"], bool) for t in record["targets"].values())
     assert (tmp_path / "continual-cpu-quick.png").exists()

@@ -48,7 +48,7 @@ def test_produces_is_greedy_generation_of_the_completion():
         method.learn("learner", example)
     ids = torch.tensor([example[0] + example[1]])
     generated = method.dl.agent("learner").generate("x =", max_new_tokens=4, use_cache=False).text
-    assert produces(method.logits("learner", ids), example) == (generated == " 7")
+    assert produces(method.logits("learner", ids, len(example[0])), example) == (generated == " 7")
 
 
 @pytest.mark.parametrize("cls", [DynamicLoRAMethod, SequentialLoRA, Replay, OrthogonalLoRA, FastSlowEMA])

@@ -168,10 +168,16 @@ def test_bandwidth_and_critical_bypass():
 
 
 def test_protection_keeps_a_screened_pattern_while_new_learning_goes_elsewhere():
-    """Learning a new pattern moves a SCREENED pattern's logits less than an unprotected control."""
+    """Learning a new pattern moves a SCREENED pattern's logits less than an unprotected control (routing off:
+    protection is what keeps ungated circuits apart; with routing the other pattern's circuit never acts here)."""
     drift = {}
     for protect in (True, False):
-        dl = make_dl(config=DynamicLoRAConfig(dynamics=DynamicsConfig(tick_interval=0, protect_screened=protect)))
+        dl = make_dl(
+            config=DynamicLoRAConfig(
+                dynamics=DynamicsConfig(tick_interval=0, protect_screened=protect),
+                learning=LearningConfig(routing=False),
+            )
+        )
         alice = dl.agent("alice", swarm="s", domain="d")
         first = alice.learn("def parse_json(text):", " return json.loads(text)")
         for _ in range(2):

@@ -60,6 +60,7 @@ class Circuit:
     examples: list[list] = field(default_factory=list)  # [activation, prompt, completion] that activate it most
     extracted: dict[str, Any] = field(default_factory=dict)  # summary of its extracted neuron circuit (WaveGen)
     residual_of: str = ""  # the shared scope whose consensus left this circuit behind (never proposed there again)
+    prototypes: torch.Tensor | None = None  # (k, d) route features of its prompts; None: ungated (see routing.py)
 
     def observe_example(self, activation: float, prompt: str, completion: str, keep: int = 3) -> None:
         """Remember the interactions that activate the circuit most; its label is the strongest one."""
@@ -97,7 +98,7 @@ class Circuit:
         return self.scale * (b.float() @ a.float())
 
     def content_hash(self) -> str:
-        """sha256 over the scale and every module's factors, modules in sorted order."""
+        """sha256 over the scale, every module's factors (modules in sorted order) and, if gated, the prototypes."""
         h = hashlib.sha256()
         h.update(struct.pack("<d", float(self.scale)))
         for name in sorted(self.factors):
@@ -105,6 +106,9 @@ class Circuit:
             h.update(name.encode())
             tensor_digest(h, a)
             tensor_digest(h, b)
+        if self.prototypes is not None:  # routing decides where the circuit acts: part of what it computes
+            h.update(b"route")
+            tensor_digest(h, self.prototypes)
         return h.hexdigest()
 
     def record(self) -> dict[str, Any]:
@@ -135,11 +139,12 @@ class Circuit:
             "examples": [list(e) for e in self.examples],
             "extracted": dict(self.extracted),
             "residual_of": self.residual_of,
+            "gated": self.prototypes is not None,
         }
 
     @classmethod
     def from_record(cls, record: dict[str, Any], factors: Factors) -> Circuit:
-        keys = {f.name for f in dataclasses.fields(cls)} - {"factors"}  # "rank", "strength" are derived
+        keys = {f.name for f in dataclasses.fields(cls)} - {"factors", "prototypes"}  # rank, strength are derived
         return cls(factors=factors, **{k: record[k] for k in keys if k in record})
 
 

@@ -134,8 +134,32 @@ class LearningConfig:
         ),
     )
 
+    routing: bool = field(
+        default=True,
+        metadata=_help(
+            "Gate context circuits by their prompts: a circuit acts only on inputs whose route feature lies within "
+            "route_radius of a prompt it learned from (see routing.py). Off: every circuit reaches every input "
+            "and attribution uses key activations alone."
+        ),
+    )
+    route_radius: float = field(
+        default=0.5,
+        metadata=_help(
+            "How near an input's route feature must be to a circuit's prototype for the circuit to act on it (and "
+            "to be attributed the interaction), in units of the spread of all learned prompts' features. > 0."
+        ),
+    )
+    route_module: str | None = field(
+        default=None,
+        metadata=_help(
+            "Adapted module whose base-model input, averaged over the prompt, is the route feature. None: the first "
+            "adapted module (normalized token embeddings: no transformer block runs)."
+        ),
+    )
+
     def __post_init__(self) -> None:
         _check_types(self)
+        _check(self.route_radius > 0, f"LearningConfig.route_radius must be > 0, got {self.route_radius}")
         _check(self.learning_rate > 0, f"LearningConfig.learning_rate must be > 0, got {self.learning_rate}")
         _check(self.steps_per_learn >= 1, f"LearningConfig.steps_per_learn must be >= 1, got {self.steps_per_learn}")
         _check(self.max_grad_norm >= 0, f"LearningConfig.max_grad_norm must be >= 0, got {self.max_grad_norm}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ from .generation import Decoded, ForwardFn, Observer, decode
 from .hierarchy import Hierarchy, ScopeKey, Snapshot
 from .learning import ContextLearner, LearnResult
 from .planner import BatchPlan, Planner
+from .routing import Router
 from .stack import Session, StackedLinear, find_target_modules, inject, probe_input_groups
 from .wavegen import WaveController
 
@@ -76,6 +77,7 @@ class DynamicLoRA:
         self.planner = Planner(
             self.layers, self.hierarchy, config.adapter, probe_input_groups(self.model, self.layers)
         )
+        self.router = Router(self)
         self.learner = ContextLearner(self)
         self.memory = Memory(self)
         self.wavegen = WaveController(self)
@@ -280,8 +282,12 @@ class DynamicLoRA:
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         observe: bool | None = None,
+        route_tokens: int | None = None,
     ) -> tuple[torch.Tensor, Session]:
         """Logits (B, T, V) of a batch whose row i runs agent_ids[i]'s stack, and the usage session.
+
+        Gated circuits act on a row when its first ``route_tokens`` tokens (default: all of its real tokens) reach
+        them: give the prompt's length to score a completion exactly as generating it would (see routing.py).
 
         ``observe=False`` skips the usage probe (default: ``AdapterConfig.observe_usage``). The probe's records stay in
         the returned session, reduced only when read (``session.activations()``): a forward pays for the
@@ -292,7 +298,12 @@ class DynamicLoRA:
                 f"got {len(agent_ids)} agent ids for a batch of {input_ids.shape[0]} rows; give one per row"
             )
         self.check_length(input_ids.shape[1])
-        plan = self.planner.plan(list(agent_ids))
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+
+        def prompts() -> list[list[int]]:  # each row's real tokens, as far as they route
+            return [[t for t, m in zip(r.tolist(), k.tolist()) if m][:route_tokens] for r, k in zip(input_ids, mask)]
+
+        plan = self.planner.plan(list(agent_ids), skip=self.route(agent_ids, prompts))
         session = self.new_session(plan, observe=observe, mask=attention_mask)
         with torch.no_grad(), self.activate(plan, session):
             out = self.model(
@@ -301,6 +312,13 @@ class DynamicLoRA:
                 use_cache=False,
             )
         return out.logits, session
+
+    def route(
+        self, agent_ids: Sequence[str], prompts: list[list[int]] | Callable[[], list[list[int]]]
+    ) -> tuple[frozenset[str], ...] | None:
+        """Per row, the gated circuits its prompt does not reach (None when routing is off). ``prompts`` may be a
+        function, called only when some row's stack holds a gated circuit."""
+        return self.router.skip(list(agent_ids), prompts) if self.router.enabled else None
 
     def _record_usage(self, plan: BatchPlan, session: Session) -> list[list[float]]:
         """Store the last observed activation on each circuit; returns the (rows × circuits) activations."""
@@ -417,7 +435,7 @@ class DynamicLoRA:
                 raise ValueError("the prompt is empty after tokenization; give at least one token of text")
             self.check_length(len(ids) + cfg.max_new_tokens, len(ids), cfg.max_new_tokens)
         t0 = time.perf_counter()
-        plan = self.planner.plan(list(agent_ids), without=without)
+        plan = self.planner.plan(list(agent_ids), without=without, skip=self.route(agent_ids, prompts))
         session = self.new_session(plan)
         t_plan = time.perf_counter()
         timings = {"plan_s": t_plan - t0}
@@ -510,16 +528,17 @@ class Agent:
         dl.count_interactions(1)
         return result
 
-    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def logits(self, input_ids: torch.Tensor, route_tokens: int | None = None) -> torch.Tensor:
+        """Logits of token ids; ``route_tokens``: how many leading tokens are the prompt that routes (default all)."""
         if input_ids.dim() == 1:
             input_ids = input_ids.unsqueeze(0)
-        return self.dl.forward([self.id] * input_ids.shape[0], input_ids)[0]
+        return self.dl.forward([self.id] * input_ids.shape[0], input_ids, route_tokens=route_tokens)[0]
 
     def score(self, prompt: str, completion: str) -> float:
         """Sum of log-probabilities of the completion's tokens given the prompt."""
         p, c = self.dl.encode(prompt), self.dl.encode(completion, special=False)
         ids = torch.tensor([p + c])
-        logp = self.logits(ids)[0, :-1].float().log_softmax(-1)
+        logp = self.logits(ids, route_tokens=len(p))[0, :-1].float().log_softmax(-1)
         targets = ids[0, 1:].to(logp.device)
         return float(logp[len(p) - 1 :].gather(-1, targets[len(p) - 1 :, None]).sum())
 

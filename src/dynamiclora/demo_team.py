@@ -24,7 +24,7 @@ PARSER = "import json\n\n\ndef parse_json(text):\n    return json.loads(text)\n"
 SWARM, OTHER, DOMAIN = "json-team", "web-team", "python"
 
 
-def run_team(dl: DynamicLoRA, state_dir: Path, console: Console, rounds: int = 16, window: int = 8) -> dict:
+def run_team(dl: DynamicLoRA, state_dir: Path, console: Console, rounds: int = 32, window: int = 8) -> dict:
     """Run the scenario on ``dl`` (one tick per round, detector windows of ``window`` ticks); returns its checks."""
     cfg = dl.config.dynamics  # changed in place: the memory holds this object
     saved = (cfg.tick_interval, cfg.window_min, cfg.blocks)

@@ -26,9 +26,9 @@ def _ms(seconds: float) -> str:
 
 def run_wavegen(dl: DynamicLoRA, state_dir: Path, console: Console) -> dict:
     dave = dl.agent("dave", swarm="backend", domain="python")
-    for _ in range(8):  # practise until the stack reproduces it
+    for practised in range(1, 9):  # practise until the stack reproduces it, confidently (three calls at least)
         dave.learn(PROMPT, COMPLETION)
-        if dave.generate(PROMPT, max_new_tokens=40, use_cache=False).text == COMPLETION:
+        if practised >= 3 and dave.generate(PROMPT, max_new_tokens=40, use_cache=False).text == COMPLETION:
             break
     cfg = GenerationConfig(max_new_tokens=40)
     target = dl.encode(PROMPT)

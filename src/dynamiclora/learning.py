@@ -161,9 +161,11 @@ class ContextLearner:
                         for k, v in stats.items()
                     }
 
-    def _loss(self, agent_id: str, ids: torch.Tensor, labels: torch.Tensor, trainable: bool) -> torch.Tensor:
+    def _loss(
+        self, agent_id: str, ids: torch.Tensor, labels: torch.Tensor, trainable: bool, skip=None
+    ) -> torch.Tensor:
         dl = self.dl
-        plan = dl.planner.plan([agent_id], trainable=trainable)
+        plan = dl.planner.plan([agent_id], trainable=trainable, skip=skip)
         with dl.activate(plan, dl.new_session(plan, observe=False)):
             return dl.model(input_ids=ids, labels=labels, use_cache=False).loss
 
@@ -219,7 +221,7 @@ class ContextLearner:
         circuit.key_self = key_activations([circuit], capture)[0]
         return circuit
 
-    def _train(self, agent_id: str, circuit: Circuit, ids: torch.Tensor, labels: torch.Tensor) -> float:
+    def _train(self, agent_id: str, circuit: Circuit, ids: torch.Tensor, labels: torch.Tensor, skip=None) -> float:
         """``steps_per_learn`` Adam steps on the circuit's trainable factors (damped if SCREENED); the first loss."""
         cfg = self.dl.config.learning
         params = [t for _, t in self._params(circuit)]
@@ -232,7 +234,7 @@ class ContextLearner:
         first = None
         try:
             for _ in range(cfg.steps_per_learn):
-                loss = self._loss(agent_id, ids, labels, trainable=True)
+                loss = self._loss(agent_id, ids, labels, trainable=True, skip=skip)
                 first = float(loss.detach()) if first is None else first
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -246,6 +248,19 @@ class ContextLearner:
         self.dl.hierarchy.scope(("context", agent_id)).touch()
         return first
 
+    def _affinities(
+        self, circuits: list[Circuit], capture: dict[str, torch.Tensor], feature: torch.Tensor | None
+    ) -> list[float]:
+        """How much of each circuit's pattern this input is, on one scale: a gated circuit by its route distance
+        (see routing.py), an ungated one by its key's activation relative to its activation on its own origin."""
+        router = self.dl.router
+        keys = key_activations(circuits, capture)
+        distances = router.distances(feature, circuits) if feature is not None else [0.0] * len(circuits)
+        return [
+            router.affinity(d) if feature is not None and c.prototypes is not None else a / (c.key_self or 1.0)
+            for c, a, d in zip(circuits, keys, distances)
+        ]
+
     def learn(self, agent_id: str, prompt_ids: list[int], completion_ids: list[int], critical: bool) -> LearnResult:
         dl, cfg = self.dl, self.dl.config.learning
         ids = torch.tensor([prompt_ids + completion_ids], device=dl.device)
@@ -253,11 +268,18 @@ class ContextLearner:
         labels[:, : len(prompt_ids)] = -100
         texts = self._texts(prompt_ids, completion_ids)
         capture = self._capture_base(agent_id, ids)
+        feature = None
+        if dl.router.enabled:
+            feature = dl.router.features([prompt_ids])[0]
+            dl.router.observe(feature)
+
+        def skip():  # the gated circuits this prompt does not reach, as the stack stands now
+            return None if feature is None else dl.router.skip([agent_id], [prompt_ids], feature[None])
+
         stack = dl.hierarchy.stack_scopes(agent_id)  # foundation … context
         context = list(stack[-1].circuits.values())
         slower = [c for scope in stack[:-1] for c in scope.circuits.values()]  # agent tier and the shared ones
-        # each key's activation relative to its activation on its own origin: how much of "its" pattern this is
-        acts = [a / (c.key_self or 1.0) for a, c in zip(key_activations(context + slower, capture), context + slower)]
+        acts = self._affinities(context + slower, capture, feature)
         ctx_acts, slower_acts = acts[: len(context)], acts[len(context) :]
         # usage is activation: every circuit whose key this input matches is used, whichever of them learns
         for c, a in zip(context + slower, acts):
@@ -275,7 +297,7 @@ class ContextLearner:
             known = slower[slower_acts.index(max(slower_acts))]
             known.observe_example(max(slower_acts), *texts)
             with torch.no_grad():
-                loss = float(self._loss(agent_id, ids, labels, trainable=False))
+                loss = float(self._loss(agent_id, ids, labels, trainable=False, skip=skip()))
             if known.last_loss is None or loss <= max(1.2 * known.last_loss, known.last_loss + 0.1):
                 return LearnResult(known.id, False, max(slower_acts), loss, loss, None, trained=False)
 
@@ -285,17 +307,21 @@ class ContextLearner:
         if spawned:
             best, dropped = self._spawn(agent_id, capture, context + slower)
             best_act = 0.0
-        if spawned:
             dl.memory.record_use(best)
+        if feature is not None and (
+            spawned or (best.prototypes is not None and dl.router.distances(feature, [best])[0] > 1e-6)
+        ):
+            dl.router.remember(best, feature)  # (a circuit made before routing was on stays ungated)
         best.observe_example(1.0 if spawned else best_act, *texts)
-        loss_before = self._train(agent_id, best, ids, labels)
+        routes = skip()
+        loss_before = self._train(agent_id, best, ids, labels, routes)
         best.critical = best.critical or critical
         best.updated_tick = dl.tick_count
         best.origin_interactions.append(dl.interactions)
         if agent_id not in best.origin_agents:
             best.origin_agents.append(agent_id)
         with torch.no_grad():
-            best.last_loss = float(self._loss(agent_id, ids, labels, trainable=False))
+            best.last_loss = float(self._loss(agent_id, ids, labels, trainable=False, skip=routes))
         return LearnResult(best.id, spawned, best_act, loss_before, best.last_loss, dropped)
 
     def internalize(
@@ -320,6 +346,7 @@ class ContextLearner:
         labels[:, : len(prompt_ids)] = -100
         targets = ids[0, len(prompt_ids) :]
         circuit = self._keyed_circuit(self._capture_base(agent_id, ids), "", "")
+        routes = dl.route([agent_id], [prompt_ids])
         params = [b for _, b in circuit.factors.values()]
         opt = torch.optim.Adam(params, lr=learning_rate)
         reproduced, step = False, 0
@@ -327,7 +354,7 @@ class ContextLearner:
             t.requires_grad_(True)
         try:
             for step in range(steps + 1):
-                plan = dl.planner.plan([agent_id], trainable=True, without=without, extra=(circuit,))
+                plan = dl.planner.plan([agent_id], trainable=True, without=without, extra=(circuit,), skip=routes)
                 with dl.activate(plan, dl.new_session(plan, observe=False)):
                     out = dl.model(input_ids=ids, labels=labels, use_cache=False)
                 predicted = out.logits[0, len(prompt_ids) - 1 : -1].argmax(-1)

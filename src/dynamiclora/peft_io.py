@@ -31,6 +31,11 @@ KEY_RE = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<which>[AB])(?
 
 
 def export_peft(dl: DynamicLoRA, out_dir: Path, scope: str | None = None, agent: str | None = None) -> Path:
+    """Write a scope, or an agent's whole stack, as one PEFT LoRA adapter (ranks concatenated).
+
+    A PEFT adapter cannot route: gated circuits are written as always acting, so the adapter equals the agent on
+    the prompts its gated circuits reach (see routing.py), and adds them elsewhere too.
+    """
     if (scope is None) == (agent is None):
         raise ValueError("export_peft needs exactly one of scope='tier:name' (one scope) or agent='id' (whole stack)")
     if agent is not None:

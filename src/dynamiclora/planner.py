@@ -57,22 +57,27 @@ class Planner:
         trainable: bool = False,
         without: tuple[str, ...] = (),
         extra: tuple[Circuit, ...] = (),
+        skip: tuple[frozenset[str], ...] | None = None,
     ) -> BatchPlan:
         """A plan for rows of these agents, leaving out the tiers in ``without``.
 
         ``extra`` circuits (not in any scope yet, e.g. one being internalized) are applied unmerged on every row.
+        ``skip`` gives, per row, ids of unmerged circuits the row's input does not reach (see routing.py).
         Cached by scope versions unless ``trainable`` (then the factors must carry gradients) or ``extra`` is given.
         """
         agent_ids = tuple(agent_ids)
+        skip = tuple(skip) if skip is not None and any(skip) else tuple(frozenset() for _ in agent_ids)
+        if len(skip) != len(agent_ids):
+            raise ValueError(f"skip has {len(skip)} rows for {len(agent_ids)} agents; give one set per row")
         stacks = [tuple(k for k in self.hierarchy.agent(a).stack() if k.tier not in without) for a in agent_ids]
         involved = sorted({k for s in stacks for k in s})
-        key = (agent_ids, without, tuple(self.hierarchy.scopes[k].version for k in involved))
+        key = (agent_ids, without, skip, tuple(self.hierarchy.scopes[k].version for k in involved))
         if extra:
-            return self._build(agent_ids, stacks, observe=not trainable, extra=tuple(extra))
+            return self._build(agent_ids, stacks, observe=not trainable, extra=tuple(extra), skip=skip)
         if not trainable and key in self._plans:
             self._plans.move_to_end(key)
             return self._plans[key]
-        plan = self._build(agent_ids, stacks, observe=not trainable)  # training runs without the usage probe
+        plan = self._build(agent_ids, stacks, observe=not trainable, skip=skip)  # training runs without the probe
         if not trainable:
             self._plans[key] = plan
             while len(self._plans) > 16:
@@ -90,6 +95,7 @@ class Planner:
         stacks: list[tuple[ScopeKey, ...]],
         observe: bool = True,
         extra: tuple[Circuit, ...] = (),
+        skip: tuple[frozenset[str], ...] = (),
     ) -> BatchPlan:
         scopes = self.hierarchy.scopes
         merged_keys, unmerged_pos = [], []
@@ -99,10 +105,13 @@ class Planner:
                 merged_keys.append(stacks[0][pos])
             else:
                 unmerged_pos.append(pos)
-        row_keys = [tuple(s[p] for p in unmerged_pos) for s in stacks]
+        row_keys = [(tuple(s[p] for p in unmerged_pos), left_out) for s, left_out in zip(stacks, skip)]
         groups = list(dict.fromkeys(row_keys))
         row_group = [groups.index(rk) for rk in row_keys]
-        group_circuits = [[c for k in g for c in scopes[k].circuits.values()] + list(extra) for g in groups]
+        group_circuits = [
+            [c for k in keys for c in scopes[k].circuits.values() if c.id not in left_out] + list(extra)
+            for keys, left_out in groups
+        ]
 
         circuits: list[Circuit] = list({c.id: c for gc in group_circuits for c in gc}.values())
         column = {c.id: i for i, c in enumerate(circuits)}

@@ -94,6 +94,9 @@ def atomic_write(path: Path, write: Any) -> None:
             os.unlink(tmp)
 
 
+ROUTE = "route"  # a gated circuit's prototypes, stored beside its factors under "<id>//route"
+
+
 def _tensor_key(circuit_id: str, module: str, which: str) -> str:
     return f"{circuit_id}/{module}/{which}"
 
@@ -118,6 +121,8 @@ def write_scope(scope: Scope, directory: Path) -> str | None:
         for module, (a, b) in c.factors.items():
             tensors[_tensor_key(c.id, module, "A")] = a.detach().float().cpu().contiguous()
             tensors[_tensor_key(c.id, module, "B")] = b.detach().float().cpu().contiguous()
+        if c.prototypes is not None:
+            tensors[_tensor_key(c.id, "", ROUTE)] = c.prototypes.detach().float().cpu().contiguous()
     metadata = {"scope": str(scope.key), "content_hash": digest, "format_version": str(FORMAT_VERSION)}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     return name
@@ -167,6 +172,7 @@ def save_state(dl: DynamicLoRA, state_dir: Path, overwrite_other_model: bool = F
             "optimizer_file": optimizer_file or "",
             "generator_state": dl.generator.get_state().numpy().tobytes().hex(),
             "wavegen": json.dumps(dl.wavegen.cache.state(), sort_keys=True),
+            "router": json.dumps(dl.router.state(), sort_keys=True),
         }
         con.execute("BEGIN IMMEDIATE")
         try:
@@ -274,16 +280,22 @@ def load_state(
         for r in by_scope.get((tier, name), []):
             prefix = f"{r['id']}/"
             factors: dict[str, list[torch.Tensor]] = {}
+            prototypes = None
             for k, t in tensors.items():
                 if k.startswith(prefix):
                     module, which = k[len(prefix) :].rsplit("/", 1)
-                    factors.setdefault(module, [None, None])[0 if which == "A" else 1] = t
+                    if which == ROUTE:
+                        prototypes = t.cpu()
+                    else:
+                        factors.setdefault(module, [None, None])[0 if which == "A" else 1] = t
             if not factors or any(t is None for ab in factors.values() for t in ab):
                 raise CorruptStateError(
                     f"{path} (scope {key}) lacks tensors of circuit {r['id']}; the file is "
                     "corrupted or belongs to another state; restore it from a backup"
                 )
-            scope.circuits[r["id"]] = Circuit.from_record(r, {m: (ab[0], ab[1]) for m, ab in factors.items()})
+            circuit = Circuit.from_record(r, {m: (ab[0], ab[1]) for m, ab in factors.items()})
+            circuit.prototypes = prototypes
+            scope.circuits[r["id"]] = circuit
         scope.touch()
         if scope.content_hash() != digest:
             raise CorruptStateError(
@@ -291,6 +303,10 @@ def load_state(
                 f"got {scope.content_hash()[:12]}…): the file is corrupted; restore it from a backup"
             )
     dl.memory.restore(json.loads(meta.get("dynamics", "{}")), logs["migrations"], logs["forgotten"])
+    try:
+        dl.router.restore(json.loads(meta.get("router", "{}")))
+    except ValueError as exc:
+        raise StateMismatchError(f"{state_dir}: {exc}") from exc
     if meta.get("optimizer_file"):
         path = state_dir / "scopes" / meta["optimizer_file"]
         try:

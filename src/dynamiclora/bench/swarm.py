@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from ..circuits import Circuit
-from ..config import DynamicLoRAConfig, DynamicsConfig, GenerationConfig
+from ..config import DynamicLoRAConfig, DynamicsConfig, GenerationConfig, LearningConfig
 from ..core import DynamicLoRA
 from ..dynamics.resonance import Proposal, combine, resonate
 from .record import arguments, model_under_test, write
@@ -52,7 +52,10 @@ RULES = ("resonance", "mean", "ties", "pcgrad")
 
 
 def build(quick: bool) -> DynamicLoRA:
-    return model_under_test(quick, DynamicLoRAConfig(dynamics=DynamicsConfig(tick_interval=0)), progress=True)
+    # Routing off: the rules merge whole deltas, and each agent's circuits were learned acting together (with
+    # routing, each acts on its own prompt alone, and the baselines' ungated merges would not be comparable).
+    config = DynamicLoRAConfig(dynamics=DynamicsConfig(tick_interval=0), learning=LearningConfig(routing=False))
+    return model_under_test(quick, config, progress=True)
 
 
 def curriculum(agent: int) -> list[tuple[str, str]]:

@@ -67,8 +67,9 @@ class Method(ABC):
         """Called when a task's rounds are over (with the task's examples)."""
 
     @abstractmethod
-    def logits(self, agent: str, ids: torch.Tensor) -> torch.Tensor:
-        """(1, L, V) logits of ``agent``'s model as it is now."""
+    def logits(self, agent: str, ids: torch.Tensor, prompt_tokens: int | None = None) -> torch.Tensor:
+        """(1, L, V) logits of ``agent``'s model as it is now; ``ids[:, :prompt_tokens]`` is the prompt (the request
+        as generation would see it), the rest a completion being scored."""
 
     @abstractmethod
     def trainable_parameters(self) -> int:
@@ -76,7 +77,7 @@ class Method(ABC):
 
     @torch.no_grad()
     def accuracy(self, agent: str, examples: list[Example]) -> float:
-        hits = [produces(self.logits(agent, torch.tensor([p + c])), (p, c)) for p, c in examples]
+        hits = [produces(self.logits(agent, torch.tensor([p + c]), len(p)), (p, c)) for p, c in examples]
         return sum(hits) / len(hits) if hits else 0.0
 
     def perplexity(self, agent: str, chunks: list[torch.Tensor]) -> float:
@@ -86,23 +87,37 @@ class Method(ABC):
 class DynamicLoRAMethod(Method):
     name = "DynamicLoRA"
 
-    def __init__(self, model, tokenizer, agents: list[str], tick_interval: int = 100, lr: float = 1e-2) -> None:
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        agents: list[str],
+        tick_interval: int = 100,
+        lr: float = 1e-2,
+        routing: bool = True,
+        capacity: int = 32,
+    ) -> None:
+        # capacity: the longest stream holds 20 facts of one agent; the default 16 would drop the oldest ones
         cfg = DynamicLoRAConfig(
-            dynamics=DynamicsConfig(tick_interval=tick_interval), learning=LearningConfig(learning_rate=lr)
+            dynamics=DynamicsConfig(tick_interval=tick_interval),
+            learning=LearningConfig(learning_rate=lr, routing=routing, context_capacity=capacity),
         )
         self.dl = DynamicLoRA(model, tokenizer, cfg)
         for a in agents:
             self.dl.agent(a, swarm="team", domain="work")
-        if tick_interval != 100:
-            self.name = f"DynamicLoRA (tick every {tick_interval})"
+        details = ([] if routing else ["no routing"]) + (
+            [f"tick every {tick_interval}"] if tick_interval != 100 else []
+        )
+        if details:
+            self.name = f"DynamicLoRA ({', '.join(details)})"
 
     def learn(self, agent: str, example: Example) -> None:
         p, c = example
         text = self.dl.tokenizer.decode
         self.dl.agent(agent).learn(text(p, skip_special_tokens=True), text(c, skip_special_tokens=True))
 
-    def logits(self, agent: str, ids: torch.Tensor) -> torch.Tensor:
-        return self.dl.agent(agent).logits(ids)
+    def logits(self, agent: str, ids: torch.Tensor, prompt_tokens: int | None = None) -> torch.Tensor:
+        return self.dl.agent(agent).logits(ids, route_tokens=prompt_tokens)
 
     def trainable_parameters(self) -> int:
         return sum(
@@ -158,25 +173,39 @@ class SequentialLoRA(Method):
 
     def learn(self, agent: str, example: Example) -> None:
         for _ in range(self.steps):
-            batch = self.batch(example)
-            ids, labels, mask = self._tensors(batch)
-            reference = self.reference(batch, ids, mask)
-            out = self.model(input_ids=ids, attention_mask=mask, labels=labels)
-            loss = out.loss
-            extra = self.extra_loss(batch, ids, mask, out.logits, reference)
-            if extra is not None:
-                loss = loss + extra
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self._trainable(), 1.0)
-            self.optimizer.step()
-            self.after_step()
+            self.step(self.batch(example))
 
-    def logits(self, agent: str, ids: torch.Tensor) -> torch.Tensor:
+    def step(self, batch: list[Example]) -> None:
+        """One optimizer step on a batch of examples."""
+        ids, labels, mask = self._tensors(batch)
+        reference = self.reference(batch, ids, mask)
+        out = self.model(input_ids=ids, attention_mask=mask, labels=labels)
+        loss = out.loss
+        extra = self.extra_loss(batch, ids, mask, out.logits, reference)
+        if extra is not None:
+            loss = loss + extra
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self._trainable(), 1.0)
+        self.optimizer.step()
+        self.after_step()
+
+    def logits(self, agent: str, ids: torch.Tensor, prompt_tokens: int | None = None) -> torch.Tensor:
         return self.model(input_ids=ids).logits
 
     def trainable_parameters(self) -> int:
         return sum(p.numel() for n, p in self.model.named_parameters() if "lora_" in n)
+
+
+class MultiTaskLoRA(SequentialLoRA):
+    """The upper bound: every task's examples available from the start, each step on a batch drawn i.i.d. from
+    all of them (the same number of steps as the stream's learners, ``batch_size`` times the examples per step)."""
+
+    name = "multi-task LoRA (upper bound)"
+
+    def fit(self, pool: list[Example], steps: int, batch_size: int = 4) -> None:
+        for _ in range(steps):
+            self.step([self.rng.choice(pool) for _ in range(batch_size)])
 
 
 class Replay(SequentialLoRA):
@@ -267,7 +296,7 @@ class FastSlowEMA(Replay):
                 if n in self.slow:
                     self.slow[n].mul_(self.decay).add_(p.detach(), alpha=1 - self.decay)
 
-    def logits(self, agent: str, ids: torch.Tensor) -> torch.Tensor:
+    def logits(self, agent: str, ids: torch.Tensor, prompt_tokens: int | None = None) -> torch.Tensor:
         self._swap()
         try:
             return self.model(input_ids=ids).logits

@@ -27,6 +27,7 @@ import torch
 from ..circuits import Circuit, frobenius_inner
 from ..config import TIERS
 from ..hierarchy import FOUNDATION, ScopeKey
+from ..routing import MAX_PROTOTYPES
 from .resonance import Proposal, combine, gram, norm, resonate
 
 if TYPE_CHECKING:
@@ -286,6 +287,8 @@ class Sharing:
         )
         reference = max(float(gram([p.circuit for p in leaving]).sum()), 0.0) ** 0.5  # ‖Σ Δ_leaving‖
         self._inherit(residual, leaving)
+        if all(p.circuit.prototypes is not None for p in leaving):  # the owner's own version stays where it acted
+            residual.prototypes = torch.cat([p.circuit.prototypes for p in leaving])[-MAX_PROTOTYPES:]
         for p in leaving:
             local = scope.circuits.get(p.circuit.id)
             if local is None:

@@ -143,7 +143,7 @@ class WaveController:
     def _speculate(self, req: _Request, cfg: GenerationConfig) -> GenerationResult:
         """One row: prefill, find a draft (exact or semantic), verify it, continue decoding."""
         dl = self.dl
-        plan = dl.planner.plan([req.agent_id])
+        plan = dl.planner.plan([req.agent_id], skip=dl.route([req.agent_id], [req.ids]))
         session = dl.new_session(plan)
         pooled: list[torch.Tensor] = []
         recorder = Recorder([req.ids], self.config.observe_top_k)
@@ -408,7 +408,7 @@ class WaveController:
         dl = self.dl
         if not self.chain or not tokens:
             return ExtractedCircuit()
-        plan = dl.planner.plan([agent_id], without=without)
+        plan = dl.planner.plan([agent_id], without=without, skip=dl.route([agent_id], [prompt_ids]))
         session = dl.new_session(plan, observe=False, capture=True)  # keeps every adapted module's input
         with torch.no_grad(), dl.activate(plan, session):
             dl.model(input_ids=torch.tensor([prompt_ids + tokens], device=dl.device), use_cache=False)

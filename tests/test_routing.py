@@ -1,0 +1,99 @@
+"""Routing: a context circuit acts on the prompts it learned from and leaves every other input exactly alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dynamiclora import DynamicLoRA, DynamicLoRAConfig, LearningConfig
+from dynamiclora.errors import ConfigError
+
+from .conftest import make_dl
+
+FACTS = [("def get_alpha_port():", " return 'cedar'"), ("def get_bravo_level():", " return 'onyx'")]
+OTHER = "import os\nprint(os.getcwd())"
+
+
+def logits(agent, prompt: str, completion: str = "") -> torch.Tensor:
+    dl = agent.dl
+    p = dl.encode(prompt)
+    return agent.logits(torch.tensor([p + dl.encode(completion, special=False)]), route_tokens=len(p))
+
+
+def base_logits(dl: DynamicLoRA, text: str) -> torch.Tensor:
+    with torch.no_grad():
+        return dl.model(input_ids=torch.tensor([dl.encode(text)])).logits
+
+
+def test_distinct_prompts_get_distinct_gated_circuits_and_repeats_reuse_them(dl):
+    alice = dl.agent("alice", swarm="s", domain="d")
+    first = [alice.learn(p, c) for p, c in FACTS]
+    again = [alice.learn(p, c) for p, c in FACTS]
+    assert all(r.spawned for r in first) and first[0].circuit_id != first[1].circuit_id
+    assert [r.circuit_id for r in again] == [r.circuit_id for r in first] and not any(r.spawned for r in again)
+    assert all(c["gated"] for c in dl.circuits(tier="context"))
+
+
+def test_learning_leaves_unrelated_inputs_and_other_facts_exactly_unchanged(dl):
+    alice = dl.agent("alice", swarm="s", domain="d")
+    alice.learn(*FACTS[0])
+    first_fact = logits(alice, *FACTS[0])
+    for _ in range(3):
+        alice.learn(*FACTS[1])
+    torch.testing.assert_close(logits(alice, *FACTS[0]), first_fact, rtol=0, atol=0)  # isolation
+    torch.testing.assert_close(alice.logits(torch.tensor([dl.encode(OTHER)])), base_logits(dl, OTHER))
+    assert not torch.allclose(logits(alice, *FACTS[1]), base_logits(dl, FACTS[1][0] + FACTS[1][1]))
+
+
+def test_routing_off_makes_ungated_circuits_that_reach_everything():
+    dl = make_dl(config=DynamicLoRAConfig(learning=LearningConfig(routing=False)))
+    alice = dl.agent("alice", swarm="s", domain="d")
+    alice.learn(*FACTS[0])
+    assert not any(c["gated"] for c in dl.circuits())
+    assert not torch.allclose(alice.logits(torch.tensor([dl.encode(OTHER)])), base_logits(dl, OTHER))
+
+
+def test_heterogeneous_batch_routes_each_row_as_it_would_alone(dl):
+    for name, (p, c) in zip(("alice", "bob"), FACTS):
+        agent = dl.agent(name, swarm="s", domain="d")
+        for _ in range(2):
+            agent.learn(p, c)
+    requests = [("alice", FACTS[0][0]), ("bob", FACTS[1][0]), ("alice", FACTS[1][0]), ("bob", OTHER)]
+    batched = dl.generate_batch(requests, max_new_tokens=6)
+    alone = [dl.generate_batch([r], max_new_tokens=6)[0] for r in requests]
+    assert [r.token_ids for r in batched] == [r.token_ids for r in alone]
+
+
+def test_migration_keeps_the_gate_and_the_outputs(dl):
+    alice = dl.agent("alice", swarm="s", domain="d")
+    r = alice.learn(*FACTS[0])
+    before = (logits(alice, *FACTS[0]), logits(alice, OTHER))
+    scope, c = dl.hierarchy.find_circuit(r.circuit_id)
+    dl.memory.move(c, scope, dl.hierarchy.scope(("agent", "alice")), None)
+    after = (logits(alice, *FACTS[0]), logits(alice, OTHER))
+    for b, a in zip(before, after):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_prototypes_are_content_and_survive_save_and_load(dl, tmp_path):
+    alice = dl.agent("alice", swarm="s", domain="d")
+    r = alice.learn(*FACTS[0])
+    circuit = dl.hierarchy.find_circuit(r.circuit_id)[1]
+    digest = circuit.content_hash()
+    circuit.prototypes = circuit.prototypes + 1e-3  # routing decides outputs: the hash must see it
+    assert circuit.content_hash() != digest
+    circuit.prototypes = circuit.prototypes - 1e-3
+    alice.learn(*FACTS[1])
+    dl.save(tmp_path / "state")
+    again = DynamicLoRA.load(tmp_path / "state", model=make_dl().model, tokenizer=dl.tokenizer)
+    assert again.router.state() == dl.router.state()
+    for prompt in (FACTS[0][0], FACTS[1][0], OTHER):
+        assert again.route(["alice"], [dl.encode(prompt)]) == dl.route(["alice"], [dl.encode(prompt)])
+        torch.testing.assert_close(logits(again.agent("alice"), prompt), logits(alice, prompt))
+
+
+def test_bad_routing_settings_name_the_field():
+    with pytest.raises(ConfigError, match="route_radius"):
+        LearningConfig(route_radius=0.0)
+    with pytest.raises(ValueError, match="route_module"):
+        make_dl(config=DynamicLoRAConfig(learning=LearningConfig(route_module="no.such.module")))
