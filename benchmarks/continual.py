@@ -1,4 +1,4 @@
-"""Continual-learning benchmark (work in progress); see dynamiclora.bench.continual."""
+"""Continual-learning benchmark; see dynamiclora.bench.continual."""
 
 from dynamiclora.bench.continual import main
 

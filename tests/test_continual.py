@@ -88,3 +88,30 @@ def test_the_orthogonality_penalty_pulls_a_new_adapter_off_the_old_subspace():
     for _ in range(3):
         method.learn("learner", encode(tok, "y =", " 3"))
     assert overlap() < before
+
+
+@pytest.mark.parametrize(
+    "stream",
+    [
+        streams.facts(tasks=3, per_task=2, rounds=3),
+        streams.selective(tasks=3, per_task=2, recurring=2, rounds=2),
+        streams.styles(rounds=3),
+    ],
+    ids=lambda s: s.name,
+)
+def test_each_stream_quick_dynamiclora_learns_without_touching_what_it_did_not_learn(stream):
+    """The fast variant of every stream on a tiny model: routing keeps the held-out text's logits exactly those of
+    the base model, and no task learned later lowers an earlier task's accuracy."""
+    from dynamiclora.bench.continual import base_perplexity, run
+
+    model, tok = tiny_model("llama")
+    agents = sorted({t.agent for t in stream.tasks})
+    chunks = [torch.randint(1, len(tok), (1, 32), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    base = base_perplexity(model, chunks)
+    result = run(stream, DynamicLoRAMethod(model, tok, agents), tok, chunks)
+    R = result["R"]
+    assert result["perplexity"] == pytest.approx(base, rel=1e-6)
+    assert all(R[-1][i] >= R[i][i] for i in range(len(R))), R  # nothing forgotten
+    assert result["plasticity"] > 0
+    if stream.recurring:
+        assert result["recurring_retained"] > 0

@@ -66,14 +66,16 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         t.add_row(tier, name, str(n), digest[:16])
     console.print(t)
     t = Table(title="circuits")
-    for col in ("id", "tier", "scope", "rank", "phase", "u", "strength", "label", "origin", "updated", "neurons"):
+    for col in ("id", "tier", "scope", "rank", "gated", "phase", "u", "strength", "label", "origin", "updated"):
         t.add_column(col, overflow="fold")
+    t.add_column("neurons", overflow="fold")
     for c in sorted(circuits, key=lambda c: (order.index(c["tier"]), c["scope"], c["created_tick"], c["id"])):
         t.add_row(
             c["id"][:8],
             c["tier"],
             c["scope"],
             str(c["rank"]),
+            "yes" if c.get("gated") else "",  # acts only on the prompts it learned from (routing)
             c.get("phase", ""),
             f"{c.get('u', 0):.2f}",
             f"{c.get('strength', 1):.2f}",

@@ -1,12 +1,14 @@
 """Online learning into the context tier: attribution, spawning, and gradient steps.
 
 Only the agent's context circuits receive gradients. An interaction is attributed to the context
-circuit whose normalized activation on it is the strongest, if that reaches
-``LearningConfig.attribution_threshold``; otherwise a new circuit is spawned. A new circuit's A rows
-are the top right-singular vectors of the interaction's own input activations on each module
-(explained-variance initialisation, cf. EVA, Paischer et al. 2024) and B starts at zero, so the
-stack's output is unchanged at spawn and the circuit's activation afterwards measures how much an
-input resembles the one it was made for.
+circuit that matches it best, if that match reaches ``LearningConfig.attribution_threshold``; otherwise a
+new circuit is spawned. With routing on (the default) a context circuit is gated and matched by the distance
+of the prompt to the prompts it learned from (see routing.py); an ungated circuit by its key activation.
+
+A new circuit's A rows are the top right-singular vectors of the interaction's own input activations on each
+module (explained-variance initialisation, cf. EVA, Paischer et al. 2024) and B starts at zero, so the stack's
+output is unchanged at spawn and the circuit's activation afterwards measures how much an input resembles the
+one it was made for.
 """
 
 from __future__ import annotations

@@ -128,15 +128,17 @@ def fresh(quick: bool):
     return model, tok
 
 
-def compare(stream: streams.Stream, quick: bool, lr: float, tick_intervals=(100,)) -> dict:
+def compare(stream: streams.Stream, quick: bool, lr: float, ticks: tuple[int, ...] = ()) -> dict:
+    """Every learner on one stream at one learning rate. DynamicLoRA runs at its default tick interval (100
+    interactions: the stream fits in one) with routing and without, and once per interval in ``ticks`` (the memory
+    dynamics at work within the stream)."""
     model, tok = fresh(quick)
     chunks = held_out_chunks(tok, quick)
     agents = sorted({t.agent for t in stream.tasks})
     results = []
-    for interval in tick_intervals:
-        for routing in (True, False):
-            dl_method = DynamicLoRAMethod(fresh(quick)[0], tok, agents, interval, lr=lr, routing=routing)
-            results.append(run(stream, dl_method, tok, chunks))
+    for interval, routing in [(100, True), (100, False), *((t, True) for t in ticks)]:
+        dl_method = DynamicLoRAMethod(fresh(quick)[0], tok, agents, interval, lr=lr, routing=routing)
+        results.append(run(stream, dl_method, tok, chunks))
     for cls in (SequentialLoRA, Replay, OrthogonalLoRA, FastSlowEMA):
         results.append(run(stream, cls(model, tok, lr=lr), tok, chunks))
     results.append(multitask(stream, MultiTaskLoRA(model, tok, lr=lr), tok, chunks))
@@ -153,7 +155,7 @@ def _plot(report: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, len(results) + 1, figsize=(3.0 * (len(results) + 1), 3.2))
     for ax, r in zip(axes, results):
         ax.imshow(r["R"], vmin=0, vmax=1, cmap="viridis")
-        ax.set_title(r["method"], fontsize=7)
+        ax.set_title(r["method"] + (f" (lr {r['lr']:g})" if "lr" in r else ""), fontsize=7)
         ax.set_xlabel("task evaluated", fontsize=7)
         ax.set_ylabel("after task", fontsize=7)
     curve = axes[-1]
@@ -198,6 +200,11 @@ def best(reports: list[dict], method: str) -> dict:
     return max(runs, key=lambda r: (r["acc"], -r["perplexity"]))
 
 
+def best_of_each(reports: list[dict]) -> dict:
+    """One report holding every method at its best learning rate (for the plot)."""
+    return {"results": [best(reports, r["method"]) for r in reports[0]["results"]]}
+
+
 def targets(reports: list[dict]) -> tuple[dict, list[str]]:
     """The issue's targets on the facts stream, each method at its best learning rate."""
     dl, seq = best(reports, "DynamicLoRA"), best(reports, SequentialLoRA.name)
@@ -227,11 +234,12 @@ def targets(reports: list[dict]) -> tuple[dict, list[str]]:
 def main(argv: list[str] | None = None) -> dict:
     args = arguments(__doc__, argv)
     if args.quick:
-        plan = [(streams.facts(tasks=3, per_task=2, rounds=2), LEARNING_RATES[0])]
-    else:
-        plan = [(streams.facts(), lr) for lr in LEARNING_RATES]
-        plan += [(make(), lr) for make in (streams.selective, streams.styles) for lr in (LEARNING_RATES[0], 1e-3)]
-    reports = [compare(stream, args.quick, lr) for stream, lr in plan]
+        plan = [(streams.facts(tasks=3, per_task=2, rounds=2), LEARNING_RATES[0], ())]
+    else:  # ticks: one per round of the facts stream (4 items), one per round of the selective stream (6 items)
+        plan = [(streams.facts(), lr, (4,)) for lr in LEARNING_RATES]
+        plan += [(streams.selective(), lr, (6,)) for lr in (LEARNING_RATES[0], 1e-3)]
+        plan += [(streams.styles(), lr, ()) for lr in (LEARNING_RATES[0], 1e-3)]
+    reports = [compare(stream, args.quick, lr, ticks) for stream, lr, ticks in plan]
     facts = [r for r in reports if r["stream"] == "facts"]
     checks, md_targets = targets(facts)
     name = "continual-cpu" + ("-quick" if args.quick else "")
@@ -240,6 +248,6 @@ def main(argv: list[str] | None = None) -> dict:
         md += [*table(report), ""]
     out = Path(args.out)
     write(out, name, {"streams": reports, "targets": checks}, "\n".join(md) + "\n")
-    _plot(facts[0], out / f"{name}.png")
+    _plot(best_of_each(facts), out / f"{name}.png")
     print("\n".join(md))
     return {"reports": reports, "targets": checks}
