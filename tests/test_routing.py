@@ -95,5 +95,5 @@ def test_prototypes_are_content_and_survive_save_and_load(dl, tmp_path):
 def test_bad_routing_settings_name_the_field():
     with pytest.raises(ConfigError, match="route_radius"):
         LearningConfig(route_radius=0.0)
-    with pytest.raises(ValueError, match="route_module"):
+    with pytest.raises(ConfigError, match="route_module"):
         make_dl(config=DynamicLoRAConfig(learning=LearningConfig(route_module="no.such.module")))

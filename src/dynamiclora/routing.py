@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .circuits import Circuit
+from .errors import ConfigError
 
 if TYPE_CHECKING:
     from .core import DynamicLoRA
@@ -43,7 +44,7 @@ class Router:
         names = list(dl.layers)
         wanted = dl.config.learning.route_module
         if wanted is not None and wanted not in dl.layers:
-            raise ValueError(
+            raise ConfigError(
                 f"LearningConfig.route_module {wanted!r} is not an adapted module; choose one of {names[:4]} …"
             )
         self.module = wanted or names[0]

@@ -27,6 +27,7 @@ CLIENTS = 16
 MAX_TOKENS = 16
 # learned completions longer than MAX_TOKENS, so every request decodes MAX_TOKENS tokens whether the agent's
 # circuit is applied or has faded (the base model does not stop early here either): equal work per request
+PROMPT = "def handle(request):"
 LONG = " return dispatch_{i}(request, settings=load_settings(), retries=3, timeout=30.0, log=logger)"
 
 
@@ -53,10 +54,10 @@ async def _load(url: str, keys: dict[str, str], seconds: float, pid: int) -> dic
     async def client(agent: str, key: str) -> None:
         nonlocal tokens
         headers = {"Authorization": f"Bearer {key}"}
-        i = 0
         async with httpx.AsyncClient(base_url=url, timeout=120) as http:
             while time.monotonic() < end:
-                body = {"model": agent, "prompt": f"def handle_{agent}_{i}(request):", "max_tokens": MAX_TOKENS}
+                # the prompt each agent learned: its gated circuit acts on every row (a heterogeneous batch)
+                body = {"model": agent, "prompt": PROMPT, "max_tokens": MAX_TOKENS}
                 t = time.perf_counter()
                 try:
                     r = await http.post("/v1/completions", json=body, headers=headers)
@@ -67,7 +68,6 @@ async def _load(url: str, keys: dict[str, str], seconds: float, pid: int) -> dic
                         failures.append(f"{r.status_code}: {r.text[:100]}")
                 except httpx.HTTPError as e:
                     failures.append(repr(e))
-                i += 1
 
     async def sample() -> None:
         while time.monotonic() < end:
@@ -109,7 +109,7 @@ def run_mode(model: Path, batching: bool, seconds: float, port: int) -> dict:
                     keys[agent] = r.json()["api_key"]
                     http.post(
                         "/v1/learn",
-                        json={"model": agent, "prompt": "def handle(request):", "completion": LONG.format(i=i)},
+                        json={"model": agent, "prompt": PROMPT, "completion": LONG.format(i=i)},
                         headers={"Authorization": f"Bearer {keys[agent]}"},
                     )
             result = asyncio.run(_load(url, keys, seconds, proc.pid))
