@@ -347,8 +347,8 @@ class WaveGenConfig:
         default=False,
         metadata=_help(
             "After a miss, learn the generated continuation into the agent's context tier when its coherence "
-            "reaches learn_min_coherence. Off by default: on the built-in model, circuit keys of different prompts "
-            "overlap, and one self-learned continuation spread to unrelated prompts."
+            "reaches learn_min_coherence. Off by default: without routing, one self-learned continuation spread to "
+            "unrelated prompts on the built-in model; with routing it acts on its own prompt (not re-measured)."
         ),
     )
     learn_min_coherence: float = field(default=0.3, metadata=_help("Coherence needed to learn from a generation."))
