@@ -97,3 +97,35 @@ def test_bad_routing_settings_name_the_field():
         LearningConfig(route_radius=0.0)
     with pytest.raises(ConfigError, match="route_module"):
         make_dl(config=DynamicLoRAConfig(learning=LearningConfig(route_module="no.such.module")))
+
+
+def test_consensus_of_gated_circuits_shares_a_gated_circuit_that_acts_on_their_prompts_only():
+    from .conftest import random_circuit
+    from .test_swarms import copy, persistent, team
+
+    dl = team()
+    prompt, other = dl.encode(FACTS[0][0]), dl.encode(OTHER)
+    for ids in (prompt, other):  # two learned prompts set the distance unit: they lie 2 units apart
+        dl.router.observe(dl.router.features([ids])[0])
+    delta = random_circuit(dl, 4, torch.Generator().manual_seed(7), magnitude=0.3)
+    for n in ("a", "b"):
+        gated = copy(delta)
+        gated.prototypes = dl.router.features([prompt])
+        persistent(dl, n, gated)
+
+    def outputs(name):
+        agent = dl.agent(name)
+        return logits(agent, *FACTS[0]), agent.logits(torch.tensor([other]))
+
+    before = {n: outputs(n) for n in ("a", "b", "c", "x")}
+    assert dl.tick().shared
+    [shared] = dl.hierarchy.scope("swarm:team").circuits.values()
+    assert shared.prototypes is not None  # the union of its contributors' gates
+    for n in ("a", "b", "x"):  # contributors keep their outputs everywhere; the other swarm is untouched
+        for now, then in zip(outputs(n), before[n]):
+            torch.testing.assert_close(now, then, rtol=1e-4, atol=1e-4)
+    on_prompt, elsewhere = outputs("c")  # a member inherits the pattern on its prompt, and only there
+    assert not torch.allclose(on_prompt, before["c"][0], atol=1e-3)
+    torch.testing.assert_close(elsewhere, before["c"][1], rtol=0, atol=0)
+    batched = dl.forward(["a", "c"], torch.tensor([prompt, prompt]))[0]  # gated shared circuit runs unmerged
+    torch.testing.assert_close(batched[1:], dl.forward(["c"], torch.tensor([prompt]))[0], rtol=1e-5, atol=1e-5)

@@ -339,8 +339,9 @@ class ContextLearner:
         ``completion_ids`` greedily after ``prompt_ids`` (checked by teacher forcing: every next-token argmax equals
         the target), or for at most ``steps`` steps. Returns (circuit, steps taken, reproduced).
 
-        The circuit is keyed like a context circuit (explained-variance A on the base model's inputs, B from zero)
-        and belongs to no scope yet: the caller places it (see wavegen.controller).
+        The circuit is keyed and gated like a context circuit (explained-variance A on the base model's inputs, B
+        from zero, this prompt as its prototype) and belongs to no scope yet: the caller places it (see
+        wavegen.controller).
         """
         dl = self.dl
         ids = torch.tensor([prompt_ids + completion_ids], device=dl.device)
@@ -348,6 +349,8 @@ class ContextLearner:
         labels[:, : len(prompt_ids)] = -100
         targets = ids[0, len(prompt_ids) :]
         circuit = self._keyed_circuit(self._capture_base(agent_id, ids), "", "")
+        if dl.router.enabled:  # gated like a context circuit: it holds this prompt's continuation
+            circuit.prototypes = dl.router.features([prompt_ids])
         routes = dl.route([agent_id], [prompt_ids])
         params = [b for _, b in circuit.factors.values()]
         opt = torch.optim.Adam(params, lr=learning_rate)

@@ -5,6 +5,7 @@ For a batch of rows (each row an agent), a scope is *merged* when its tier is in
 ``W + Σ s·B A`` cached by the content hashes of the merged scopes, so it is rebuilt only when their
 content changes. All other scopes of a row are *unmerged*: their circuits are concatenated along
 the rank axis; rows with different unmerged stacks are padded to a common rank and gathered per row.
+Gated circuits (see routing.py) of a merged scope run unmerged, on the rows whose prompts reach them.
 """
 
 from __future__ import annotations
@@ -108,14 +109,19 @@ class Planner:
         row_keys = [(tuple(s[p] for p in unmerged_pos), left_out) for s, left_out in zip(stacks, skip)]
         groups = list(dict.fromkeys(row_keys))
         row_group = [groups.index(rk) for rk in row_keys]
+        in_merged = [c for k in merged_keys for c in scopes[k].circuits.values()]
+        # a gated circuit cannot live in an effective weight (it acts on some rows only): it runs unmerged
+        merged_circuits = [c for c in in_merged if c.prototypes is None]
+        gated_shared = [c for c in in_merged if c.prototypes is not None]
         group_circuits = [
-            [c for k in keys for c in scopes[k].circuits.values() if c.id not in left_out] + list(extra)
+            [c for c in gated_shared if c.id not in left_out]
+            + [c for k in keys for c in scopes[k].circuits.values() if c.id not in left_out]
+            + list(extra)
             for keys, left_out in groups
         ]
 
         circuits: list[Circuit] = list({c.id: c for gc in group_circuits for c in gc}.values())
         column = {c.id: i for i, c in enumerate(circuits)}
-        merged_circuits = [c for k in merged_keys for c in scopes[k].circuits.values()]
         weights = self._merged_weights(merged_keys, merged_circuits)
         hetero = len(groups) > 1
         row_index = torch.tensor(row_group)

@@ -34,6 +34,25 @@ if TYPE_CHECKING:
 MAX_PROTOTYPES = 16  # per circuit; a circuit attributed more distinct prompts keeps the most recent ones
 
 
+def joint_gate(circuits: list[Circuit]) -> torch.Tensor | None:
+    """The gate of a circuit made from these (a consensus, a residual): the distinct prototypes of them all, so it
+    acts wherever any of them did; None (ungated) if any of them is ungated."""
+    if not circuits or any(c.prototypes is None for c in circuits):
+        return None
+    return torch.unique(torch.cat([c.prototypes for c in circuits]), dim=0)
+
+
+def covers(outer: Circuit, inner: Circuit) -> bool:
+    """Does ``outer`` act on every prompt ``inner`` acts on? (Ungated acts everywhere; a gated circuit on its own
+    prototypes, which a shared circuit holds for every contribution it was made of.)"""
+    if outer.prototypes is None:
+        return True
+    if inner.prototypes is None:
+        return False
+    gaps = torch.cdist(inner.prototypes.float(), outer.prototypes.float()).min(dim=1).values
+    return bool((gaps <= 1e-6 * inner.prototypes.norm(dim=1).clamp_min(1e-12)).all())
+
+
 class _Captured(Exception):
     """Raised by the capture hook once the route module's input is in hand: nothing after it needs to run."""
 

@@ -126,12 +126,14 @@ def _pack(p: Proposal) -> dict[str, Any]:
         "critical": p.critical,
         "record": c.record(),
         "factors": {m: (a.detach().cpu(), b.detach().cpu()) for m, (a, b) in c.factors.items()},
+        "prototypes": None if c.prototypes is None else c.prototypes.detach().cpu(),
     }
 
 
 def _unpack(packed: dict[str, Any], device: torch.device) -> Proposal:
     factors = {m: (a.to(device), b.to(device)) for m, (a, b) in packed["factors"].items()}
     circuit = Circuit.from_record(packed["record"], factors)
+    circuit.prototypes = packed.get("prototypes")
     return Proposal(
         circuit,
         frozenset(packed["contributors"]),

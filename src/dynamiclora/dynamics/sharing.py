@@ -27,7 +27,7 @@ import torch
 from ..circuits import Circuit, frobenius_inner
 from ..config import TIERS
 from ..hierarchy import FOUNDATION, ScopeKey
-from ..routing import MAX_PROTOTYPES
+from ..routing import covers, joint_gate
 from .resonance import Proposal, combine, gram, norm, resonate
 
 if TYPE_CHECKING:
@@ -169,6 +169,7 @@ class Sharing:
                 scope=key.name,
                 id=circuit_digest("shared", str(key), str(now), *digests),
                 created_tick=now,
+                prototypes=joint_gate([c for c, _ in terms]),
             )
             self._inherit(shared, entered)
             shared.history.append(
@@ -226,6 +227,8 @@ class Sharing:
             if float(cos[best]) < threshold:
                 continue
             x = existing[best]
+            if not covers(x, p.circuit):
+                continue  # the shared circuit does not act on all of this one's prompts: it does not say it there
             projection = float(inner[best] / squared[best])
             out[id(p)] = {
                 "circuit": p.circuit.id,
@@ -287,8 +290,7 @@ class Sharing:
         )
         reference = max(float(gram([p.circuit for p in leaving]).sum()), 0.0) ** 0.5  # ‖Σ Δ_leaving‖
         self._inherit(residual, leaving)
-        if all(p.circuit.prototypes is not None for p in leaving):  # the owner's own version stays where it acted
-            residual.prototypes = torch.cat([p.circuit.prototypes for p in leaving])[-MAX_PROTOTYPES:]
+        residual.prototypes = joint_gate([p.circuit for p in leaving])  # it acts where the owner's circuits did
         for p in leaving:
             local = scope.circuits.get(p.circuit.id)
             if local is None:
