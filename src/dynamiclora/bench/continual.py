@@ -82,7 +82,21 @@ def run(stream: streams.Stream, method: Method, tokenizer, chunks: list[torch.Te
     if recurring:
         out["recurring_retained"] = method.accuracy(owners[0], recurring)
         out["one_offs_retained"] = out["acc"]
+    out.update(rewritten(stream, method, tokenizer, owners[0]))
     return out
+
+
+def rewritten(stream: streams.Stream, method: Method, tokenizer, agent: str) -> dict:
+    """Accuracy at the end on the stream's rewritten prompts (the same requests, asked differently), if any."""
+    if not stream.variants:
+        return {}
+    items = [item for t in stream.tasks for item in t.items]
+    return {
+        "variants": {
+            name: method.accuracy(agent, [encode(tokenizer, rewrite(p), c) for p, c in items])
+            for name, rewrite in stream.variants.items()
+        }
+    }
 
 
 def multitask(stream: streams.Stream, method: MultiTaskLoRA, tokenizer, chunks) -> dict:
@@ -101,6 +115,7 @@ def multitask(stream: streams.Stream, method: MultiTaskLoRA, tokenizer, chunks) 
            "perplexity": method.perplexity("learner", chunks)}  # fmt: skip
     if recurring:
         out["recurring_retained"] = method.accuracy("learner", recurring)
+    out.update(rewritten(stream, method, tokenizer, "learner"))
     return out
 
 
@@ -128,17 +143,25 @@ def fresh(quick: bool):
     return model, tok
 
 
-def compare(stream: streams.Stream, quick: bool, lr: float, ticks: tuple[int, ...] = ()) -> dict:
+def compare(
+    stream: streams.Stream, quick: bool, lr: float, ticks: tuple[int, ...] = (), radii: tuple[float, ...] = ()
+) -> dict:
     """Every learner on one stream at one learning rate. DynamicLoRA runs at its default tick interval (100
-    interactions: the stream fits in one) with routing and without, and once per interval in ``ticks`` (the memory
-    dynamics at work within the stream)."""
+    interactions: the stream fits in one) with routing and without, once per interval in ``ticks`` (the memory
+    dynamics at work within the stream) and once per route radius in ``radii`` (separation against reach)."""
     model, tok = fresh(quick)
     chunks = held_out_chunks(tok, quick)
     agents = sorted({t.agent for t in stream.tasks})
     results = []
-    for interval, routing in [(100, True), (100, False), *((t, True) for t in ticks)]:
-        dl_method = DynamicLoRAMethod(fresh(quick)[0], tok, agents, interval, lr=lr, routing=routing)
-        results.append(run(stream, dl_method, tok, chunks))
+    settings = [
+        (100, True, 0.5),
+        (100, False, 0.5),
+        *((t, True, 0.5) for t in ticks),
+        *((100, True, r) for r in radii),
+    ]
+    for interval, routing, radius in settings:
+        learner = DynamicLoRAMethod(fresh(quick)[0], tok, agents, interval, lr=lr, routing=routing, radius=radius)
+        results.append(run(stream, learner, tok, chunks))
     for cls in (SequentialLoRA, Replay, OrthogonalLoRA, FastSlowEMA):
         results.append(run(stream, cls(model, tok, lr=lr), tok, chunks))
     results.append(multitask(stream, MultiTaskLoRA(model, tok, lr=lr), tok, chunks))
@@ -181,14 +204,20 @@ def table(report: dict) -> list[str]:
     if any("recurring_retained" in r for r in report["results"]):
         md[2] = md[2].replace("| ACC |", "| ACC (one-offs) | recurring retained |")
         md[3] += "---|"
+    names = list(next((r["variants"] for r in report["results"] if "variants" in r), {}))
+    if names:
+        md[2] += f" rewritten prompts ({' / '.join(names)}) |"
+        md[3] += "---|"
     for r in report["results"]:
         cells = [f"{r[k]:+.2f}" if k in r else "" for k in ("bwt", "forgetting")]
         acc = f"{r['acc']:.2f}" + (f" | {r['recurring_retained']:.2f}" if "recurring_retained" in r else "")
         plasticity = f"{r['plasticity']:.2f}" if "plasticity" in r else ""
+        scores = [f"{r['variants'][n]:.2f}" for n in names] if "variants" in r else [""] * bool(names)
+        rewritten = f" {' / '.join(scores)} |" if names else ""
         md.append(
             f"| {r['method']} | {acc} | {cells[0]} | {cells[1]} | {plasticity} | "
             f"{r['perplexity']:.1f} ({r['perplexity'] / base - 1:+.0%}) | {r['learn_s']:.1f} s | "
-            f"{r['trainable_parameters']:,} |"
+            f"{r['trainable_parameters']:,} |" + rewritten
         )
     return md
 
@@ -234,12 +263,12 @@ def targets(reports: list[dict]) -> tuple[dict, list[str]]:
 def main(argv: list[str] | None = None) -> dict:
     args = arguments(__doc__, argv)
     if args.quick:
-        plan = [(streams.facts(tasks=3, per_task=2, rounds=2), LEARNING_RATES[0], ())]
+        plan = [(streams.facts(tasks=3, per_task=2, rounds=2), LEARNING_RATES[0], (), ())]
     else:  # ticks: one per round of the facts stream (4 items), one per round of the selective stream (6 items)
-        plan = [(streams.facts(), lr, (4,)) for lr in LEARNING_RATES]
-        plan += [(streams.selective(), lr, (6,)) for lr in (LEARNING_RATES[0], 1e-3)]
-        plan += [(streams.styles(), lr, ()) for lr in (LEARNING_RATES[0], 1e-3)]
-    reports = [compare(stream, args.quick, lr, ticks) for stream, lr, ticks in plan]
+        plan = [(streams.facts(), lr, (4,), (1.0,)) for lr in LEARNING_RATES]
+        plan += [(streams.selective(), lr, (6,), ()) for lr in (LEARNING_RATES[0], 1e-3)]
+        plan += [(streams.styles(), lr, (), ()) for lr in (LEARNING_RATES[0], 1e-3)]
+    reports = [compare(stream, args.quick, lr, ticks, radii) for stream, lr, ticks, radii in plan]
     facts = [r for r in reports if r["stream"] == "facts"]
     checks, md_targets = targets(facts)
     name = "continual-cpu" + ("-quick" if args.quick else "")

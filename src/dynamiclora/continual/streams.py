@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 WORDS = ["alpha", "bravo", "cedar", "delta", "ember", "fjord", "gamma", "harbor", "indigo", "juniper", "kelvin",
@@ -29,6 +30,8 @@ class Stream:
     tasks: list[Task]
     rounds: int  # times each item of a task is learned, interleaved, before the next task begins
     recurring: list[tuple[str, str]] = field(default_factory=list)  # items rehearsed in every task (selective)
+    # rewrites of a prompt that ask for the same thing, evaluated at the end (does what was learned generalize?)
+    variants: dict[str, Callable[[str], str]] = field(default_factory=dict)
 
 
 def _fact(rng: random.Random, used: set[str]) -> tuple[str, str]:
@@ -40,12 +43,19 @@ def _fact(rng: random.Random, used: set[str]) -> tuple[str, str]:
             return f"def get_{key}():", f" return '{rng.choice(WORDS)}'"
 
 
+FACT_VARIANTS: dict[str, Callable[[str], str]] = {
+    "comment line": lambda p: "# getter\n" + p,
+    "two spaces": lambda p: p.replace("def ", "def  ", 1),
+}
+
+
 def facts(tasks: int = 5, per_task: int = 4, rounds: int = 4, seed: int = 0) -> Stream:
     rng, used = random.Random(seed), set()
     return Stream(
         "facts",
         [Task(f"task {t + 1}", [_fact(rng, used) for _ in range(per_task)]) for t in range(tasks)],
         rounds,
+        variants=FACT_VARIANTS,
     )
 
 
