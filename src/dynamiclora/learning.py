@@ -256,12 +256,11 @@ class ContextLearner:
         """How much of each circuit's pattern this input is, on one scale: a gated circuit by its route distance
         (see routing.py), an ungated one by its key's activation relative to its activation on its own origin."""
         router = self.dl.router
-        keys = key_activations(circuits, capture)
-        distances = router.distances(feature, circuits) if feature is not None else [0.0] * len(circuits)
-        return [
-            router.affinity(d) if feature is not None and c.prototypes is not None else a / (c.key_self or 1.0)
-            for c, a, d in zip(circuits, keys, distances)
-        ]
+        routed = [c for c in circuits if feature is not None and c.prototypes is not None]
+        keyed = [c for c in circuits if feature is None or c.prototypes is None]  # only these need key activations
+        score = {c.id: a / (c.key_self or 1.0) for c, a in zip(keyed, key_activations(keyed, capture))}
+        score.update({c.id: router.affinity(d) for c, d in zip(routed, router.distances(feature, routed))})
+        return [score[c.id] for c in circuits]
 
     def learn(self, agent_id: str, prompt_ids: list[int], completion_ids: list[int], critical: bool) -> LearnResult:
         dl, cfg = self.dl, self.dl.config.learning
