@@ -129,3 +129,13 @@ def test_consensus_of_gated_circuits_shares_a_gated_circuit_that_acts_on_their_p
     torch.testing.assert_close(elsewhere, before["c"][1], rtol=0, atol=0)
     batched = dl.forward(["a", "c"], torch.tensor([prompt, prompt]))[0]  # gated shared circuit runs unmerged
     torch.testing.assert_close(batched[1:], dl.forward(["c"], torch.tensor([prompt]))[0], rtol=1e-5, atol=1e-5)
+
+
+def test_a_request_uses_the_gated_circuits_its_prompt_reaches(dl):
+    alice = dl.agent("alice", swarm="s", domain="d")
+    first, second = (alice.learn(p, c).circuit_id for p, c in FACTS)
+    circuits = {cid: dl.hierarchy.find_circuit(cid)[1] for cid in (first, second)}
+    before = {cid: c.uses_this_tick for cid, c in circuits.items()}
+    alice.generate(FACTS[0][0], max_new_tokens=4, use_cache=False)
+    dl.generate_ids(["alice"], [dl.encode(FACTS[1][0])], dl.config.generation)  # an internal check: no use
+    assert circuits[first].uses_this_tick == before[first] + 1 and circuits[second].uses_this_tick == before[second]

@@ -320,6 +320,14 @@ class DynamicLoRA:
         function, called only when some row's stack holds a gated circuit."""
         return self.router.skip(list(agent_ids), prompts) if self.router.enabled else None
 
+    def use_routes(self, plan: BatchPlan) -> None:
+        """Each row of a request uses the gated circuits its prompt reached: those are the gated circuits in its
+        plan (the others were skipped). Ungated circuits have no such signal; their use comes from learning."""
+        for columns in plan.row_columns:
+            for col in columns:
+                if plan.circuits[col].prototypes is not None:
+                    self.memory.record_use(plan.circuits[col])
+
     def _record_usage(self, plan: BatchPlan, session: Session) -> list[list[float]]:
         """Store the last observed activation on each circuit; returns the (rows × circuits) activations."""
         values = session.activations().tolist()
@@ -368,7 +376,7 @@ class DynamicLoRA:
         agent_ids = [a for a, _ in requests]
         snapshots = [self.snapshot(a) for a in agent_ids]
         decoded, touched, timings = self.generate_ids(
-            agent_ids, [self.encode(p) for _, p in requests], cfg, use_kv_cache=use_kv_cache
+            agent_ids, [self.encode(p) for _, p in requests], cfg, use_kv_cache=use_kv_cache, interaction=True
         )
         self.count_interactions(len(requests))
         return [
@@ -423,12 +431,14 @@ class DynamicLoRA:
         without: tuple[str, ...] = (),
         observer: Observer | None = None,
         pooled: list | None = None,
+        interaction: bool = False,
     ) -> tuple[Decoded, list[dict[str, float]], dict[str, float]]:
         """Token-level generation: decoded rows, per row the circuits touched with their activations, timings.
 
         ``without`` leaves tiers out of every row's stack (``("context",)``: what the slower tiers alone produce);
         ``observer`` sees every step's logits (see generation.Observer); ``pooled`` collects the prompts' semantic
-        vectors (see :meth:`decoder_forward`).
+        vectors (see :meth:`decoder_forward`). ``interaction``: the rows are requests of their agents, which use
+        the gated circuits their prompts reach (see :meth:`use_routes`); internal checks leave it off.
         """
         for ids in prompts:
             if not ids:
@@ -457,6 +467,8 @@ class DynamicLoRA:
                 observer=observer,
             )
         timings["total_s"] = time.perf_counter() - t0
+        if interaction:
+            self.use_routes(plan)
         acts = self._record_usage(plan, session)
         touched = [{plan.circuits[c].id: acts[row][c] for c in plan.row_columns[row]} for row in range(len(prompts))]
         return decoded, touched, timings

@@ -176,7 +176,8 @@ class Engine:
             )
             return [self._finish(first, r.token_ids, r.finished, r.cache)]
         without = TIERS if first.base_only else ()
-        decoded, _, _ = dl.generate_ids([j.agent_id for j in jobs], [j.prompt_ids for j in jobs], cfg, without=without)
+        agents, prompts = [j.agent_id for j in jobs], [j.prompt_ids for j in jobs]
+        decoded, _, _ = dl.generate_ids(agents, prompts, cfg, without=without, interaction=True)
         dl.count_interactions(len(jobs))
         return [
             self._finish(j, toks[: j.max_tokens], fin and len(toks) <= j.max_tokens)

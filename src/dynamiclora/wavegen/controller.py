@@ -144,6 +144,7 @@ class WaveController:
         """One row: prefill, find a draft (exact or semantic), verify it, continue decoding."""
         dl = self.dl
         plan = dl.planner.plan([req.agent_id], skip=dl.route([req.agent_id], [req.ids]))
+        dl.use_routes(plan)
         session = dl.new_session(plan)
         pooled: list[torch.Tensor] = []
         recorder = Recorder([req.ids], self.config.observe_top_k)
@@ -231,7 +232,7 @@ class WaveController:
         recorder = Recorder([r.ids for r in reqs], self.config.observe_top_k)
         pooled: list[torch.Tensor] = []
         decoded, touched, timings = self.dl.generate_ids(
-            [r.agent_id for r in reqs], [r.ids for r in reqs], cfg, observer=recorder, pooled=pooled
+            [r.agent_id for r in reqs], [r.ids for r in reqs], cfg, observer=recorder, pooled=pooled, interaction=True
         )
         vectors = pooled[0].cpu()
         out = []
