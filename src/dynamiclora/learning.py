@@ -271,7 +271,7 @@ class ContextLearner:
         capture = self._capture_base(agent_id, ids)
         feature = None
         if dl.router.enabled:
-            feature = dl.router.features([prompt_ids])[0]
+            feature = dl.router.feature_of(capture, len(prompt_ids))
             dl.router.observe(feature)
 
         def skip():  # the gated circuits this prompt does not reach, as the stack stands now

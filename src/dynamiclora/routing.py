@@ -14,8 +14,8 @@ means "half as far as two learned prompts typically are from each other": prompt
 differ in their content are kept apart, and the memory does not need an absolute scale for each model.
 
 The base model's features never change (nothing learned reaches them), so a circuit's prototypes stay valid
-wherever the circuit goes. Circuits without prototypes (made by consensus, imported, or with routing off) are
-ungated and reach every input.
+wherever the circuit goes. Circuits made from gated ones (a consensus, a residual) take their joint gate; circuits
+without prototypes (imported, added by hand, or learned with routing off) are ungated and reach every input.
 """
 
 from __future__ import annotations
@@ -78,7 +78,10 @@ class Router:
     # -- features ---------------------------------------------------------------------------------
     @torch.no_grad()
     def features(self, prompts: list[list[int]]) -> torch.Tensor:
-        """(B, d) route features: each prompt's mean base-model input to the route module (float32, CPU)."""
+        """(B, d) route features: each prompt's mean base-model input to the route module (float32, CPU).
+
+        Runs the base model only up to the route module; where the base inputs are at hand already (learning
+        captures them), :meth:`feature_of` reads the feature from them instead."""
         dl = self.dl
         layer = dl.layers[self.module]
         out = []
@@ -96,10 +99,16 @@ class Router:
                     dl.model(input_ids=torch.tensor([ids], device=dl.device), use_cache=False)
                 except _Captured:
                     pass
-                out.append(seen[0][0].float().mean(0).cpu())
+                out.append(self.feature_of({self.module: seen[0]}, len(ids)))
         finally:
             handle.remove()
         return torch.stack(out)
+
+    def feature_of(self, base_inputs: dict[str, torch.Tensor], prompt_tokens: int) -> torch.Tensor:
+        """(d,) the route feature of a prompt from base-model module inputs ``(1, T, in)`` of a sequence that
+        starts with it: the route module's input averaged over the prompt's tokens (causal: later tokens do not
+        change it)."""
+        return base_inputs[self.module][0, :prompt_tokens].float().mean(0).cpu()
 
     def observe(self, feature: torch.Tensor) -> None:
         """Count a learned prompt's feature in the spread that sets the distance unit."""
@@ -137,11 +146,6 @@ class Router:
             return 1.0 - (1.0 - theta) * distance / radius
         return theta * radius / distance
 
-    def reaches(self, feature: torch.Tensor, circuit: Circuit) -> bool:
-        return (
-            circuit.prototypes is None or self.distances(feature, [circuit])[0] <= self.dl.config.learning.route_radius
-        )
-
     @staticmethod
     def remember(circuit: Circuit, feature: torch.Tensor) -> None:
         """Add a prompt's feature to the circuit's prototypes (the oldest goes when there are too many)."""
@@ -169,9 +173,9 @@ class Router:
         if not any(gated):
             return tuple(frozenset() for _ in agent_ids)
         feats = features if features is not None else self.features(prompts() if callable(prompts) else prompts)
+        radius = self.dl.config.learning.route_radius
         return tuple(
-            frozenset(c.id for c in row if not self.reaches(f, c)) if row else frozenset()
-            for row, f in zip(gated, feats)
+            frozenset(c.id for c, d in zip(row, self.distances(f, row)) if d > radius) for row, f in zip(gated, feats)
         )
 
     # -- persistence ------------------------------------------------------------------------------
