@@ -1,5 +1,6 @@
 """DynamicLoRA: a hierarchical LoRA memory that lets many agents learn continuously on one base model."""
 
+from .agent import Agent, GenerationResult
 from .circuits import Circuit
 from .config import (
     TIERS,
@@ -10,7 +11,7 @@ from .config import (
     LearningConfig,
     WaveGenConfig,
 )
-from .core import Agent, DynamicLoRA, GenerationResult
+from .core import DynamicLoRA
 from .dynamics.distributed import SwarmGroup, join_swarm
 from .errors import (
     ConfigError,

@@ -10,13 +10,14 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from .agent import Agent, GenerationResult
 from .circuits import Circuit
 from .config import TIERS, DynamicLoRAConfig, GenerationConfig
 from .dynamics import Memory, TickReport
@@ -24,27 +25,11 @@ from .errors import ConfigError, PromptTooLongError
 from .fingerprint import model_fingerprint, tokenizer_fingerprint
 from .generation import Decoded, ForwardFn, Observer, decode
 from .hierarchy import Hierarchy, ScopeKey, Snapshot
-from .learning import ContextLearner, LearnResult
+from .learning import ContextLearner
 from .planner import BatchPlan, Planner
 from .routing import Router
 from .stack import Session, StackedLinear, find_target_modules, inject, probe_input_groups
 from .wavegen import WaveController
-
-
-@dataclass
-class GenerationResult:
-    agent_id: str
-    prompt: str
-    text: str
-    token_ids: list[int]
-    finished: bool  # stopped on EOS rather than on max_new_tokens
-    snapshot_hash: str
-    circuits_touched: dict[str, float] = field(default_factory=dict)  # circuit id -> activation
-    timings: dict[str, float] = field(default_factory=dict)
-    cache: str = "off"  # WaveGen: 'miss', the tier of an exact hit, 'semantic:<tier>', or 'off' (not consulted)
-    draft_tokens: int = 0  # cached tokens offered as a draft
-    accepted_tokens: int = 0  # of which the model accepted (all of them in 'jump' mode)
-    coherence: float | None = None  # mean probability of the chosen tokens (None when nothing was computed)
 
 
 class DynamicLoRA:
@@ -502,61 +487,3 @@ class DynamicLoRA:
             f"DynamicLoRA(model={self.model_id!r}, adapted_modules={len(self.layers)}, agents={len(self.agents)}, "
             f"circuits={n})"
         )
-
-
-class Agent:
-    """A handle on one registered agent; every call goes through the shared DynamicLoRA."""
-
-    def __init__(self, dl: DynamicLoRA, agent_id: str) -> None:
-        self.dl = dl
-        self.id = agent_id
-
-    @property
-    def info(self):
-        return self.dl.hierarchy.agent(self.id)
-
-    def generate(
-        self, prompt: str, mode: str | None = None, use_cache: bool | None = None, **overrides: Any
-    ) -> GenerationResult:
-        """Generate through WaveGen (``mode``: 'verify' or 'jump'; see WaveGenConfig). ``use_cache=False`` (or
-        ``WaveGenConfig.enabled=False``) bypasses the cache. ``overrides`` replace generation config fields."""
-        if use_cache is None:
-            use_cache = self.dl.config.wavegen.enabled
-        if not use_cache:
-            return self.dl.generate_batch([(self.id, prompt)], **overrides)[0]
-        return self.dl.wavegen.generate(self.id, prompt, mode=mode, **overrides)
-
-    def learn(self, prompt: str, completion: str, critical: bool = False) -> LearnResult:
-        """Gradient steps of the completion's next-token loss into this agent's context circuits only."""
-        dl = self.dl
-        dl.hierarchy.agent(self.id)
-        prompt_ids, completion_ids = dl.encode(prompt), dl.encode(completion, special=False)
-        if not completion_ids:
-            raise ValueError("the completion is empty after tokenization; give the text the agent should learn")
-        if dl.tokenizer.eos_token_id is not None:
-            completion_ids = completion_ids + [dl.tokenizer.eos_token_id]
-        dl.check_length(len(prompt_ids) + len(completion_ids), len(prompt_ids), len(completion_ids))
-        result = dl.learner.learn(self.id, prompt_ids, completion_ids, critical)
-        dl.count_interactions(1)
-        return result
-
-    def logits(self, input_ids: torch.Tensor, route_tokens: int | None = None) -> torch.Tensor:
-        """Logits of token ids; ``route_tokens``: how many leading tokens are the prompt that routes (default all)."""
-        if input_ids.dim() == 1:
-            input_ids = input_ids.unsqueeze(0)
-        return self.dl.forward([self.id] * input_ids.shape[0], input_ids, route_tokens=route_tokens)[0]
-
-    def score(self, prompt: str, completion: str) -> float:
-        """Sum of log-probabilities of the completion's tokens given the prompt."""
-        p, c = self.dl.encode(prompt), self.dl.encode(completion, special=False)
-        ids = torch.tensor([p + c])
-        logp = self.logits(ids, route_tokens=len(p))[0, :-1].float().log_softmax(-1)
-        targets = ids[0, 1:].to(logp.device)
-        return float(logp[len(p) - 1 :].gather(-1, targets[len(p) - 1 :, None]).sum())
-
-    def snapshot(self) -> Snapshot:
-        return self.dl.snapshot(self.id)
-
-    def __repr__(self) -> str:
-        i = self.info
-        return f"Agent(id={i.id!r}, swarm={i.swarm!r}, domain={i.domain!r})"

@@ -36,7 +36,8 @@ from .signature import prompt_key, provenance, rank_pattern_hash, sampling_key
 from .speculative import accept
 
 if TYPE_CHECKING:
-    from ..core import DynamicLoRA, GenerationResult
+    from ..agent import GenerationResult
+    from ..core import DynamicLoRA
 
 
 @dataclass
@@ -115,7 +116,7 @@ class WaveController:
         return results  # type: ignore[return-value]
 
     def _result(self, req: _Request, tokens: list[int], **fields: Any) -> GenerationResult:
-        from ..core import GenerationResult
+        from ..agent import GenerationResult
 
         eos = self.dl.tokenizer.eos_token_id
         fields.setdefault("timings", {})["total_s"] = time.perf_counter() - req.started
