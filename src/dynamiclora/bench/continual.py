@@ -57,7 +57,7 @@ def run(stream: streams.Stream, method: Method, tokenizer, chunks: list[torch.Te
     recurring = [encode(tokenizer, p, c) for p, c in stream.recurring]
     owners = [t.agent for t in stream.tasks]
     R, task1, learn_s, interactions = [], [], 0.0, 0
-    for k, (task, owner) in enumerate(zip(tasks, owners)):
+    for task, owner in zip(tasks, owners):
         for _ in range(stream.rounds):
             order = [(owner, e) for e in task] + [(owners[0], e) for e in recurring]
             rng.shuffle(order)
