@@ -30,6 +30,7 @@ bench: $(BIN)/.installed  ## benchmarks: JSON + markdown + plots under benchmark
 	$(BIN)/python benchmarks/swarm.py
 	$(BIN)/python benchmarks/server.py
 	$(BIN)/python benchmarks/continual.py
+	$(BIN)/python benchmarks/persistence.py
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check src tests benchmarks

@@ -14,7 +14,7 @@ def test_fast_demo_end_to_end(tmp_path, capsys):
     assert report.untouched and report.reload_identical
     assert report.dynamics["migrated"] and report.dynamics["plot"].exists()
     assert report.wavegen["outcome"] == "internalized" and report.wavegen["internalized"], report.wavegen
-    assert report.wavegen["hit_rate"] > 0 and report.wavegen["jump_speedup"] > report.wavegen["verify_speedup"] > 1
+    assert report.wavegen["hit_rate"] > 0  # (its speed-ups are timings: measured by the benchmark, not asserted)
     out = capsys.readouterr().out
     assert (
         report.team["inherited"] == {"cy": True, "dee": True, "eve": True} and not report.team["other_swarm_inherited"]
@@ -119,3 +119,11 @@ def test_continual_benchmark_quick_writes_its_records(tmp_path):
     assert all(len(r["R"]) in (1, 3) for r in report["results"]) and report["base_perplexity"] > 1
     assert set(record["targets"]) and all(isinstance(t["met"], bool) for t in record["targets"].values())
     assert (tmp_path / "continual-cpu-quick.png").exists()
+
+
+def test_persistence_benchmark_quick_writes_its_records(tmp_path):
+    from dynamiclora.bench import persistence
+
+    record = persistence.main(["--quick", "--out", str(tmp_path)])
+    assert [c["entries"] for c in record["cases"]] == [0, 1_000, 5_000] and record["targets"]
+    assert (tmp_path / "persistence-quick.md").exists() and (tmp_path / "persistence-quick.png").exists()

@@ -177,3 +177,61 @@ def test_kill_during_save_leaves_a_loadable_committed_state(tmp_path):
         for p in leftovers:  # a killed write may leave a temporary file; it is never referenced
             assert p.name.startswith(".")
     assert kills == 6
+
+
+def persisted(dl: DynamicLoRA) -> dict:
+    """Everything a save keeps, as plain data (ordered where order matters)."""
+    c = dl.wavegen.cache
+    return {
+        "snapshots": {a: dl.snapshot(a).provenance_hash for a in dl.agents},
+        "circuits": sorted(dl.circuits(), key=lambda r: r["id"]),
+        "entries": sorted((e.id, e.tier, e.hits, e.lookups, e.tokens, e.last_used) for e in c.entries()),
+        "requesters": list(c.requesters.items()),
+        "logs": (list(dl.migrations()), list(dl.forgotten()), list(dl.wavegen.log), list(dl.memory.sharing.log)),
+        "totals": (dl.memory.migrations.total, dl.memory.forgotten.total),
+        "counters": (dl.tick_count, dl.interactions, c.lookups, c.clock),
+    }
+
+
+def test_incremental_saves_load_to_what_a_full_save_would(tmp_path):
+    """Many small saves to one directory (each writing only what changed) load to the same state as one full save
+    of the final state; a restart that goes on saving there stays incremental and equal too."""
+    from dynamiclora import DynamicLoRAConfig
+
+    config = DynamicLoRAConfig(wavegen={"min_coherence": 0.0}, dynamics={"tick_interval": 0})
+    dl = make_dl(config=config)
+    populate(dl, TEAM, per_scope=1)
+    for record in dl.circuits(tier="context"):  # ungated context circuits act on every prompt: jump would never serve
+        dl.remove_circuit(record["id"])
+    prompts = ["def f(x):", "import os", "class A:", "for i in x:", "def g():"]
+    for step in range(24):
+        agent = dl.agent(list(TEAM)[step % 3])
+        mode = ("jump", "verify")[step % 2]  # each agent asks each prompt again six steps (and saves) later
+        agent.generate(f"{prompts[(step // 3) % 2]} # {agent.id}", max_new_tokens=3, mode=mode)  # agent tier
+        if step % 4 == 0:
+            agent.learn(prompts[step % 5], " return 1", critical=step % 8 == 0)
+        if step % 5 == 0:
+            dl.tick()
+        dl.save(tmp_path / "inc")
+        if step == 12:  # a restart in the middle: the loaded state takes over the directory
+            dl = DynamicLoRA.load(tmp_path / "inc", model=make_dl().model, tokenizer=dl.tokenizer)
+    assert dl.migrations() and dl.wavegen.cache.statistics()["hits"] > 5
+    dl.save(tmp_path / "full", overwrite_other_model=False)
+    model = make_dl().model
+    incremental = DynamicLoRA.load(tmp_path / "inc", model=model, tokenizer=dl.tokenizer)
+    full = DynamicLoRA.load(tmp_path / "full", model=make_dl().model, tokenizer=dl.tokenizer)
+    assert persisted(incremental) == persisted(full) == persisted(dl)
+
+
+def test_logs_are_capped_and_their_sequence_numbers_survive(tmp_path):
+    from dynamiclora.eventlog import EventLog
+
+    log = EventLog(cap=3)
+    for i in range(5):
+        log.append({"i": i})
+    assert [r["i"] for r in log] == [2, 3, 4] and log.total == 5 and log.since(3) == [(3, {"i": 3}), (4, {"i": 4})]
+    dl = make_dl()
+    dl.memory.forgotten = EventLog([{"i": i} for i in range(4)], cap=3, total=10)
+    dl.save(tmp_path / "s")
+    again = DynamicLoRA.load(tmp_path / "s", model=make_dl().model, tokenizer=dl.tokenizer)
+    assert list(again.forgotten()) == [{"i": 1}, {"i": 2}, {"i": 3}] and again.memory.forgotten.total == 10

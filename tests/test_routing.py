@@ -7,6 +7,7 @@ import torch
 
 from dynamiclora import DynamicLoRA, DynamicLoRAConfig, LearningConfig
 from dynamiclora.errors import ConfigError
+from dynamiclora.gates import Gate
 
 from .conftest import make_dl
 
@@ -75,18 +76,18 @@ def test_migration_keeps_the_gate_and_the_outputs(dl):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-def test_prototypes_are_content_and_survive_save_and_load(dl, tmp_path):
+def test_gates_are_content_and_survive_save_and_load(dl, tmp_path):
     alice = dl.agent("alice", swarm="s", domain="d")
     r = alice.learn(*FACTS[0])
     circuit = dl.hierarchy.find_circuit(r.circuit_id)[1]
-    digest = circuit.content_hash()
-    circuit.prototypes = circuit.prototypes + 1e-3  # routing decides outputs: the hash must see it
-    assert circuit.content_hash() != digest
-    circuit.prototypes = circuit.prototypes - 1e-3
+    digest, gate = circuit.content_hash(), circuit.gate
+    for changed in (Gate(gate.keys + 1e-3, gate.radii), Gate(gate.keys, gate.radii * 1.01)):
+        circuit.gate = changed  # the gate decides outputs: the hash must see its keys and its radii
+        assert circuit.content_hash() != digest
+    circuit.gate = gate
     alice.learn(*FACTS[1])
     dl.save(tmp_path / "state")
     again = DynamicLoRA.load(tmp_path / "state", model=make_dl().model, tokenizer=dl.tokenizer)
-    assert again.router.state() == dl.router.state()
     for prompt in (FACTS[0][0], FACTS[1][0], OTHER):
         assert again.route(["alice"], [dl.encode(prompt)]) == dl.route(["alice"], [dl.encode(prompt)])
         torch.testing.assert_close(logits(again.agent("alice"), prompt), logits(alice, prompt))
@@ -105,12 +106,10 @@ def test_consensus_of_gated_circuits_shares_a_gated_circuit_that_acts_on_their_p
 
     dl = team()
     prompt, other = dl.encode(FACTS[0][0]), dl.encode(OTHER)
-    for ids in (prompt, other):  # two learned prompts set the distance unit: they lie 2 units apart
-        dl.router.observe(dl.router.features([ids])[0])
     delta = random_circuit(dl, 4, torch.Generator().manual_seed(7), magnitude=0.3)
     for n in ("a", "b"):
         gated = copy(delta)
-        gated.prototypes = dl.router.features([prompt])
+        gated.gate = Gate.single(dl.router.features([prompt])[0], dl.router.new_radius)
         persistent(dl, n, gated)
 
     def outputs(name):
@@ -120,7 +119,7 @@ def test_consensus_of_gated_circuits_shares_a_gated_circuit_that_acts_on_their_p
     before = {n: outputs(n) for n in ("a", "b", "c", "x")}
     assert dl.tick().shared
     [shared] = dl.hierarchy.scope("swarm:team").circuits.values()
-    assert shared.prototypes is not None  # the union of its contributors' gates
+    assert shared.gate is not None  # the union of its contributors' gates
     for n in ("a", "b", "x"):  # contributors keep their outputs everywhere; the other swarm is untouched
         for now, then in zip(outputs(n), before[n]):
             torch.testing.assert_close(now, then, rtol=1e-4, atol=1e-4)

@@ -57,6 +57,7 @@ def test_a_stale_entry_is_never_served_after_a_scope_it_depends_on_changes():
         agent_id, prompt = rng.choice(askers[i % 4]), pool[i]
         before = {e.id for e in dl.wavegen.cache.entries()}
         result = dl.agent(agent_id).generate(prompt, max_new_tokens=4, mode="jump")
+        assert result.token_ids == uncached(dl, agent_id, prompt, max_new_tokens=4), f"step {step}: not exact"
         if result.cache == "miss":
             for e in dl.wavegen.cache.entries():
                 if e.id not in before:

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .errors import InvalidInputError
 from .hierarchy import Snapshot
 from .learning import LearnResult
 
@@ -62,7 +63,7 @@ class Agent:
         dl.hierarchy.agent(self.id)
         prompt_ids, completion_ids = dl.encode(prompt), dl.encode(completion, special=False)
         if not completion_ids:
-            raise ValueError("the completion is empty after tokenization; give the text the agent should learn")
+            raise InvalidInputError("the completion is empty after tokenization; give the text the agent should learn")
         if dl.tokenizer.eos_token_id is not None:
             completion_ids = completion_ids + [dl.tokenizer.eos_token_id]
         dl.check_length(len(prompt_ids) + len(completion_ids), len(prompt_ids), len(completion_ids))

@@ -12,9 +12,14 @@ import hashlib
 import struct
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+from .errors import InvalidInputError
+
+if TYPE_CHECKING:
+    from .gates import Gate
 
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]  # module name -> (A (r, in), B (out, r))
 
@@ -55,12 +60,14 @@ class Circuit:
     uses_this_tick: int = 0
     entered_tick: int = 0  # tick at which it entered its current tier
     scale_on_entry: float = 0.0  # scale when it entered its tier (strength = scale / scale_on_entry)
+    vigor: float = 1.0  # strength before rounding to a step: decays every unused tick (see dynamics.memory)
     last_loss: float | None = None  # completion loss after its last update
     key_self: float | None = None  # its key's activation on the inputs it was made from (attribution reference)
     examples: list[list] = field(default_factory=list)  # [activation, prompt, completion] that activate it most
     extracted: dict[str, Any] = field(default_factory=dict)  # summary of its extracted neuron circuit (WaveGen)
     residual_of: str = ""  # the shared scope whose consensus left this circuit behind (never proposed there again)
-    prototypes: torch.Tensor | None = None  # (k, d) route features of its prompts; None: ungated (see routing.py)
+    gate: Gate | None = None  # where it acts (see gates.py); None: ungated, acts on every input
+    pinned: bool = False  # imported or added by hand: never decays, never forgotten (remove it explicitly)
 
     def observe_example(self, activation: float, prompt: str, completion: str, keep: int = 3) -> None:
         """Remember the interactions that activate the circuit most; its label is the strongest one."""
@@ -79,7 +86,7 @@ class Circuit:
     def __post_init__(self) -> None:
         for name, (a, b) in self.factors.items():
             if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
-                raise ValueError(
+                raise InvalidInputError(
                     f"circuit {self.id}: factors of {name!r} must be A (r × in) and B (out × r) with equal r, "
                     f"got A {tuple(a.shape)} and B {tuple(b.shape)}"
                 )
@@ -98,7 +105,7 @@ class Circuit:
         return self.scale * (b.float() @ a.float())
 
     def content_hash(self) -> str:
-        """sha256 over the scale, every module's factors (modules in sorted order) and, if gated, the prototypes."""
+        """sha256 over the scale, every module's factors (modules in sorted order) and, if gated, the gate."""
         h = hashlib.sha256()
         h.update(struct.pack("<d", float(self.scale)))
         for name in sorted(self.factors):
@@ -106,9 +113,9 @@ class Circuit:
             h.update(name.encode())
             tensor_digest(h, a)
             tensor_digest(h, b)
-        if self.prototypes is not None:  # routing decides where the circuit acts: part of what it computes
-            h.update(b"route")
-            tensor_digest(h, self.prototypes)
+        if self.gate is not None:  # the gate decides where the circuit acts: part of what it computes
+            h.update(b"gate")
+            self.gate.digest(h)
         return h.hexdigest()
 
     def record(self) -> dict[str, Any]:
@@ -133,18 +140,20 @@ class Circuit:
             "uses_this_tick": self.uses_this_tick,
             "entered_tick": self.entered_tick,
             "scale_on_entry": self.scale_on_entry,
+            "vigor": self.vigor,
             "strength": self.strength,
             "last_loss": self.last_loss,
             "key_self": self.key_self,
             "examples": [list(e) for e in self.examples],
             "extracted": dict(self.extracted),
             "residual_of": self.residual_of,
-            "gated": self.prototypes is not None,
+            "pinned": self.pinned,
+            "gated": self.gate is not None,
         }
 
     @classmethod
     def from_record(cls, record: dict[str, Any], factors: Factors) -> Circuit:
-        keys = {f.name for f in dataclasses.fields(cls)} - {"factors", "prototypes"}  # rank, strength are derived
+        keys = {f.name for f in dataclasses.fields(cls)} - {"factors", "gate"}  # rank, strength are derived
         return cls(factors=factors, **{k: record[k] for k in keys if k in record})
 
 

@@ -183,7 +183,7 @@ def cmd_export_peft(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """Run a benchmark and write JSON + markdown (+ plots) under the output directory."""
-    from .bench import continual, dynamics, forward, server, swarm, wavegen
+    from .bench import continual, dynamics, forward, persistence, server, swarm, wavegen
 
     benches = {
         "forward": forward,
@@ -192,6 +192,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         "swarm": swarm,
         "server": server,
         "continual": continual,
+        "persistence": persistence,
     }
     benches[args.name].main(["--out", args.out] + (["--quick"] if args.quick else []))
     return 0
@@ -237,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--agent", help="an agent id: export its whole stack")
     p.set_defaults(func=cmd_export_peft)
     p = sub.add_parser("bench", help=cmd_bench.__doc__)
-    p.add_argument("name", choices=["forward", "dynamics", "wavegen", "swarm", "server", "continual"])
+    p.add_argument("name", choices=["forward", "dynamics", "wavegen", "swarm", "server", "continual", "persistence"])
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--quick", action="store_true", help="tiny model only, few repeats")
     p.set_defaults(func=cmd_bench)

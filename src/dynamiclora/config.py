@@ -138,15 +138,16 @@ class LearningConfig:
         default=True,
         metadata=_help(
             "Gate context circuits by their prompts: a circuit acts only on inputs whose route feature lies within "
-            "route_radius of a prompt it learned from (see routing.py). Off: every circuit reaches every input "
+            "a key's radius of a prompt it learned from (see gates.py). Off: every circuit reaches every input "
             "and attribution uses key activations alone."
         ),
     )
     route_radius: float = field(
-        default=0.5,
+        default=0.35,
         metadata=_help(
-            "How near an input's route feature must be to a circuit's prototype for the circuit to act on it (and "
-            "to be attributed the interaction), in units of the spread of all learned prompts' features. > 0."
+            "The radius a new gate key gets: how near an input's route feature must be to the key for the circuit to "
+            "act on it (and to be attributed the interaction), in units of the base model's reference spread (see "
+            "routing.py). Frozen into the gate when the key is made. > 0."
         ),
     )
     route_module: str | None = field(
@@ -208,10 +209,18 @@ class DynamicsConfig:
     screened_decay_ratio: float = field(
         default=0.02, metadata=_help("An unused SCREENED circuit decays at this fraction of the FREE decay.")
     )
+    strength_step: float = field(
+        default=0.7,
+        metadata=_help(
+            "Decay moves a circuit's scale in discrete steps: its strength is its vigor (which decays every tick) "
+            "rounded up to a power of this ratio, so content (and hashes, and the cache entries keyed on them) change "
+            "only when a step is crossed, not on every idle tick. In (0, 1)."
+        ),
+    )
     forget_below: float = field(
         default=0.05,
         metadata=_help(
-            "A circuit whose strength (scale relative to its scale on entry) falls below "
+            "A circuit whose vigor (its strength before rounding to a step) falls below "
             "this is deleted, and its forgetting logged."
         ),
     )
@@ -271,6 +280,9 @@ class DynamicsConfig:
         ):
             value = getattr(self, name)
             _check(0 <= value <= 1, f"DynamicsConfig.{name} must lie in [0, 1], got {value}")
+        _check(
+            0 < self.strength_step < 1, f"DynamicsConfig.strength_step must lie in (0, 1), got {self.strength_step}"
+        )
         _check(self.window_min >= 8, f"DynamicsConfig.window_min must be >= 8 ticks, got {self.window_min}")
         _check(self.window_scale > 0, f"DynamicsConfig.window_scale must be > 0, got {self.window_scale}")
         _check(

@@ -21,7 +21,7 @@ from .agent import Agent, GenerationResult
 from .circuits import Circuit
 from .config import TIERS, DynamicLoRAConfig, GenerationConfig
 from .dynamics import Memory, TickReport
-from .errors import ConfigError, PromptTooLongError
+from .errors import ConfigError, InvalidInputError, PromptTooLongError, UnknownCircuitError
 from .fingerprint import model_fingerprint, tokenizer_fingerprint
 from .generation import Decoded, ForwardFn, Observer, decode
 from .hierarchy import Hierarchy, ScopeKey, Snapshot
@@ -29,6 +29,7 @@ from .learning import ContextLearner
 from .planner import BatchPlan, Planner
 from .routing import Router
 from .stack import Session, StackedLinear, find_target_modules, inject, probe_input_groups
+from .store import Writer
 from .wavegen import WaveController
 
 
@@ -62,13 +63,21 @@ class DynamicLoRA:
         self.planner = Planner(
             self.layers, self.hierarchy, config.adapter, probe_input_groups(self.model, self.layers)
         )
-        self.router = Router(self)
+        route_module = config.learning.route_module or names[0]
+        if route_module not in self.layers:
+            raise ConfigError(
+                f"LearningConfig.route_module {route_module!r} is not an adapted module; choose one of {names[:4]} …"
+            )
+        self.router = Router(self.model, self.layers[route_module], route_module, tokenizer, config.learning)
         self.learner = ContextLearner(self)
         self.memory = Memory(self)
         self.wavegen = WaveController(self)
         self.generator = torch.Generator().manual_seed(config.seed)
+        # which forwards sample the merged tiers' usage: its own stream, so that observing never shifts sampling
+        self.usage_sampler = torch.Generator().manual_seed(config.seed + 1)
         self.tick_count = 0
         self.interactions = 0
+        self.writer = Writer()  # saves incrementally to the directory it saved to last
         if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
             tokenizer.pad_token = tokenizer.eos_token
 
@@ -139,8 +148,13 @@ class DynamicLoRA:
             tuple((str(s.key), s.content_hash()) for s in scopes),
         )
 
-    def add_circuit(self, scope: str | ScopeKey, circuit: Circuit) -> Circuit:
-        """Put a circuit into a scope (shared scopes are created on demand). Factors move to the model's device."""
+    def add_circuit(self, scope: str | ScopeKey, circuit: Circuit, pinned: bool = True) -> Circuit:
+        """Put a circuit into a scope (shared scopes are created on demand). Factors move to the model's device.
+
+        ``pinned`` (the default for circuits added by hand): it never decays and is never forgotten; remove it with
+        :meth:`remove_circuit`. ``pinned=False``: it lives like a learned circuit (used or it fades).
+        """
+        circuit.pinned = pinned
         unknown = sorted(set(circuit.factors) - set(self.layers))
         if unknown:
             raise ConfigError(f"circuit {circuit.id} has factors for modules that are not adapted: {unknown[:5]}")
@@ -156,6 +170,18 @@ class DynamicLoRA:
         circuit.scale_on_entry = circuit.scale_on_entry or circuit.scale
         self.hierarchy.scope(scope, create=True).add(circuit)
         return circuit
+
+    def remove_circuit(self, circuit_id: str) -> dict:
+        """Delete a circuit from whatever scope holds it; returns its record."""
+        try:
+            scope, circuit = self.hierarchy.find_circuit(circuit_id)
+        except KeyError:
+            raise UnknownCircuitError(
+                f"no circuit has id {circuit_id!r}; list them with dl.circuits() (the 'id' field)"
+            ) from None
+        scope.remove(circuit_id)
+        self.learner.forget(circuit_id)
+        return circuit.record()
 
     def circuits(self, tier: str | None = None, scope: str | None = None, agent: str | None = None) -> list[dict]:
         """Records (no tensors) of circuits, filtered by tier, scope ('tier:name') or an agent's stack."""
@@ -241,7 +267,7 @@ class DynamicLoRA:
         self, plan: BatchPlan, observe: bool | None = None, capture: bool = False, mask: torch.Tensor | None = None
     ) -> Session:
         rate = self.config.adapter.merged_usage_sample_rate
-        sample = bool(plan.merged_circuits) and rate > 0 and float(torch.rand((), generator=self.generator)) < rate
+        sample = bool(plan.merged_circuits) and rate > 0 and float(torch.rand((), generator=self.usage_sampler)) < rate
         return Session(
             len(plan.agent_ids),
             len(plan.circuits),
@@ -279,7 +305,7 @@ class DynamicLoRA:
         observation, not for turning it into numbers nobody asked for. ``generate`` stores them on the circuits.
         """
         if len(agent_ids) != input_ids.shape[0]:
-            raise ValueError(
+            raise InvalidInputError(
                 f"got {len(agent_ids)} agent ids for a batch of {input_ids.shape[0]} rows; give one per row"
             )
         self.check_length(input_ids.shape[1])
@@ -303,14 +329,24 @@ class DynamicLoRA:
     ) -> tuple[frozenset[str], ...] | None:
         """Per row, the gated circuits its prompt does not reach (None when routing is off). ``prompts`` may be a
         function, called only when some row's stack holds a gated circuit."""
-        return self.router.skip(list(agent_ids), prompts) if self.router.enabled else None
+        if not self.router.enabled:
+            return None
+        gated = [self.gated_circuits(a) for a in agent_ids]
+        if not any(gated):
+            return tuple(frozenset() for _ in agent_ids)
+        features = self.router.features(prompts() if callable(prompts) else prompts)
+        return self.router.skip(gated, features)
+
+    def gated_circuits(self, agent_id: str) -> list[Circuit]:
+        """The gated circuits of an agent's stack."""
+        return [c for s in self.hierarchy.stack_scopes(agent_id) for c in s.circuits.values() if c.gate is not None]
 
     def use_routes(self, plan: BatchPlan) -> None:
         """Each row of a request uses the gated circuits its prompt reached: those are the gated circuits in its
         plan (the others were skipped). Ungated circuits have no such signal; their use comes from learning."""
         for columns in plan.row_columns:
             for col in columns:
-                if plan.circuits[col].prototypes is not None:
+                if plan.circuits[col].gate is not None:
                     self.memory.record_use(plan.circuits[col])
 
     def _record_usage(self, plan: BatchPlan, session: Session) -> list[list[float]]:
@@ -319,10 +355,13 @@ class DynamicLoRA:
         for row, columns in enumerate(plan.row_columns):
             for col in columns:
                 plan.circuits[col].usage = values[row][col]
+        for c in plan.circuits:
+            self.hierarchy.note(c)
         if session.merged_observations:
             merged = session.merged_activations().max(0).values.tolist()
             for col, c in enumerate(plan.merged_circuits):
                 c.usage = merged[col]
+                self.hierarchy.note(c)
         return values
 
     def check_length(self, total: int, prompt_tokens: int | None = None, new_tokens: int = 0) -> None:
@@ -427,7 +466,7 @@ class DynamicLoRA:
         """
         for ids in prompts:
             if not ids:
-                raise ValueError("the prompt is empty after tokenization; give at least one token of text")
+                raise InvalidInputError("the prompt is empty after tokenization; give at least one token of text")
             self.check_length(len(ids) + cfg.max_new_tokens, len(ids), cfg.max_new_tokens)
         t0 = time.perf_counter()
         plan = self.planner.plan(list(agent_ids), without=without, skip=self.route(agent_ids, prompts))

@@ -29,6 +29,28 @@ class UnknownScopeError(DynamicLoRAError, KeyError):
         return str(self.args[0])
 
 
+class UnknownCircuitError(DynamicLoRAError, KeyError):
+    """A circuit id that no scope holds."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class RegistrationError(DynamicLoRAError, ValueError):
+    """An agent cannot be registered as asked: a malformed name, or a conflict with what is registered.
+
+    ``field`` names the offending argument; ``conflict`` is True when the request is well-formed but contradicts
+    the hierarchy (a swarm lives in one domain; an id keeps its swarm and domain)."""
+
+    def __init__(self, message: str, field: str, conflict: bool = False) -> None:
+        super().__init__(message)
+        self.field, self.conflict = field, conflict
+
+
+class InvalidInputError(DynamicLoRAError, ValueError):
+    """An argument of a call is malformed (an empty prompt, tensors of the wrong shape, a missing companion)."""
+
+
 class PromptTooLongError(DynamicLoRAError, ValueError):
     """A prompt (plus the tokens to generate) does not fit the model's context window."""
 

@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 from .circuits import Circuit
 from .config import TIERS
-from .errors import UnknownAgentError, UnknownScopeError
+from .errors import RegistrationError, UnknownAgentError, UnknownScopeError
 
 SHARED_TIERS = ("foundation", "domain", "swarm")
 _versions = itertools.count(1)  # one counter for all scopes: a version never repeats, even across objects
@@ -56,6 +56,7 @@ class Scope:
         self.key = key
         self.circuits: dict[str, Circuit] = {}
         self.version = next(_versions)
+        self.records = next(_versions)  # bumped when a circuit's record (not its content) changes
         self._hash: tuple[int, str] | None = None
 
     def add(self, circuit: Circuit) -> None:
@@ -71,6 +72,10 @@ class Scope:
     def touch(self) -> None:
         """Declare that some circuit's tensors or scale changed."""
         self.version = next(_versions)
+
+    def note(self) -> None:
+        """Declare that some circuit's record changed (its use, usage, phase …), not what it computes."""
+        self.records = next(_versions)
 
     def content_hash(self) -> str:
         """sha256 over the sorted content hashes of the circuits: independent of insertion order and ids."""
@@ -133,19 +138,24 @@ class Hierarchy:
     def register(self, agent_id: str, swarm: str, domain: str) -> AgentInfo:
         for what, value in (("agent id", agent_id), ("swarm", swarm), ("domain", domain)):
             if not isinstance(value, str) or not value or ":" in value:
-                raise ValueError(f"{what} must be a non-empty string without ':', got {value!r}")
+                field = {"agent id": "id"}.get(what, what)
+                raise RegistrationError(f"{what} must be a non-empty string without ':', got {value!r}", field)
         info = AgentInfo(agent_id, swarm, domain)
         other = self.swarm_domain(swarm)
         if other is not None and other != domain:
-            raise ValueError(
+            raise RegistrationError(
                 f"swarm {swarm!r} belongs to domain {other!r} (its agents are registered there); a swarm lives in one "
-                f"domain, so register {agent_id!r} with domain={other!r} or give it another swarm"
+                f"domain, so register {agent_id!r} with domain={other!r} or give it another swarm",
+                "domain",
+                conflict=True,
             )
         known = self.agents.get(agent_id)
         if known is not None and known != info:
-            raise ValueError(
+            raise RegistrationError(
                 f"agent {agent_id!r} is already registered with swarm={known.swarm!r}, domain={known.domain!r}; "
-                f"use a new id, or call agent({agent_id!r}) without swarm/domain to get it"
+                f"use a new id, or call agent({agent_id!r}) without swarm/domain to get it",
+                "id",
+                conflict=True,
             )
         self.agents[agent_id] = info
         for key in info.stack():
@@ -180,6 +190,12 @@ class Hierarchy:
 
     def stack_scopes(self, agent_id: str) -> list[Scope]:
         return [self.scopes[k] for k in self.agent(agent_id).stack()]
+
+    def note(self, circuit: Circuit) -> None:
+        """A circuit's record changed: its scope has to be saved again (see store.Writer)."""
+        scope = self.scopes.get(ScopeKey(circuit.tier, circuit.scope if circuit.tier != "foundation" else ""))
+        if scope is not None:
+            scope.note()
 
     def all_circuits(self) -> list[Circuit]:
         return [c for s in self.scopes.values() for c in s.circuits.values()]

@@ -20,6 +20,7 @@ import torch
 
 from .circuits import Circuit
 from .config import TIERS
+from .gates import Gate
 
 if TYPE_CHECKING:
     from .core import DynamicLoRA
@@ -131,10 +132,12 @@ class ContextLearner:
             )
         return self._optimizers[c.id]
 
-    def state_tensors(self) -> dict[str, torch.Tensor]:
-        """Adam moments of every context circuit, by circuit/module/factor/statistic (for persistence)."""
+    def state_tensors(self, circuit_ids: list[str] | None = None) -> dict[str, torch.Tensor]:
+        """Adam moments of these context circuits (default: all), by circuit/module/factor/statistic."""
         out = {}
         for cid, opt in self._optimizers.items():
+            if circuit_ids is not None and cid not in circuit_ids:
+                continue
             try:
                 _, c = self.dl.hierarchy.find_circuit(cid)
             except KeyError:
@@ -202,7 +205,7 @@ class ContextLearner:
             self.forget(weakest.id)
         protected = screened_bases(protect_from) if dl.config.dynamics.protect_screened else None
         circuit = self._keyed_circuit(capture, "context", agent_id, protected or None)
-        dl.add_circuit(scope.key, circuit)
+        dl.add_circuit(scope.key, circuit, pinned=False)
         return circuit, dropped
 
     def _keyed_circuit(
@@ -256,10 +259,10 @@ class ContextLearner:
         """How much of each circuit's pattern this input is, on one scale: a gated circuit by its route distance
         (see routing.py), an ungated one by its key's activation relative to its activation on its own origin."""
         router = self.dl.router
-        routed = [c for c in circuits if feature is not None and c.prototypes is not None]
-        keyed = [c for c in circuits if feature is None or c.prototypes is None]  # only these need key activations
+        routed = [c for c in circuits if feature is not None and c.gate is not None]
+        keyed = [c for c in circuits if feature is None or c.gate is None]  # only these need key activations
         score = {c.id: a / (c.key_self or 1.0) for c, a in zip(keyed, key_activations(keyed, capture))}
-        score.update({c.id: router.affinity(d) for c, d in zip(routed, router.distances(feature, routed))})
+        score.update({c.id: router.affinity(c.gate.distance(feature)) for c in routed})
         return [score[c.id] for c in circuits]
 
     def learn(self, agent_id: str, prompt_ids: list[int], completion_ids: list[int], critical: bool) -> LearnResult:
@@ -272,10 +275,9 @@ class ContextLearner:
         feature = None
         if dl.router.enabled:
             feature = dl.router.feature_of(capture, len(prompt_ids))
-            dl.router.observe(feature)
 
         def skip():  # the gated circuits this prompt does not reach, as the stack stands now
-            return None if feature is None else dl.router.skip([agent_id], [prompt_ids], feature[None])
+            return None if feature is None else dl.router.skip([dl.gated_circuits(agent_id)], feature[None])
 
         stack = dl.hierarchy.stack_scopes(agent_id)  # foundation … context
         context = list(stack[-1].circuits.values())
@@ -309,10 +311,10 @@ class ContextLearner:
             best, dropped = self._spawn(agent_id, capture, context + slower)
             best_act = 0.0
             dl.memory.record_use(best)
-        if feature is not None and (
-            spawned or (best.prototypes is not None and dl.router.distances(feature, [best])[0] > 1e-6)
-        ):
-            dl.router.remember(best, feature)  # (a circuit made before routing was on stays ungated)
+        if feature is not None and (spawned or (best.gate is not None and best.gate.distance(feature) > 1e-6)):
+            # a new prompt of this circuit becomes a key of its gate (a circuit made with routing off stays ungated)
+            radius = dl.router.new_radius
+            best.gate = Gate.single(feature, radius) if spawned else best.gate.with_key(feature, radius)
         best.observe_example(1.0 if spawned else best_act, *texts)
         routes = skip()
         loss_before = self._train(agent_id, best, ids, labels, routes)
@@ -349,7 +351,7 @@ class ContextLearner:
         targets = ids[0, len(prompt_ids) :]
         circuit = self._keyed_circuit(self._capture_base(agent_id, ids), "", "")
         if dl.router.enabled:  # gated like a context circuit: it holds this prompt's continuation
-            circuit.prototypes = dl.router.features([prompt_ids])
+            circuit.gate = Gate.single(dl.router.features([prompt_ids])[0], dl.router.new_radius)
         routes = dl.route([agent_id], [prompt_ids])
         params = [b for _, b in circuit.factors.values()]
         opt = torch.optim.Adam(params, lr=learning_rate)

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .circuits import Circuit, concat_factors
-from .errors import IncompatibleAdapterError, UnknownScopeError
+from .errors import ConfigError, IncompatibleAdapterError, UnknownScopeError
 from .hierarchy import ScopeKey
 from .store import atomic_write
 
@@ -37,7 +37,7 @@ def export_peft(dl: DynamicLoRA, out_dir: Path, scope: str | None = None, agent:
     the prompts its gated circuits reach (see routing.py), and adds them elsewhere too.
     """
     if (scope is None) == (agent is None):
-        raise ValueError("export_peft needs exactly one of scope='tier:name' (one scope) or agent='id' (whole stack)")
+        raise ConfigError("export_peft needs exactly one of scope='tier:name' (one scope) or agent='id' (whole stack)")
     if agent is not None:
         scopes = dl.hierarchy.stack_scopes(agent)
         what = f"agent {agent!r}'s stack"

@@ -1,11 +1,12 @@
 """Builds the per-module plans that the adapted layers apply, and caches what can be cached.
 
-For a batch of rows (each row an agent), a scope is *merged* when its tier is in
-``AdapterConfig.merged_tiers`` and every row shares it: its circuits go into an effective weight
-``W + Σ s·B A`` cached by the content hashes of the merged scopes, so it is rebuilt only when their
-content changes. All other scopes of a row are *unmerged*: their circuits are concatenated along
-the rank axis; rows with different unmerged stacks are padded to a common rank and gathered per row.
-Gated circuits (see routing.py) of a merged scope run unmerged, on the rows whose prompts reach them.
+For a batch of rows (each row an agent), a scope is *merged* when its tier is in ``AdapterConfig.merged_tiers``,
+whoever else shares the batch: its ungated circuits go into an effective weight ``W + Σ s·B A`` cached by the
+content hashes of the merged scopes, so it is rebuilt only when their content changes; rows of other swarms or
+domains use their own effective weight. All other circuits of a row are *unmerged*: concatenated along the rank
+axis, padded to a common rank, one set per row, applied with ``bmm``. Gated circuits (see gates.py) of a merged
+scope run unmerged, on the rows whose prompts reach them. Which path a row takes never depends on its batch-mates,
+so a row's output is the same batched or alone.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 
 from .circuits import Circuit, concat_factors
 from .config import AdapterConfig
+from .errors import InvalidInputError
 from .hierarchy import Hierarchy, ScopeKey
 from .stack import ModulePlan, StackedLinear
 
@@ -69,7 +71,7 @@ class Planner:
         agent_ids = tuple(agent_ids)
         skip = tuple(skip) if skip is not None and any(skip) else tuple(frozenset() for _ in agent_ids)
         if len(skip) != len(agent_ids):
-            raise ValueError(f"skip has {len(skip)} rows for {len(agent_ids)} agents; give one set per row")
+            raise InvalidInputError(f"skip has {len(skip)} rows for {len(agent_ids)} agents; give one set per row")
         stacks = [tuple(k for k in self.hierarchy.agent(a).stack() if k.tier not in without) for a in agent_ids]
         involved = sorted({k for s in stacks for k in s})
         key = (agent_ids, without, skip, tuple(self.hierarchy.scopes[k].version for k in involved))
@@ -98,31 +100,31 @@ class Planner:
         extra: tuple[Circuit, ...] = (),
         skip: tuple[frozenset[str], ...] = (),
     ) -> BatchPlan:
+        """Rows are grouped twice, and every row computes exactly what it would alone: by the scopes of merged tiers
+        (their effective weight; rows of other swarms or domains use theirs, in the same kernel) and by the circuits
+        that run unmerged (rank-concatenated, applied per row with ``bmm`` whether the batch is mixed or not)."""
         scopes = self.hierarchy.scopes
-        merged_keys, unmerged_pos = [], []
-        for pos in range(len(stacks[0])):
-            keys = {s[pos] for s in stacks}
-            if stacks[0][pos].tier in self.config.merged_tiers and len(keys) == 1:
-                merged_keys.append(stacks[0][pos])
-            else:
-                unmerged_pos.append(pos)
-        row_keys = [(tuple(s[p] for p in unmerged_pos), left_out) for s, left_out in zip(stacks, skip)]
+        merged_tiers = self.config.merged_tiers
+        row_merged = [tuple(k for k in s if k.tier in merged_tiers) for s in stacks]
+        row_unmerged = [tuple(k for k in s if k.tier not in merged_tiers) for s in stacks]
+        row_keys = list(zip(row_merged, row_unmerged, skip))
         groups = list(dict.fromkeys(row_keys))
         row_group = [groups.index(rk) for rk in row_keys]
-        in_merged = [c for k in merged_keys for c in scopes[k].circuits.values()]
         # a gated circuit cannot live in an effective weight (it acts on some rows only): it runs unmerged
-        merged_circuits = [c for c in in_merged if c.prototypes is None]
-        gated_shared = [c for c in in_merged if c.prototypes is not None]
         group_circuits = [
-            [c for c in gated_shared if c.id not in left_out]
+            [c for k in merged for c in scopes[k].circuits.values() if c.gate is not None and c.id not in left_out]
             + [c for k in keys for c in scopes[k].circuits.values() if c.id not in left_out]
             + list(extra)
-            for keys, left_out in groups
+            for merged, keys, left_out in groups
         ]
-
         circuits: list[Circuit] = list({c.id: c for gc in group_circuits for c in gc}.values())
         column = {c.id: i for i, c in enumerate(circuits)}
-        weights = self._merged_weights(merged_keys, merged_circuits)
+
+        merge_groups = list(dict.fromkeys(row_merged))
+        merged_sets = [[c for k in m for c in scopes[k].circuits.values() if c.gate is None] for m in merge_groups]
+        weights = [self._merged_weights(list(m), cs) for m, cs in zip(merge_groups, merged_sets)]
+        merged_circuits = merged_sets[0] if len(merge_groups) == 1 else []  # sampled usage: one merge group only
+        merge_rows = [torch.tensor([i for i, m in enumerate(row_merged) if m == key]) for key in merge_groups]
         hetero = len(groups) > 1
         row_index = torch.tensor(row_group)
 
@@ -130,20 +132,29 @@ class Planner:
         for name, layer in self.layers.items():
             w = layer.base_layer.weight
             dtype, device = w.dtype, w.device
-            mp = ModulePlan(weight=None if weights is None else weights[name], hetero=hetero)
+            low = dtype in (torch.float16, torch.bfloat16)  # deltas are applied in float32, rounded once
+            adapter_dtype = torch.float32 if low else dtype
+            mp = ModulePlan(hetero=hetero, upcast=low)
+            if len(merge_groups) == 1:
+                mp.weight = None if weights[0] is None else weights[0][name]
+            elif any(wt is not None for wt in weights):
+                mp.weight_rows = [
+                    (rows.to(device), None if wt is None else wt[name]) for rows, wt in zip(merge_rows, weights)
+                ]
             parts = [self._factors(gc, layer, column, len(circuits), observe) for gc in group_circuits]
             r_max = max(p[0].shape[0] for p in parts)
             if r_max > 0:
-                if not hetero:
-                    a, b, obs = parts[0]
-                    mp.a, mp.b, mp.obs = a.to(device, dtype), b.to(device, dtype), obs.to(device)
+                # padding ranks with zeros at the end changes no row's sums: a row batched equals the row alone
+                a = torch.stack([F.pad(p[0], (0, 0, 0, r_max - p[0].shape[0])) for p in parts])  # (U, R, in)
+                b = torch.stack([F.pad(p[1], (0, r_max - p[1].shape[1])) for p in parts])  # (U, out, R)
+                obs = torch.stack([F.pad(p[2], (0, 0, 0, r_max - p[2].shape[0])) for p in parts])  # (U, R, C)
+                if hetero:
+                    a, b, obs = a[row_index], b[row_index], obs[row_index]  # (B, …): one set of factors per row
                 else:
-                    a = torch.stack([F.pad(p[0], (0, 0, 0, r_max - p[0].shape[0])) for p in parts])  # (U, R, in)
-                    b = torch.stack([F.pad(p[1], (0, r_max - p[1].shape[1])) for p in parts])  # (U, out, R)
-                    obs = torch.stack([F.pad(p[2], (0, 0, 0, r_max - p[2].shape[0])) for p in parts])  # (U, R, C)
-                    mp.a = a[row_index].transpose(1, 2).contiguous().to(device, dtype)  # (B, in, R)
-                    mp.b = b[row_index].transpose(1, 2).contiguous().to(device, dtype)  # (B, R, out)
-                    mp.obs = obs[row_index].to(device)
+                    obs = obs[0]  # (R, C); the factors stay (1, …) and are expanded over the batch
+                mp.a = a.transpose(1, 2).contiguous().to(device, adapter_dtype)  # (B or 1, in, R)
+                mp.b = b.transpose(1, 2).contiguous().to(device, adapter_dtype)  # (B or 1, R, out)
+                mp.obs = obs.to(device)
             if observe and merged_circuits and self.config.merged_usage_sample_rate > 0:
                 ma, _, mobs = self._factors(
                     merged_circuits, layer, {c.id: i for i, c in enumerate(merged_circuits)}, len(merged_circuits)
@@ -157,7 +168,7 @@ class Planner:
 
     def _share_projections(self, modules: dict[str, ModulePlan], hetero: bool) -> None:
         """Give each input group's first module the concatenated A of the group (one matmul instead of several)."""
-        dim = 2 if hetero else 0  # rank axis of A: (B, in, R) or (R, in)
+        dim = 2  # rank axis of A: (B or 1, in, R)
         obs_dim = 1 if hetero else 0  # rank axis of the observation map: (B, R, C) or (R, C)
         for group in self.input_groups:
             plans = [modules[name] for name in group]

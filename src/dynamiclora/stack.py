@@ -32,11 +32,14 @@ except ImportError:  # pragma: no cover - transformers always ships it today
 class ModulePlan:
     """What one adapted module applies during a session. Tensors are in the layer's dtype and device."""
 
-    weight: torch.Tensor | None = None  # (out, in) effective weight of merged tiers
-    a: torch.Tensor | None = None  # (R, in), or (B, in, R) when hetero
-    b: torch.Tensor | None = None  # (out, R), or (B, R, out) when hetero
+    weight: torch.Tensor | None = None  # (out, in) effective weight of merged tiers (one merge group)
+    # several merge groups (rows of different swarms or domains): per group, its rows and effective weight
+    weight_rows: list[tuple[torch.Tensor, torch.Tensor | None]] | None = None
+    a: torch.Tensor | None = None  # (B, in, R) one per row when hetero, else (1, in, R) expanded over the batch
+    b: torch.Tensor | None = None  # (B, R, out) or (1, R, out)
     obs: torch.Tensor | None = None  # (R, C) or (B, R, C): column energy -> circuit, weighted 1/rms(A_c)^2
     hetero: bool = False
+    upcast: bool = False  # a half-precision model: the low-rank path runs in float32 and is rounded once
     merged_a: torch.Tensor | None = None  # (Rm, in): merged tiers' A, read only on sampled forwards
     merged_obs: torch.Tensor | None = None  # (Rm, Cm)
     # Modules fed the same input tensor (q/k/v, gate/up) share one A-projection: the group's first module
@@ -155,6 +158,11 @@ class Binding:
         self.plans = self.session = self.group_x = self.group_h = None
 
 
+def _rows(factor: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Per-row factors (B, …) for a batch x (B, T, ·): one set shared by every row is expanded, not copied."""
+    return factor if factor.shape[0] == x.shape[0] else factor.expand(x.shape[0], -1, -1)
+
+
 class StackedLinear(nn.Module):
     """Wraps a Linear or Conv1D; without an active plan it is exactly the base layer."""
 
@@ -184,17 +192,20 @@ class StackedLinear(nn.Module):
         plan = plans[self.index]
         if session is not None and session.capture is not None:
             session.capture[self.name] = x.detach()
-        if plan.weight is not None:
+        if plan.weight_rows is not None:  # rows of several merge groups: each through its own weight
+            y = x.new_empty(*x.shape[:-1], self.out_features)
+            for rows, weight in plan.weight_rows:
+                y[rows] = self._base(x[rows]) if weight is None else F.linear(x[rows], weight, self.base_layer.bias)
+        elif plan.weight is not None:
             y = F.linear(x, plan.weight, self.base_layer.bias)
-        elif self.is_conv1d:
-            y = self.base_layer(x)
         else:
-            y = F.linear(x, self.base_layer.weight, self.base_layer.bias)
+            y = self._base(x)
         if plan.a is not None:
             observe = session is not None and session.observe
             binding = self.binding
+            xa = x.float() if plan.upcast else x
             if plan.group_a is not None:  # first module of an input group: project for the whole group
-                h_all = torch.bmm(x, plan.group_a) if plan.hetero else F.linear(x, plan.group_a)
+                h_all = torch.bmm(xa, _rows(plan.group_a, x))
                 binding.group_x, binding.group_h = x, h_all
                 if observe:
                     session.record(x, h_all, plan.group_obs, plan.group_size)
@@ -202,18 +213,22 @@ class StackedLinear(nn.Module):
             elif plan.grouped and binding.group_x is x:
                 h = binding.group_h[..., plan.lo : plan.hi]
             else:  # alone, or (in an unusual model) not fed its group's input after all
-                h = torch.bmm(x, plan.a) if plan.hetero else F.linear(x, plan.a)  # (B, T, R)
+                h = torch.bmm(xa, _rows(plan.a, x))  # (B, T, R)
                 if observe:
                     session.record(x, h, plan.obs)
-            if plan.hetero:  # (B, T, R) @ (B, R, out)
-                y = y.baddbmm_(h, plan.b) if not torch.is_grad_enabled() else torch.baddbmm(y, h, plan.b)
+            b = _rows(plan.b, x)  # (B, R, out): the same kernel for a row alone and batched
+            if plan.upcast:
+                y = torch.baddbmm(y.float(), h, b).to(y.dtype)
             elif torch.is_grad_enabled():
-                y = y + F.linear(h, plan.b)
-            else:  # in place: y (N, out) += h (N, R) @ bᵀ (R, out)
-                y.view(-1, y.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), plan.b.T)
+                y = torch.baddbmm(y, h, b)
+            else:
+                y = y.baddbmm_(h, b)
         if session is not None and session.sample_merged and plan.merged_a is not None:
             session.record_merged(x, plan.merged_a, plan.merged_obs)
         return y
+
+    def _base(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base_layer(x) if self.is_conv1d else F.linear(x, self.base_layer.weight, self.base_layer.bias)
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, in={self.in_features}, out={self.out_features}, conv1d={self.is_conv1d}"

@@ -5,11 +5,13 @@ Layout of a state directory::
     state.sqlite                 meta, agents, scopes, circuits (WAL mode)
     scopes/<hash of content + circuit ids>.safetensors
 
-A save writes each changed scope to a new file named by its content hash (temporary file, fsync,
-rename, fsync of the directory), then replaces every record in one SQLite transaction, and only after
-the commit deletes files no committed record points at. A process killed at any moment therefore
-leaves either the previous or the new state, both complete. Loading recomputes every scope's content
-hash and names the file that is missing or does not match.
+A save is incremental: it writes each changed scope to a new file named by its content hash (temporary file,
+fsync, rename, fsync of the directory), then, in one SQLite transaction, the rows that changed since the last save
+to that directory (changed scopes' circuits, changed and evicted cache entries, new log records, meta), and only
+after the commit deletes the files no committed record points at any more. Its cost follows what changed, not the
+size of the cache, the number of agents or the age of the logs (each log keeps its newest ``LOG_CAP`` records). A
+process killed at any moment leaves either the previous or the new state, both complete. Loading recomputes every
+scope's content hash and names the file that is missing or does not match.
 """
 
 from __future__ import annotations
@@ -29,21 +31,23 @@ from safetensors.torch import load_file, save_file
 
 from .circuits import Circuit, tensor_digest
 from .config import DynamicLoRAConfig
-from .errors import CorruptStateError, StateMismatchError
-from .hierarchy import Scope, ScopeKey
+from .errors import CorruptStateError, InvalidInputError, StateMismatchError
+from .eventlog import EventLog
+from .gates import Gate
+from .hierarchy import Hierarchy, Scope, ScopeKey
 
 if TYPE_CHECKING:
     from torch import nn
 
     from .core import DynamicLoRA
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: gates carry their radii (no shared routing statistic)
 DB_NAME = "state.sqlite"
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS agents (id TEXT PRIMARY KEY, swarm TEXT NOT NULL, domain TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS scopes (tier TEXT NOT NULL, name TEXT NOT NULL, content_hash TEXT NOT NULL,
-                                   file TEXT, circuits INTEGER NOT NULL, PRIMARY KEY (tier, name));
+                                   file TEXT, circuits INTEGER NOT NULL, optimizer TEXT, PRIMARY KEY (tier, name));
 CREATE TABLE IF NOT EXISTS circuits (id TEXT PRIMARY KEY, tier TEXT NOT NULL, scope TEXT NOT NULL,
                                      record TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS migrations (seq INTEGER PRIMARY KEY, record TEXT NOT NULL);
@@ -51,8 +55,27 @@ CREATE TABLE IF NOT EXISTS forgotten (seq INTEGER PRIMARY KEY, record TEXT NOT N
 CREATE TABLE IF NOT EXISTS cache_entries (id TEXT NOT NULL, tier TEXT NOT NULL, record TEXT NOT NULL, vector BLOB,
                                           PRIMARY KEY (tier, id));
 CREATE TABLE IF NOT EXISTS cache_log (seq INTEGER PRIMARY KEY, record TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS sharing_log (seq INTEGER PRIMARY KEY, record TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS requesters (prompt TEXT PRIMARY KEY, seq INTEGER NOT NULL, who TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS circuits_by_scope ON circuits (tier, scope);
 """
-TABLES = ("meta", "agents", "scopes", "circuits", "migrations", "forgotten", "cache_entries", "cache_log")
+TABLES = (
+    "meta",
+    "agents",
+    "scopes",
+    "circuits",
+    "migrations",
+    "forgotten",
+    "cache_entries",
+    "cache_log",
+    "sharing_log",
+    "requesters",
+)
+LOGS = ("migrations", "forgotten", "cache_log", "sharing_log")
+
+
+def _json(record: dict[str, Any]) -> str:
+    return json.dumps(record, sort_keys=True)
 
 
 def _vector_blob(vector: torch.Tensor | None) -> bytes | None:
@@ -94,7 +117,7 @@ def atomic_write(path: Path, write: Any) -> None:
             os.unlink(tmp)
 
 
-ROUTE = "route"  # a gated circuit's prototypes, stored beside its factors under "<id>//route"
+GATE = ("route", "radii")  # a gate's keys and radii, stored beside the factors as "<id>//route", "<id>//radii"
 
 
 def _tensor_key(circuit_id: str, module: str, which: str) -> str:
@@ -121,8 +144,9 @@ def write_scope(scope: Scope, directory: Path) -> str | None:
         for module, (a, b) in c.factors.items():
             tensors[_tensor_key(c.id, module, "A")] = a.detach().float().cpu().contiguous()
             tensors[_tensor_key(c.id, module, "B")] = b.detach().float().cpu().contiguous()
-        if c.prototypes is not None:
-            tensors[_tensor_key(c.id, "", ROUTE)] = c.prototypes.detach().float().cpu().contiguous()
+        if c.gate is not None:
+            for which, t in c.gate.to_tensors().items():
+                tensors[_tensor_key(c.id, "", which)] = t.float().cpu().contiguous()
     metadata = {"scope": str(scope.key), "content_hash": digest, "format_version": str(FORMAT_VERSION)}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     return name
@@ -146,77 +170,158 @@ def read_meta(con: sqlite3.Connection) -> dict[str, str]:
     return dict(con.execute("SELECT key, value FROM meta").fetchall())
 
 
-def save_state(dl: DynamicLoRA, state_dir: Path, overwrite_other_model: bool = False) -> Path:
-    state_dir.mkdir(parents=True, exist_ok=True)
-    scope_dir = state_dir / "scopes"
-    scope_dir.mkdir(exist_ok=True)
-    with closing(connect(state_dir / DB_NAME)) as con:
-        meta = read_meta(con)
-        if meta and meta.get("base_fingerprint") != dl.base_fingerprint and not overwrite_other_model:
-            raise StateMismatchError(
-                f"{state_dir} holds a state of another base model ({meta.get('base_model')!r}, fingerprint "
-                f"{meta.get('base_fingerprint', '')[:12]}…); save to another directory, or pass "
-                "overwrite_other_model=True to replace it"
-            )
-        files = {key: write_scope(scope, scope_dir) for key, scope in dl.hierarchy.scopes.items()}
-        optimizer_file = write_optimizer(dl.learner.state_tensors(), scope_dir)
-        new_meta = {
-            "format_version": str(FORMAT_VERSION),
-            "base_model": dl.model_id,
-            "base_fingerprint": dl.base_fingerprint,
-            "tokenizer_fingerprint": dl.tokenizer_fingerprint,
-            "config": json.dumps(dl.config.to_dict(), sort_keys=True),
-            "tick_count": str(dl.tick_count),
-            "interactions": str(dl.interactions),
-            "dynamics": json.dumps(dl.memory.state(), sort_keys=True),
-            "optimizer_file": optimizer_file or "",
-            "generator_state": dl.generator.get_state().numpy().tobytes().hex(),
-            "wavegen": json.dumps(dl.wavegen.cache.state(), sort_keys=True),
-            "router": json.dumps(dl.router.state(), sort_keys=True),
-        }
-        con.execute("BEGIN IMMEDIATE")
-        try:
-            for table in TABLES:
-                con.execute(f"DELETE FROM {table}")
-            con.executemany(
-                "INSERT INTO cache_entries VALUES (?, ?, ?, ?)",
-                [
-                    (e.id, e.tier, json.dumps(e.record(), sort_keys=True), _vector_blob(e.vector))
-                    for e in dl.wavegen.cache.entries()
-                ],
-            )
-            logs = (
-                ("migrations", dl.memory.migrations),
-                ("forgotten", dl.memory.forgotten),
-                ("cache_log", dl.wavegen.log),
-            )
-            for table, log in logs:
-                con.executemany(
-                    f"INSERT INTO {table} VALUES (?, ?)",
-                    [(i, json.dumps(r, sort_keys=True)) for i, r in enumerate(log)],
+class Writer:
+    """Saves one DynamicLoRA to one state directory, writing only what changed since its last save there.
+
+    It remembers, per scope, the (version, records) stamp and files it wrote, which agents and how much of each
+    log; the cache reports its changed and removed entries and prompts itself. A save to another directory, or to
+    one another writer wrote last (its token is in the meta table), is a full save."""
+
+    def __init__(self) -> None:
+        self.state_dir: Path | None = None
+        self.token = ""
+        self.scopes: dict[ScopeKey, tuple[tuple[int, int], str | None, str | None]] = {}  # stamp, file, optimizer
+        self.agents: set[str] = set()
+        self.logs: dict[str, int] = {}  # table -> sequence number saved up to (exclusive)
+        self.request_seq = 0
+
+    def save(self, dl: DynamicLoRA, state_dir: Path, overwrite_other_model: bool = False) -> Path:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        scope_dir = state_dir / "scopes"
+        scope_dir.mkdir(exist_ok=True)
+        cache = dl.wavegen.cache
+        cache.sync(dl.hierarchy)  # entries of changed scopes go now: a saved cache is consistent with its scopes
+        with closing(connect(state_dir / DB_NAME)) as con:
+            meta = read_meta(con)
+            if meta and meta.get("base_fingerprint") != dl.base_fingerprint and not overwrite_other_model:
+                raise StateMismatchError(
+                    f"{state_dir} holds a state of another base model ({meta.get('base_model')!r}, fingerprint "
+                    f"{meta.get('base_fingerprint', '')[:12]}…); save to another directory, or pass "
+                    "overwrite_other_model=True to replace it"
                 )
-            con.executemany("INSERT INTO meta VALUES (?, ?)", sorted(new_meta.items()))
-            con.executemany(
-                "INSERT INTO agents VALUES (?, ?, ?)",
-                [(a.id, a.swarm, a.domain) for a in dl.hierarchy.agents.values()],
-            )
-            con.executemany(
-                "INSERT INTO scopes VALUES (?, ?, ?, ?, ?)",
-                [(k.tier, k.name, s.content_hash(), files[k], len(s)) for k, s in dl.hierarchy.scopes.items()],
-            )
-            con.executemany(
-                "INSERT INTO circuits VALUES (?, ?, ?, ?)",
-                [(c.id, c.tier, c.scope, json.dumps(c.record(), sort_keys=True)) for c in dl.hierarchy.all_circuits()],
-            )
-            con.execute("COMMIT")
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
-        live = {f for f in files.values() if f} | ({optimizer_file} if optimizer_file else set())
-    for path in scope_dir.iterdir():  # after the commit: nothing committed points at these
-        if path.name not in live and path.suffix == ".safetensors":
-            path.unlink(missing_ok=True)
-    return state_dir
+            full = self.state_dir != state_dir.resolve() or meta.get("writer") != self.token or not self.token
+            if full:
+                self.__init__()
+                self.state_dir, self.token = state_dir.resolve(), os.urandom(8).hex()
+            changed = {
+                key: scope
+                for key, scope in dl.hierarchy.scopes.items()
+                if full or key not in self.scopes or self.scopes[key][0] != (scope.version, scope.records)
+            }
+            files = {}
+            for key, scope in changed.items():  # tensors first: files nothing points at yet
+                ids = list(scope.circuits) if key.tier == "context" else []
+                files[key] = (write_scope(scope, scope_dir), write_optimizer(dl.learner.state_tensors(ids), scope_dir))
+            logs = {
+                "migrations": dl.memory.migrations,
+                "forgotten": dl.memory.forgotten,
+                "cache_log": dl.wavegen.log,
+                "sharing_log": dl.memory.sharing.log,
+            }
+            new_meta = {
+                "format_version": str(FORMAT_VERSION),
+                "writer": self.token,
+                "base_model": dl.model_id,
+                "base_fingerprint": dl.base_fingerprint,
+                "tokenizer_fingerprint": dl.tokenizer_fingerprint,
+                "config": json.dumps(dl.config.to_dict(), sort_keys=True),
+                "tick_count": str(dl.tick_count),
+                "interactions": str(dl.interactions),
+                "dynamics": json.dumps(dl.memory.state(), sort_keys=True),
+                "generator_state": dl.generator.get_state().numpy().tobytes().hex(),
+                "wavegen": json.dumps(cache.state(), sort_keys=True),
+                "log_totals": json.dumps({t: log.total for t, log in logs.items()}, sort_keys=True),
+            }
+            entries, gone = cache.take_changes(everything=full)
+            prompts, dropped = cache.take_request_changes(everything=full)
+            con.execute("BEGIN IMMEDIATE")
+            try:
+                if full:
+                    for table in TABLES:
+                        con.execute(f"DELETE FROM {table}")
+                con.executemany("DELETE FROM cache_entries WHERE tier = ? AND id = ?", sorted(gone))
+                con.executemany(
+                    "INSERT OR REPLACE INTO cache_entries VALUES (?, ?, ?, ?)",
+                    [(e.id, e.tier, json.dumps(e.record(), sort_keys=True), _vector_blob(e.vector)) for e in entries],
+                )
+                con.executemany("DELETE FROM requesters WHERE prompt = ?", [(k,) for k in sorted(dropped)])
+                rows = []
+                for key, who in prompts:
+                    self.request_seq += 1
+                    rows.append((key, self.request_seq, json.dumps([list(w) for w in who])))
+                con.executemany("INSERT OR REPLACE INTO requesters VALUES (?, ?, ?)", rows)
+                for table, log in logs.items():
+                    saved = self.logs.get(table, 0)
+                    con.executemany(
+                        f"INSERT OR REPLACE INTO {table} VALUES (?, ?)",
+                        [(seq, json.dumps(r, sort_keys=True)) for seq, r in log.since(saved)],
+                    )
+                    con.execute(f"DELETE FROM {table} WHERE seq < ?", (log.first_seq,))
+                con.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", sorted(new_meta.items()))
+                con.executemany(
+                    "INSERT OR REPLACE INTO agents VALUES (?, ?, ?)",
+                    [(a.id, a.swarm, a.domain) for a in dl.hierarchy.agents.values() if a.id not in self.agents],
+                )
+                con.executemany(  # first every changed scope's rows: a circuit may have moved between them
+                    "DELETE FROM circuits WHERE tier = ? AND scope = ?", [(k.tier, k.name) for k in changed]
+                )
+                for key, scope in changed.items():
+                    con.executemany(
+                        "INSERT INTO circuits VALUES (?, ?, ?, ?)",
+                        [(c.id, c.tier, c.scope, _json(c.record())) for c in scope.circuits.values()],
+                    )
+                    file, optimizer = files[key]
+                    con.execute(
+                        "INSERT OR REPLACE INTO scopes VALUES (?, ?, ?, ?, ?, ?)",
+                        (key.tier, key.name, scope.content_hash(), file, len(scope), optimizer),
+                    )
+                con.execute("COMMIT")
+            except BaseException:
+                con.execute("ROLLBACK")
+                cache.restore_changes(entries, gone, prompts, dropped)  # nothing was written: keep them pending
+                if full:
+                    self.__init__()
+                raise
+        replaced = set()
+        for key, scope in changed.items():
+            old = self.scopes.get(key)
+            if old is not None:
+                replaced |= {old[1], old[2]} - set(files[key])
+            self.scopes[key] = ((scope.version, scope.records), *files[key])
+        self.agents |= set(dl.hierarchy.agents)
+        self.logs = {t: log.total for t, log in logs.items()}
+        live = {f for _, a, b in self.scopes.values() for f in (a, b) if f}
+        # after the commit: nothing committed points at these (a full save sweeps every stray file)
+        stale = [p for p in scope_dir.iterdir() if p.suffix == ".safetensors"] if full else replaced
+        for item in stale:
+            name = item.name if isinstance(item, Path) else item
+            if name and name not in live:
+                (scope_dir / name).unlink(missing_ok=True)
+        return state_dir
+
+    def adopt(
+        self,
+        state_dir: Path,
+        token: str,
+        hierarchy: Hierarchy,
+        files: dict[ScopeKey, tuple[str | None, str | None]],
+        logs: dict[str, EventLog],
+        request_seq: int,
+    ) -> None:
+        """Take over a state just loaded from ``state_dir``: what is on disk is what is in memory."""
+        self.__init__()
+        self.state_dir, self.token = state_dir.resolve(), token
+        for key, scope in hierarchy.scopes.items():
+            if key in files:
+                self.scopes[key] = ((scope.version, scope.records), *files[key])
+        self.agents = set(hierarchy.agents)
+        self.logs = {t: log.total for t, log in logs.items()}
+        self.request_seq = request_seq
+
+
+def save_state(dl: DynamicLoRA, state_dir: Path, overwrite_other_model: bool = False) -> Path:
+    """Write the state to ``state_dir``: only what changed since the last save there (see :class:`Writer`)."""
+    return dl.writer.save(dl, state_dir, overwrite_other_model)
 
 
 def load_state(
@@ -229,13 +334,15 @@ def load_state(
         with closing(connect(db)) as con:
             meta = read_meta(con)
             agents = con.execute("SELECT id, swarm, domain FROM agents ORDER BY id").fetchall()
-            scopes = con.execute("SELECT tier, name, content_hash, file FROM scopes").fetchall()
+            scopes = con.execute("SELECT tier, name, content_hash, file, optimizer FROM scopes").fetchall()
             records = [json.loads(r) for (r,) in con.execute("SELECT record FROM circuits").fetchall()]
-            logs = {
-                t: [json.loads(r) for (r,) in con.execute(f"SELECT record FROM {t} ORDER BY seq")]
-                for t in ("migrations", "forgotten", "cache_log")
-            }
+            logs = {t: [json.loads(r) for (r,) in con.execute(f"SELECT record FROM {t} ORDER BY seq")] for t in LOGS}
             cache_rows = con.execute("SELECT record, vector FROM cache_entries").fetchall()
+            requesters = [
+                (k, [tuple(w) for w in json.loads(who)])
+                for k, who in con.execute("SELECT prompt, who FROM requesters ORDER BY seq").fetchall()
+            ]
+            request_seq = con.execute("SELECT COALESCE(MAX(seq), 0) FROM requesters").fetchone()[0]
     except sqlite3.DatabaseError as exc:
         raise CorruptStateError(f"{db} is not a readable SQLite database ({exc}); restore it from a backup") from exc
     if not meta:
@@ -244,12 +351,18 @@ def load_state(
         raise StateMismatchError(
             f"{state_dir} was written by a newer format ({meta['format_version']}); upgrade dynamiclora to load it"
         )
+    if int(meta["format_version"]) < FORMAT_VERSION:
+        raise StateMismatchError(
+            f"{state_dir} was written by format {meta['format_version']}, whose gates measured distances with a "
+            f"statistic shared by all agents; format {FORMAT_VERSION} stores each gate's radii. Load it with "
+            "dynamiclora 0.1.0 and re-learn, or start a new state"
+        )
     config = DynamicLoRAConfig.from_dict(json.loads(meta["config"]))
     if model is None:
         dl = cls.from_pretrained(meta["base_model"], config, **kwargs)
     else:
         if tokenizer is None:
-            raise ValueError("pass the tokenizer together with the model to DynamicLoRA.load")
+            raise InvalidInputError("pass the tokenizer together with the model to DynamicLoRA.load")
         dl = cls(model, tokenizer, config, model_id=meta["base_model"])
     for what, saved, actual in (
         ("base model", meta["base_fingerprint"], dl.base_fingerprint),
@@ -265,9 +378,11 @@ def load_state(
     by_scope: dict[tuple[str, str], list[dict]] = {}
     for r in records:
         by_scope.setdefault((r["tier"], r["scope"]), []).append(r)
-    for tier, name, digest, file in scopes:
+    files = {}
+    for tier, name, digest, file, optimizer in scopes:
         key = ScopeKey(tier, name)
         scope = dl.hierarchy.scope(key, create=True)
+        files[key] = (file, optimizer)
         if file is None:
             continue
         path = state_dir / "scopes" / file
@@ -280,12 +395,12 @@ def load_state(
         for r in by_scope.get((tier, name), []):
             prefix = f"{r['id']}/"
             factors: dict[str, list[torch.Tensor]] = {}
-            prototypes = None
+            gate: dict[str, torch.Tensor] = {}
             for k, t in tensors.items():
                 if k.startswith(prefix):
                     module, which = k[len(prefix) :].rsplit("/", 1)
-                    if which == ROUTE:
-                        prototypes = t.cpu()
+                    if which in GATE:
+                        gate[which] = t.cpu()
                     else:
                         factors.setdefault(module, [None, None])[0 if which == "A" else 1] = t
             if not factors or any(t is None for ab in factors.values() for t in ab):
@@ -294,7 +409,10 @@ def load_state(
                     "corrupted or belongs to another state; restore it from a backup"
                 )
             circuit = Circuit.from_record(r, {m: (ab[0], ab[1]) for m, ab in factors.items()})
-            circuit.prototypes = prototypes
+            if gate:
+                if set(gate) != set(GATE):
+                    raise CorruptStateError(f"{path} (scope {key}) holds a partial gate of circuit {r['id']}")
+                circuit.gate = Gate(gate["route"], gate["radii"])
             scope.circuits[r["id"]] = circuit
         scope.touch()
         if scope.content_hash() != digest:
@@ -302,17 +420,17 @@ def load_state(
                 f"{path} does not match its recorded content hash (scope {key}, expected {digest[:12]}…, "
                 f"got {scope.content_hash()[:12]}…): the file is corrupted; restore it from a backup"
             )
-    dl.memory.restore(json.loads(meta.get("dynamics", "{}")), logs["migrations"], logs["forgotten"])
-    try:
-        dl.router.restore(json.loads(meta.get("router", "{}")))
-    except ValueError as exc:
-        raise StateMismatchError(f"{state_dir}: {exc}") from exc
-    if meta.get("optimizer_file"):
-        path = state_dir / "scopes" / meta["optimizer_file"]
-        try:
-            dl.learner.restore(load_file(path))
-        except (SafetensorError, OSError) as exc:
-            raise CorruptStateError(f"{path} (optimizer state) cannot be read: {exc}") from exc
+    totals = json.loads(meta.get("log_totals", "{}"))
+    logs = {t: EventLog(records, total=totals.get(t)) for t, records in logs.items()}
+    dynamics = json.loads(meta.get("dynamics", "{}"))
+    dl.memory.restore(dynamics, logs["migrations"], logs["forgotten"], logs["sharing_log"])
+    for key, (_, optimizer) in files.items():
+        if optimizer:
+            path = state_dir / "scopes" / optimizer
+            try:
+                dl.learner.restore(load_file(path))
+            except (SafetensorError, OSError) as exc:
+                raise CorruptStateError(f"{path} (optimizer state of {key}) cannot be read: {exc}") from exc
     if meta.get("generator_state"):
         dl.generator.set_state(torch.frombuffer(bytearray.fromhex(meta["generator_state"]), dtype=torch.uint8))
     dl.tick_count = int(meta.get("tick_count", 0))
@@ -320,6 +438,7 @@ def load_state(
     from .wavegen import CacheEntry
 
     entries = [CacheEntry.from_record(json.loads(r), _vector(v)) for r, v in cache_rows]
-    dl.wavegen.cache.restore(json.loads(meta.get("wavegen", "{}")), entries, dl.hierarchy)
+    dl.wavegen.cache.restore(json.loads(meta.get("wavegen", "{}")), entries, requesters, dl.hierarchy)
     dl.wavegen.log = logs["cache_log"]
+    dl.writer.adopt(state_dir, meta.get("writer", ""), dl.hierarchy, files, logs, request_seq)
     return dl

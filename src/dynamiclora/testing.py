@@ -13,6 +13,7 @@ from typing import Any, Literal
 import torch
 
 from .default_model import read_texts, stdlib_files, train_tokenizer
+from .errors import ConfigError
 
 Arch = Literal["llama", "gpt2", "qwen2"]
 
@@ -60,7 +61,7 @@ def tiny_config(
             bos_token_id=eos_id,
             eos_token_id=eos_id,
         )
-    raise ValueError(f"unknown tiny architecture {arch!r}; choose llama, qwen2 or gpt2")
+    raise ConfigError(f"unknown tiny architecture {arch!r}; choose llama, qwen2 or gpt2")
 
 
 # Random weights at the usual std 0.02 give a tiny model logits within about ±1, so no token can ever

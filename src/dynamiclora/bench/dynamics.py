@@ -84,7 +84,7 @@ def tick_cost(quick: bool) -> list[dict]:
             dl.agent(f"a{a}", swarm=f"s{a % 4}", domain="d")
         for i in range(n):
             tier = "context" if i % 2 == 0 else "agent"
-            circuits.append(dl.add_circuit(f"{tier}:a{i % agents}", random_circuit(dl, 1, g)))
+            circuits.append(dl.add_circuit(f"{tier}:a{i % agents}", random_circuit(dl, 1, g), pinned=False))
         rng = torch.Generator().manual_seed(1)
         for _ in range(20):  # some history so that detectors and homeostasis have work
             for c in circuits:

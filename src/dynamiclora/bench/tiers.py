@@ -85,7 +85,7 @@ class TeamStream:
             if cosine >= self.dl.config.dynamics.resonance_threshold:
                 carrier = circuits[best]
             else:
-                carrier = self.dl.add_circuit(f"context:{agent}", _noisy(self.pattern(name), self.g))
+                carrier = self.dl.add_circuit(f"context:{agent}", _noisy(self.pattern(name), self.g), pinned=False)
             self.carriers[(agent, name)] = carrier.id
         self.dl.memory.record_use(carrier)
 

@@ -30,6 +30,7 @@ import torch.distributed as dist
 
 from ..circuits import Circuit
 from ..errors import SwarmSyncError
+from ..gates import Gate
 from ..hierarchy import SHARED_TIERS
 from .resonance import Proposal
 
@@ -126,14 +127,15 @@ def _pack(p: Proposal) -> dict[str, Any]:
         "critical": p.critical,
         "record": c.record(),
         "factors": {m: (a.detach().cpu(), b.detach().cpu()) for m, (a, b) in c.factors.items()},
-        "prototypes": None if c.prototypes is None else c.prototypes.detach().cpu(),
+        "gate": None if c.gate is None else (c.gate.keys, c.gate.radii),
     }
 
 
 def _unpack(packed: dict[str, Any], device: torch.device) -> Proposal:
     factors = {m: (a.to(device), b.to(device)) for m, (a, b) in packed["factors"].items()}
     circuit = Circuit.from_record(packed["record"], factors)
-    circuit.prototypes = packed.get("prototypes")
+    gate = packed.get("gate")
+    circuit.gate = None if gate is None else Gate(*gate)
     return Proposal(
         circuit,
         frozenset(packed["contributors"]),

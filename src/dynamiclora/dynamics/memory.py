@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..circuits import Circuit
 from ..config import TIERS
+from ..eventlog import EventLog
 from ..hierarchy import Scope, ScopeKey
 from .detector import Persistence, persistence
 from .homeostasis import Homeostasis
@@ -30,6 +31,14 @@ if TYPE_CHECKING:
 
 SCREENED, FREE = "SCREENED", "FREE"
 MAX_SERIES = 1024  # ticks of use history kept per circuit
+
+
+def stepped(vigor: float, step: float) -> float:
+    """Vigor rounded up to the grid 1, step, step², …: the strength a circuit acts with."""
+    if vigor >= 1.0:
+        return 1.0
+    k = math.floor(math.log(vigor) / math.log(step) + 1e-9)
+    return step**k
 
 
 @dataclass
@@ -49,16 +58,16 @@ class Memory:
         self.config = dl.config.dynamics
         self.homeostasis = Homeostasis(self.config)
         self.timescales = Timescales()
-        self.migrations: list[dict[str, Any]] = []
-        self.forgotten: list[dict[str, Any]] = []
+        self.migrations = EventLog()
+        self.forgotten = EventLog()
         self.queue: list[tuple[str, float]] = []
         self.sharing = Sharing(self)
         self.sync_usage: Callable[[], None] | None = None  # distributed: sums shared circuits' uses over ranks
 
     # -- observation ----------------------------------------------------------------------------------
-    @staticmethod
-    def record_use(circuit: Circuit) -> None:
+    def record_use(self, circuit: Circuit) -> None:
         circuit.uses_this_tick += 1
+        self.dl.hierarchy.note(circuit)
 
     def tier_circuits(self, tier: str) -> list[tuple[Scope, Circuit]]:
         return [(s, c) for k, s in self.dl.hierarchy.scopes.items() if k.tier == tier for c in s.circuits.values()]
@@ -110,20 +119,25 @@ class Memory:
                     c.history.append(event)
                     report.transitions.append({"circuit": c.id, **event})
                     c.phase = phase
-                if c.uses_this_tick:  # use rehearses: back to full strength
-                    if c.scale_on_entry and c.scale != c.scale_on_entry:
-                        c.scale = c.scale_on_entry
-                        scope.touch()
+                used, c.uses_this_tick = c.uses_this_tick, 0
+                if c.pinned:  # imported or added by hand: only its owner removes it
+                    continue
+                if used:  # use rehearses: back to full strength
+                    c.vigor = 1.0
                 else:  # disuse weakens
-                    rate = reg.decay * (cfg.screened_decay_ratio if c.phase == SCREENED else 1.0)
-                    if rate > 0:
-                        c.scale *= 1.0 - rate
-                        scope.touch()
-                c.uses_this_tick = 0
-                if c.strength < cfg.forget_below:
+                    c.vigor *= 1.0 - reg.decay * (cfg.screened_decay_ratio if c.phase == SCREENED else 1.0)
+                if c.vigor < cfg.forget_below:
                     self._forget(scope, c, report)
+                    continue
+                scale = c.scale_on_entry * stepped(c.vigor, cfg.strength_step) if c.scale_on_entry else c.scale
+                if scale != c.scale:  # content changes only when the strength crosses a step
+                    c.scale = scale
+                    scope.touch()
         self._migrate(report)
         self.sharing.step(report)
+        for scope in dl.hierarchy.scopes.values():  # every record moved on (series, u, phase, vigor)
+            if scope.circuits:
+                scope.note()
         dl.tick_count += 1
         return report
 
@@ -183,7 +197,7 @@ class Memory:
             "autocorrelation": None if p is None else round(p.autocorrelation, 4),
         }
         c.history.append({"event": "migrated", **{k: v for k, v in entry.items() if k != "circuit"}})
-        c.entered_tick, c.scale_on_entry = now, c.scale
+        c.entered_tick, c.scale_on_entry, c.vigor = now, c.scale, 1.0
         target.add(c)
         self.migrations.append(entry)
         if report is not None:
@@ -196,12 +210,11 @@ class Memory:
             "homeostasis": self.homeostasis.state(),
             "timescales": self.timescales.state(),
             "queue": self.queue,
-            "sharing": self.sharing.state(),
         }
 
-    def restore(self, state: dict[str, Any], migrations: list[dict], forgotten: list[dict]) -> None:
+    def restore(self, state: dict[str, Any], migrations: EventLog, forgotten: EventLog, sharing_log: EventLog) -> None:
         self.homeostasis.restore(state.get("homeostasis", {}))
         self.timescales.restore(state.get("timescales", {}))
         self.queue = [tuple(q) for q in state.get("queue", [])]
-        self.sharing.restore(state.get("sharing", {}))
+        self.sharing.log = sharing_log
         self.migrations, self.forgotten = migrations, forgotten

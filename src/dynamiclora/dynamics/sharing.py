@@ -26,8 +26,10 @@ import torch
 
 from ..circuits import Circuit, frobenius_inner
 from ..config import TIERS
+from ..eventlog import EventLog
+from ..gates import covers as gate_covers
+from ..gates import union
 from ..hierarchy import FOUNDATION, ScopeKey
-from ..routing import covers, joint_gate
 from .resonance import Proposal, combine, gram, norm, resonate
 
 if TYPE_CHECKING:
@@ -67,7 +69,7 @@ class Sharing:
         self.memory = memory
         self.pending: list[Proposal] = []  # WaveGen consolidations waiting for the next tick
         self.exchange: Exchange | None = None
-        self.log: list[dict[str, Any]] = []  # one record per consensus that changed a scope (who entered, who waited)
+        self.log = EventLog()  # one record per consensus that changed a scope (who entered, who waited)
 
     # -- proposals ------------------------------------------------------------------------------------
     def propose(self, proposal: Proposal) -> None:
@@ -169,7 +171,7 @@ class Sharing:
                 scope=key.name,
                 id=circuit_digest("shared", str(key), str(now), *digests),
                 created_tick=now,
-                prototypes=joint_gate([c for c, _ in terms]),
+                gate=union([c.gate for c, _ in terms]),
             )
             self._inherit(shared, entered)
             shared.history.append(
@@ -180,7 +182,7 @@ class Sharing:
                     "contributors": sorted(set().union(*(p.contributors for p in entered))),
                 }
             )
-            dl.add_circuit(key, shared)
+            dl.add_circuit(key, shared, pinned=False)
             added.append(shared)
             made_of = [p.circuit.id for p in entered]
             record["shared"].append({"circuit": shared.id, "rank": shared.rank, "from": made_of})
@@ -227,7 +229,7 @@ class Sharing:
             if float(cos[best]) < threshold:
                 continue
             x = existing[best]
-            if not covers(x, p.circuit):
+            if not gate_covers(x.gate, p.circuit.gate):
                 continue  # the shared circuit does not act on all of this one's prompts: it does not say it there
             projection = float(inner[best] / squared[best])
             out[id(p)] = {
@@ -290,7 +292,7 @@ class Sharing:
         )
         reference = max(float(gram([p.circuit for p in leaving]).sum()), 0.0) ** 0.5  # ‖Σ Δ_leaving‖
         self._inherit(residual, leaving)
-        residual.prototypes = joint_gate([p.circuit for p in leaving])  # it acts where the owner's circuits did
+        residual.gate = union([p.circuit.gate for p in leaving])  # it acts where the owner's circuits did
         for p in leaving:
             local = scope.circuits.get(p.circuit.id)
             if local is None:
@@ -315,11 +317,4 @@ class Sharing:
                 report.migrated.append(entry)
         if norm(residual) > RESIDUAL_TOLERANCE * reference:
             residual.history.append({"event": "residual", "tick": dl.tick_count, "of": via, "scope": str(target)})
-            dl.add_circuit(key, residual)
-
-    # -- persistence ----------------------------------------------------------------------------------
-    def state(self) -> dict[str, Any]:
-        return {"log": self.log}
-
-    def restore(self, state: dict[str, Any]) -> None:
-        self.log = list(state.get("log", []))
+            dl.add_circuit(key, residual, pinned=False)

@@ -26,7 +26,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..core import DynamicLoRA
-from ..errors import DynamicLoRAError, PromptTooLongError
+from ..errors import PromptTooLongError, RegistrationError
 from . import dashboard
 from .engine import Busy, Completion, Engine, GenerateJob
 from .keys import KeyStore, Principal
@@ -229,19 +229,20 @@ def create_app(
     # -- the memory's own endpoints ---------------------------------------------------------------------
     @app.post("/v1/agents", status_code=201)
     async def register(req: RegisterRequest, who: Principal = Depends(admin)):
-        def create() -> dict:
+        def create() -> dict:  # on the engine thread: check, register, save, then issue the key, as one step
             if req.id in dl.hierarchy.agents and keys.has_key(req.id):
                 raise APIError(409, f"agent {req.id!r} already exists", "conflict_error", "id")
             if req.id == base:
                 raise APIError(409, f"{req.id!r} is the base model's name", "conflict_error", "id")
             info = dl.agent(req.id, swarm=req.swarm, domain=req.domain).info
-            return {"id": info.id, "swarm": info.swarm, "domain": info.domain}
+            engine.save()
+            return {"id": info.id, "swarm": info.swarm, "domain": info.domain, "api_key": keys.issue(req.id)}
 
         try:
-            record = await run(create, durable=True)
-        except DynamicLoRAError as e:
-            raise APIError(400, str(e), param="swarm") from None
-        return {**record, "api_key": keys.issue(req.id)}  # issued after the agent is saved
+            return await run(create)
+        except RegistrationError as e:
+            kind = "conflict_error" if e.conflict else "invalid_request_error"
+            raise APIError(409 if e.conflict else 400, str(e), kind, e.field) from None
 
     @app.post("/v1/learn")
     async def learn(req: LearnRequest, who: Principal = Depends(principal)):

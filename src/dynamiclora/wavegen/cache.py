@@ -62,6 +62,10 @@ class CacheEntry:
     circuit_ids: list[str] = field(default_factory=list)  # context circuits that learned this continuation
     failures: int = 0  # failed internalizations
     retry_after: int = 0  # after a failure: lookups needed before the next attempt
+    # True: the tokens are what the stack up to this tier produces, so a requester whose faster tiers do not act
+    # on the prompt may be served them without running the model. False: a faster tier of the storing agent took
+    # part, and the tokens are a draft that only verification serves.
+    exact: bool = True
     id: str = ""
 
     def __post_init__(self) -> None:
@@ -185,6 +189,11 @@ class TieredCache:
         self.requesters: OrderedDict[str, list[tuple[str, str, str]]] = OrderedDict()
         self.dependents: dict[str, set[tuple[str, str]]] = {}  # scope -> {(tier, entry id)}
         self.seen: dict[str, tuple[int, str]] = {}  # scope -> (version, content hash) last synced
+        # what changed since the last save (see store.Writer): entries by (tier, id), prompts' requesters
+        self._changed: dict[tuple[str, str], CacheEntry] = {}
+        self._gone: set[tuple[str, str]] = set()
+        self._asked: set[str] = set()
+        self._dropped: set[str] = set()
 
     # -- lookup -------------------------------------------------------------------------------------
     def lookup(self, prompt_key: str, provenances: dict[str, str]) -> CacheEntry | None:
@@ -218,6 +227,7 @@ class TieredCache:
     def served_draft(self, e: CacheEntry, drafted: int, accepted: int, semantic: bool) -> None:
         """Verification's verdict on a served draft. A draft the model did not fully accept is no hit: the entry is
         not what this requester's stack says, so it must not count towards consolidating it."""
+        self.mark(e)
         e.drafted += drafted
         e.accepted += accepted
         self.drafted += drafted
@@ -231,7 +241,46 @@ class TieredCache:
     def miss(self) -> None:
         self.misses += 1
 
+    def mark(self, e: CacheEntry) -> None:
+        """An entry changed (or is new): the next save writes it."""
+        key = (e.tier, e.id)
+        self._gone.discard(key)
+        self._changed[key] = e
+
+    def _mark_gone(self, e: CacheEntry) -> None:
+        key = (e.tier, e.id)
+        self._changed.pop(key, None)
+        self._gone.add(key)
+
+    def take_changes(self, everything: bool = False) -> tuple[list[CacheEntry], set[tuple[str, str]]]:
+        """The entries to write and the (tier, id) keys to delete since the last call (all entries if
+        ``everything``); the record starts afresh."""
+        entries = self.entries() if everything else list(self._changed.values())
+        gone = set() if everything else set(self._gone)
+        self._changed, self._gone = {}, set()
+        return entries, gone
+
+    def take_request_changes(self, everything: bool = False) -> tuple[list[tuple[str, list]], set[str]]:
+        """Prompts whose requesters changed (in request order) and prompts no longer remembered."""
+        if everything:
+            asked = list(self.requesters.items())
+            dropped: set[str] = set()
+        else:
+            asked = [(k, v) for k, v in self.requesters.items() if k in self._asked]
+            dropped = set(self._dropped)
+        self._asked, self._dropped = set(), set()
+        return asked, dropped
+
+    def restore_changes(self, entries, gone, asked, dropped) -> None:
+        """Put back changes taken for a save that did not commit."""
+        for e in entries:
+            self._changed.setdefault((e.tier, e.id), e)
+        self._gone |= gone - set(self._changed)
+        self._asked |= {k for k, _ in asked}
+        self._dropped |= dropped
+
     def _hit(self, e: CacheEntry, semantic: bool) -> None:
+        self.mark(e)
         e.hits += 1
         e.lookups += 1
         tier = self.tiers[e.tier]
@@ -242,10 +291,14 @@ class TieredCache:
     def record_request(self, prompt_key: str, info: AgentInfo) -> None:
         who = self.requesters.setdefault(prompt_key, [])
         self.requesters.move_to_end(prompt_key)
+        self._asked.add(prompt_key)
+        self._dropped.discard(prompt_key)
         if (info.id, info.swarm, info.domain) not in who and len(who) < MAX_REQUESTERS:
             who.append((info.id, info.swarm, info.domain))
         while len(self.requesters) > MAX_PROMPTS:
-            self.requesters.popitem(last=False)
+            old, _ = self.requesters.popitem(last=False)
+            self._asked.discard(old)
+            self._dropped.add(old)
 
     def store_tier(self, prompt_key: str, info: AgentInfo) -> str:
         """The tier chosen by universality: distinct domains, swarms of this domain, agents of this swarm."""
@@ -265,10 +318,13 @@ class TieredCache:
         self._depend(e)
         for old in evicted:
             self._forget_dependents(old)
+            self._mark_gone(old)
+        self.mark(e)
         return evicted
 
     def evict(self, e: CacheEntry) -> None:
         self._forget_dependents(self.tiers[e.tier].remove(e.id))
+        self._mark_gone(e)
 
     def _depend(self, e: CacheEntry) -> None:
         for scope in e.scopes():
@@ -289,7 +345,9 @@ class TieredCache:
         for tier, key in sorted(self.dependents.pop(scope, ())):
             t = self.tiers[tier]
             if key in t.entries:
-                self._forget_dependents(t.remove(key))
+                gone = t.remove(key)
+                self._forget_dependents(gone)
+                self._mark_gone(gone)
                 t.stats["invalidated"] += 1
                 n += 1
         return n
@@ -344,22 +402,26 @@ class TieredCache:
             "misses": self.misses,
             "drafted": self.drafted,
             "accepted": self.accepted,
-            "requesters": [[k, [list(w) for w in v]] for k, v in self.requesters.items()],
-            "seen": {k: list(v) for k, v in self.seen.items()},
             "stats": {name: dict(t.stats) for name, t in self.tiers.items()},
         }
 
-    def restore(self, state: dict[str, Any], entries: list[CacheEntry], hierarchy: Hierarchy) -> None:
+    def restore(
+        self,
+        state: dict[str, Any],
+        entries: list[CacheEntry],
+        requesters: list[tuple[str, list[tuple[str, str, str]]]],
+        hierarchy: Hierarchy,
+    ) -> None:
+        """Restore a state saved after :meth:`sync` (so its entries match the scopes as saved)."""
         for name in ("clock", "lookups", "misses", "drafted", "accepted"):
             setattr(self, name, state.get(name, 0))
-        self.requesters = OrderedDict((k, [tuple(w) for w in v]) for k, v in state.get("requesters", []))
+        self.requesters = OrderedDict(requesters)
         for name, stats in state.get("stats", {}).items():
             if name in self.tiers:
                 self.tiers[name].stats.update(stats)
         for e in sorted(entries, key=lambda e: e.last_used):
             self.tiers[e.tier].insert(e)
             self._depend(e)
-        # scope versions are per process: re-read the hashes, and compare them with the saved ones
-        saved = {k: v[1] for k, v in state.get("seen", {}).items()}
-        self.seen = {k: (0, h) for k, h in saved.items()}
-        self.sync(hierarchy)
+        self.seen = {}
+        self.sync(hierarchy)  # records the hashes as loaded: the saved entries were synced to them
+        self._changed, self._gone, self._asked, self._dropped = {}, set(), set(), set()

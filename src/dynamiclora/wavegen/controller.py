@@ -26,7 +26,8 @@ import torch
 
 from ..config import CACHE_TIERS, TIERS, GenerationConfig
 from ..dynamics.resonance import Proposal
-from ..errors import ConfigError
+from ..errors import ConfigError, InvalidInputError
+from ..eventlog import EventLog
 from ..generation import DecodeState, feed, positions, prefill, run
 from ..hierarchy import AgentInfo, ScopeKey, Snapshot
 from .cache import CacheEntry, TieredCache
@@ -53,6 +54,7 @@ class _Request:
     sampling: str
     entry: CacheEntry | None
     started: float
+    acting: int  # index in TIERS of the fastest tier with a circuit that acts on this prompt (-1: none)
 
 
 def scope_of(tier: str, info: AgentInfo) -> ScopeKey:
@@ -65,7 +67,7 @@ class WaveController:
         self.dl = dl
         self.config = dl.config.wavegen
         self.cache = TieredCache(self.config)
-        self.log: list[dict[str, Any]] = []  # consolidation attempts, successes and failures
+        self.log = EventLog()  # consolidation attempts, successes and failures
         self.chain = default_chain({n: (m.in_features, m.out_features) for n, m in dl.layers.items()})
 
     # -- generation ---------------------------------------------------------------------------------
@@ -94,16 +96,27 @@ class WaveController:
             info = dl.hierarchy.agent(agent_id)
             ids = dl.encode(prompt)
             if not ids:
-                raise ValueError("the prompt is empty after tokenization; give at least one token of text")
+                raise InvalidInputError("the prompt is empty after tokenization; give at least one token of text")
             dl.check_length(len(ids) + cfg.max_new_tokens, len(ids), cfg.max_new_tokens)
             snap = dl.snapshot(agent_id)
             provs = {t: provenance(snap, t, sampling) for t in CACHE_TIERS}
             key = prompt_key(ids)
             self.cache.record_request(key, info)
             req = _Request(
-                row, agent_id, info, prompt, ids, snap, provs, key, sampling, self.cache.lookup(key, provs), started
+                row,
+                agent_id,
+                info,
+                prompt,
+                ids,
+                snap,
+                provs,
+                key,
+                sampling,
+                self.cache.lookup(key, provs),
+                started,
+                self._fastest_acting(agent_id, ids),
             )
-            if req.entry is not None and mode == "jump" and self._complete(req.entry, cfg):
+            if req.entry is not None and mode == "jump" and self._jumpable(req, cfg):
                 results[row] = self._jump(req, cfg)
             elif req.entry is not None or (self.config.semantic_lookup and self.cache.has_semantic(provs)):
                 results[row] = self._speculate(req, cfg)
@@ -129,6 +142,24 @@ class WaveController:
             req.snapshot.provenance_hash,
             **fields,
         )
+
+    def _fastest_acting(self, agent_id: str, ids: list[int]) -> int:
+        """Index in TIERS of the fastest tier of the agent's stack holding a circuit that acts on this prompt (a
+        gated circuit it reaches, or any ungated one); -1 when none does."""
+        skip = self.dl.route([agent_id], [ids])
+        left_out = skip[0] if skip is not None else frozenset()
+        acting = [
+            TIERS.index(scope.key.tier)
+            for scope in self.dl.hierarchy.stack_scopes(agent_id)
+            if any(cid not in left_out for cid in scope.circuits)
+        ]
+        return max(acting, default=-1)
+
+    def _jumpable(self, req: _Request, cfg: GenerationConfig) -> bool:
+        """May the hit be served without running the model, exactly? Its entry holds what the stack up to its tier
+        produces (greedily); that is this request's output when no faster tier of the stack acts on the prompt."""
+        e = req.entry
+        return cfg.temperature == 0 and e.exact and req.acting <= TIERS.index(e.tier) and self._complete(e, cfg)
 
     def _complete(self, e: CacheEntry, cfg: GenerationConfig) -> bool:
         """Does the entry answer the whole request (enough tokens, or it stopped on EOS)? Else verify extends it."""
@@ -191,8 +222,12 @@ class WaveController:
         )
         if req.entry is not None:
             self._used(req.entry)
-            if accepted < drafted and tokens and traj.coherence() >= self.config.min_coherence:
-                req.entry.tokens = list(tokens)  # the stack says something else now: keep what it says
+            e, exact = req.entry, req.acting <= TIERS.index(req.entry.tier)  # the output is what e.tier says
+            if accepted == drafted and exact and cfg.temperature == 0:
+                e.exact = True  # (a draft of the agent whose context no longer acts on it)
+            # the stack says something else now: keep what it says, unless that would make an exact entry a draft
+            if accepted < drafted and (exact or not e.exact) and traj.coherence() >= self.config.min_coherence:
+                e.tokens, e.exact = list(tokens), exact
                 req.entry.text = dl.tokenizer.decode(tokens, skip_special_tokens=True)
         else:
             self._after_miss(req, tokens, traj, vector)
@@ -257,9 +292,8 @@ class WaveController:
         """Store a coherent trajectory (tier by universality); learn it into the context tier if confident."""
         cfg, dl = self.config, self.dl
         coherence = traj.coherence()
-        entry = None
+        entry, (tier, exact) = None, self._store_tier(req)
         if tokens and coherence >= cfg.min_coherence:
-            tier = self.cache.store_tier(req.key, req.info)
             entry = CacheEntry(
                 tier=tier,
                 prompt_key=req.key,
@@ -274,12 +308,21 @@ class WaveController:
                 syntactic=rank_pattern_hash(traj.rank_pattern()),
                 coherence=coherence,
                 vector=vector,
+                exact=exact,
             )
             self.cache.store(entry)
         if cfg.learn_from_generations and tokens and coherence >= cfg.learn_min_coherence:
             learned = dl.learner.learn(req.agent_id, list(req.ids), list(tokens), critical=False)
             if entry is not None:
                 entry.circuit_ids.append(learned.circuit_id)
+
+    def _store_tier(self, req: _Request) -> tuple[str, bool]:
+        """The cache tier a miss's output is stored in (the one its universality earns), and whether it is exact
+        there: what the stack up to that tier produces, which holds when no faster tier of the stack acts on the
+        prompt. An inexact entry is a draft: only verification serves it, and only a requester whose own stack
+        agrees with it counts a hit (the signal that a pattern is shared, see :meth:`consolidate`)."""
+        tier = self.cache.store_tier(req.key, req.info)
+        return tier, req.acting <= TIERS.index(tier)
 
     def _used(self, e: CacheEntry) -> None:
         """A hit is a use of the circuits that learned the entry's continuation (wherever they live now)."""
@@ -340,7 +383,7 @@ class WaveController:
                 self._propose(e, circuit, target, record)
             else:
                 self._describe(e, circuit, record)
-                dl.add_circuit(target, circuit)
+                dl.add_circuit(target, circuit, pinned=False)
                 if self.produces(e, without):
                     extracted = self.extract(e.agent, e.prompt_ids, e.tokens, without)
                     circuit.extracted = extracted.summary()
@@ -369,6 +412,8 @@ class WaveController:
         else:
             e.failures += 1
             e.retry_after = e.lookups + self.config.min_lookups  # try again after that many more lookups
+        if record["outcome"] not in ("already", "internalized"):
+            self.cache.mark(e)  # its retry schedule changed
         self.log.append(record)
         return record
 

@@ -17,6 +17,7 @@ import json
 from dataclasses import asdict
 
 from ..config import CACHE_TIERS, TIERS, GenerationConfig
+from ..errors import ConfigError
 from ..hierarchy import Snapshot
 
 RANK_CAP = 9  # ranks above this are one symbol: the pattern describes confidence, not the exact tail
@@ -43,7 +44,7 @@ def sampling_key(cfg: GenerationConfig) -> str:
 def provenance(snapshot: Snapshot, cache_tier: str, sampling: str) -> str:
     """Provenance hash of ``cache_tier`` for this snapshot: model, tokenizer, dependent scopes, sampling."""
     if cache_tier not in CACHE_TIERS:
-        raise ValueError(f"unknown cache tier {cache_tier!r}; choose from {CACHE_TIERS}")
+        raise ConfigError(f"unknown cache tier {cache_tier!r}; choose from {CACHE_TIERS}")
     h = hashlib.sha256(b"wavegen-provenance-v1")
     h.update(snapshot.base_fingerprint.encode())
     h.update(snapshot.tokenizer_fingerprint.encode())
