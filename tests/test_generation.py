@@ -93,7 +93,7 @@ def test_top_p_keeps_only_the_nucleus():
 
 def test_prompt_too_long_names_the_numbers(dl):
     dl.agent("alice", swarm="s", domain="d")
-    limit = dl.max_positions
+    limit = dl.runtime.max_positions
     with pytest.raises(PromptTooLongError, match=rf"exceed the model's context of {limit} positions.*max_new_tokens"):
         dl.agent("alice").generate("word " * (limit + 10), max_new_tokens=4)
     with pytest.raises(PromptTooLongError):

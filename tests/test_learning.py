@@ -122,8 +122,8 @@ def test_key_activations_of_a_pattern_and_of_an_unrelated_one(dl):
     def key(prompt, completion):
         ids = torch.tensor([dl.encode(prompt) + dl.encode(completion, special=False)])
         plan = dl.planner.plan(["alice"], without=("context",))
-        session = dl.new_session(plan, observe=False, capture=True)
-        with torch.no_grad(), dl.activate(plan, session):
+        session = dl.runtime.new_session(plan, observe=False, capture=True)
+        with torch.no_grad(), dl.runtime.activate(plan, session):
             dl.model(input_ids=ids, use_cache=False)
         return key_activations([circuit], session.capture)[0]
 

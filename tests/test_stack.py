@@ -119,7 +119,7 @@ def test_usage_observation_matches_direct_computation(dl, ids, rows):
         layer.register_forward_hook(lambda m, i, o, n=name: captured.__setitem__(n, i[0].detach()))
         for name, layer in dl.layers.items()
     ]
-    with torch.no_grad(), dl.activate(plan):
+    with torch.no_grad(), dl.runtime.activate(plan):
         dl.model(input_ids=ids, use_cache=False)
     for h in hooks:
         h.remove()

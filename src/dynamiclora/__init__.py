@@ -11,8 +11,8 @@ from .config import (
     LearningConfig,
     WaveGenConfig,
 )
-from .core import DynamicLoRA
-from .dynamics.distributed import SwarmGroup, join_swarm
+from .core import DynamicLoRA, join_swarm
+from .dynamics.distributed import SwarmGroup
 from .errors import (
     ConfigError,
     CorruptStateError,

@@ -55,7 +55,7 @@ class Agent:
             use_cache = self.dl.config.wavegen.enabled
         if not use_cache:
             return self.dl.generate_batch([(self.id, prompt)], **overrides)[0]
-        return self.dl.wavegen.generate(self.id, prompt, mode=mode, **overrides)
+        return self.dl.generate_cached([(self.id, prompt)], mode=mode, **overrides)[0]
 
     def learn(self, prompt: str, completion: str, critical: bool = False) -> LearnResult:
         """Gradient steps of the completion's next-token loss into this agent's context circuits only."""

@@ -1,15 +1,15 @@
 """DynamicLoRA: one frozen base model, many agents, a hierarchy of LoRA tiers.
 
-This module ties the pieces together: it wraps a Transformers causal LM (``stack``), keeps the scopes
-and agents (``hierarchy``), builds per-batch plans (``planner``), decodes (``generation``), learns into
-the context tier (``learning``), and persists and exchanges state (``store``, ``peft_io``).
+The facade. It builds the components and wires their events, one way: the runtime (``runtime``: the one that
+touches the model) at the bottom; the learner (``learning``), the memory dynamics (``dynamics``) and WaveGen
+(``wavegen``) on it; persistence (``store``) and PEFT I/O (``peft_io``) given exactly the parts they read. No
+component receives this object; ``Agent`` is a handle on it.
 """
 
 from __future__ import annotations
 
-import contextlib
-import time
-from collections.abc import Callable, Iterator, Sequence
+import json
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -21,15 +21,12 @@ from .agent import Agent, GenerationResult
 from .circuits import Circuit
 from .config import TIERS, DynamicLoRAConfig, GenerationConfig
 from .dynamics import Memory, TickReport
-from .errors import ConfigError, InvalidInputError, PromptTooLongError, UnknownCircuitError
-from .fingerprint import model_fingerprint, tokenizer_fingerprint
-from .generation import Decoded, ForwardFn, Observer, decode
-from .hierarchy import Hierarchy, ScopeKey, Snapshot
+from .dynamics.distributed import SwarmGroup, open_group
+from .errors import ConfigError, InvalidInputError, UnknownCircuitError
+from .hierarchy import Clock, Hierarchy, ScopeKey
 from .learning import ContextLearner
-from .planner import BatchPlan, Planner
-from .routing import Router
-from .stack import Session, StackedLinear, find_target_modules, inject, probe_input_groups
-from .store import Writer
+from .runtime import Runtime
+from .store import Parts, Writer, read_state, restore_state
 from .wavegen import WaveController
 
 
@@ -44,44 +41,50 @@ class DynamicLoRA:
         if not isinstance(config, DynamicLoRAConfig):
             raise ConfigError(f"config must be a DynamicLoRAConfig, got {type(config).__name__}")
         self.config = config
-        self.model = model.eval()
-        self.tokenizer = tokenizer
         self.model_id = model_id or getattr(model.config, "_name_or_path", "") or type(model).__name__
-        for p in self.model.parameters():
-            p.requires_grad_(False)
-        self.base_fingerprint = model_fingerprint(self.model)
-        self.tokenizer_fingerprint = tokenizer_fingerprint(tokenizer)
-        names = find_target_modules(self.model, config.adapter.target_modules, config.adapter.exclude_modules)
-        if not names:
-            raise ConfigError(
-                f"AdapterConfig.target_modules={config.adapter.target_modules!r} matches no Linear/Conv1D module of "
-                f"{type(model).__name__}; list module names with model.named_modules() and adjust the patterns"
-            )
-        self.layers: dict[str, StackedLinear]
-        self.layers, self.binding = inject(self.model, names)
         self.hierarchy = Hierarchy()
-        self.planner = Planner(
-            self.layers, self.hierarchy, config.adapter, probe_input_groups(self.model, self.layers)
-        )
-        route_module = config.learning.route_module or names[0]
-        if route_module not in self.layers:
-            raise ConfigError(
-                f"LearningConfig.route_module {route_module!r} is not an adapted module; choose one of {names[:4]} …"
-            )
-        self.router = Router(self.model, self.layers[route_module], route_module, tokenizer, config.learning)
-        self.learner = ContextLearner(self)
-        self.memory = Memory(self)
-        self.wavegen = WaveController(self)
-        self.generator = torch.Generator().manual_seed(config.seed)
-        # which forwards sample the merged tiers' usage: its own stream, so that observing never shifts sampling
-        self.usage_sampler = torch.Generator().manual_seed(config.seed + 1)
-        self.tick_count = 0
-        self.interactions = 0
+        self.clock = Clock()
+        self.runtime = Runtime(model, tokenizer, config, self.hierarchy, self.clock)
+        self.learner = ContextLearner(self.runtime)
+        self.memory = Memory(self.hierarchy, config.dynamics, self.clock, self.runtime.place)
+        self.wavegen = WaveController(self.runtime, self.learner, self.memory)
+        # events flow up to here and are routed across: uses reach the memory, departures the learner
+        self.runtime.on_use = self.learner.on_use = self.memory.record_use
+        self.memory.on_leave = self.learner.forget
         self.writer = Writer()  # saves incrementally to the directory it saved to last
-        if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
-            tokenizer.pad_token = tokenizer.eos_token
+        rt = self.runtime  # what callers (and the layers above: agents, server, benchmarks) use of it directly
+        self.model, self.tokenizer, self.layers, self.planner, self.router = (
+            rt.model,
+            rt.tokenizer,
+            rt.layers,
+            rt.planner,
+            rt.router,
+        )
+        self.generator, self.base_fingerprint, self.tokenizer_fingerprint = (
+            rt.generator,
+            rt.base_fingerprint,
+            rt.tokenizer_fingerprint,
+        )
+        self.forward, self.generate_ids, self.route, self.gated_circuits = (
+            rt.forward,
+            rt.generate_ids,
+            rt.route,
+            rt.gated_circuits,
+        )
+        self.encode, self.check_length, self.snapshot = rt.encode, rt.check_length, rt.snapshot
 
-    # -- construction -------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.runtime.device
+
+    @property
+    def tick_count(self) -> int:
+        return self.clock.tick
+
+    @property
+    def interactions(self) -> int:
+        return self.clock.interactions
+
     @classmethod
     def from_pretrained(
         cls,
@@ -122,9 +125,16 @@ class DynamicLoRA:
         cls, state_dir: str | Path, model: nn.Module | None = None, tokenizer: Any = None, **kwargs: Any
     ) -> DynamicLoRA:
         """Restore a state saved by :meth:`save`. Without ``model``, the recorded base model is loaded."""
-        from .store import load_state
-
-        return load_state(cls, Path(state_dir), model, tokenizer, **kwargs)
+        saved = read_state(Path(state_dir))
+        config = saved.config
+        if model is None:
+            dl = cls.from_pretrained(saved.meta["base_model"], config, **kwargs)
+        else:
+            if tokenizer is None:
+                raise InvalidInputError("pass the tokenizer together with the model to DynamicLoRA.load")
+            dl = cls(model, tokenizer, config, model_id=saved.meta["base_model"])
+        restore_state(saved, dl.parts(), dl.writer)
+        return dl
 
     # -- agents and scopes --------------------------------------------------------------------------
     def agent(self, agent_id: str, swarm: str | None = None, domain: str | None = None) -> Agent:
@@ -139,37 +149,13 @@ class DynamicLoRA:
     def agents(self) -> list[str]:
         return sorted(self.hierarchy.agents)
 
-    def snapshot(self, agent_id: str) -> Snapshot:
-        scopes = self.hierarchy.stack_scopes(agent_id)
-        return Snapshot(
-            agent_id,
-            self.base_fingerprint,
-            self.tokenizer_fingerprint,
-            tuple((str(s.key), s.content_hash()) for s in scopes),
-        )
-
     def add_circuit(self, scope: str | ScopeKey, circuit: Circuit, pinned: bool = True) -> Circuit:
         """Put a circuit into a scope (shared scopes are created on demand). Factors move to the model's device.
 
         ``pinned`` (the default for circuits added by hand): it never decays and is never forgotten; remove it with
         :meth:`remove_circuit`. ``pinned=False``: it lives like a learned circuit (used or it fades).
         """
-        circuit.pinned = pinned
-        unknown = sorted(set(circuit.factors) - set(self.layers))
-        if unknown:
-            raise ConfigError(f"circuit {circuit.id} has factors for modules that are not adapted: {unknown[:5]}")
-        for name, (a, b) in circuit.factors.items():
-            layer = self.layers[name]
-            if a.shape[1] != layer.in_features or b.shape[0] != layer.out_features:
-                raise ConfigError(
-                    f"circuit {circuit.id}: module {name!r} expects A (r × {layer.in_features}) and "
-                    f"B ({layer.out_features} × r), got {tuple(a.shape)} and {tuple(b.shape)}"
-                )
-            circuit.factors[name] = (a.detach().float().to(self.device), b.detach().float().to(self.device))
-        circuit.entered_tick = self.tick_count
-        circuit.scale_on_entry = circuit.scale_on_entry or circuit.scale
-        self.hierarchy.scope(scope, create=True).add(circuit)
-        return circuit
+        return self.runtime.place(scope, circuit, pinned=pinned)
 
     def remove_circuit(self, circuit_id: str) -> dict:
         """Delete a circuit from whatever scope holds it; returns its record."""
@@ -206,16 +192,12 @@ class DynamicLoRA:
         report.consolidated = self.wavegen.consolidate()
         return report
 
-    def cache_statistics(self) -> dict:
-        """WaveGen: lookups, hits and hit rates per cache tier, draft acceptance, consolidation outcomes."""
-        return self.wavegen.statistics()
-
     def count_interactions(self, n: int = 1) -> list[TickReport]:
         """Advance the interaction counter; runs the tick that falls due every ``tick_interval`` interactions."""
         every, reports = self.config.dynamics.tick_interval, []
         for _ in range(n):
-            self.interactions += 1
-            if every and self.interactions % every == 0:
+            self.clock.interactions += 1
+            if every and self.clock.interactions % every == 0:
                 reports.append(self.tick())
         return reports
 
@@ -231,156 +213,28 @@ class DynamicLoRA:
         return list(self.memory.forgotten)
 
     def timescales(self) -> dict[str, dict]:
-        """Per tier: the measured time scale (mean residence in ticks by Little's law; ``lower_bound`` while
-        nothing has left the tier), the detector window, the number of circuits, the SCREENED fraction and the
-        current (homeostatic) thresholds."""
-        out = {}
-        for tier in TIERS:
-            members = [c for _, c in self.memory.tier_circuits(tier)]
-            reg = self.memory.homeostasis.tiers[tier]
-            scale = self.memory.timescale(tier)
-            out[tier] = {
-                "ticks": scale.ticks,
-                "lower_bound": scale.lower_bound,
-                "window": self.memory.window(tier),
-                "circuits": len(members),
-                "screened_fraction": sum(c.phase == "SCREENED" for c in members) / len(members) if members else 0.0,
-                "left": len(self.memory.timescales.residences[tier]),
-                "span": self.memory.timescales.span(tier),
-                "theta_on": reg.theta_on,
-                "theta_off": reg.theta_off,
-                "decay": reg.decay,
-            }
-        return out
+        """Per tier: measured time scale, detector window, circuits, SCREENED fraction, thresholds (see
+        dynamics.memory.Memory.scales)."""
+        return self.memory.scales()
 
-    # -- running the stack --------------------------------------------------------------------------
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+    def join_swarm(self, timeout_s: float = 60.0, backend: str = "gloo") -> SwarmGroup:
+        """Join the process group described by the environment (``torchrun``) and keep this memory's shared scopes
+        identical to every other rank's from now on."""
+        open_group(timeout_s, backend)
+        return SwarmGroup(self.memory, self.device, timeout_s=timeout_s)
 
-    @property
-    def max_positions(self) -> int | None:
-        cfg = self.model.config
-        return getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    # -- generation ---------------------------------------------------------------------------------
+    def generate_cached(
+        self, requests: Sequence[tuple[str, str]], mode: str | None = None, **overrides: Any
+    ) -> list[GenerationResult]:
+        """Generate for (agent id, prompt) pairs through WaveGen (``mode``: 'verify' or 'jump')."""
+        results = self.wavegen.generate_batch(requests, mode=mode, **overrides)
+        self.count_interactions(len(requests))
+        return results
 
-    def new_session(
-        self, plan: BatchPlan, observe: bool | None = None, capture: bool = False, mask: torch.Tensor | None = None
-    ) -> Session:
-        rate = self.config.adapter.merged_usage_sample_rate
-        sample = bool(plan.merged_circuits) and rate > 0 and float(torch.rand((), generator=self.usage_sampler)) < rate
-        return Session(
-            len(plan.agent_ids),
-            len(plan.circuits),
-            len(plan.merged_circuits),
-            observe=self.config.adapter.observe_usage if observe is None else observe,
-            sample_merged=sample,
-            mask=mask,
-            capture={} if capture else None,
-        )
-
-    @contextlib.contextmanager
-    def activate(self, plan: BatchPlan, session: Session | None = None) -> Iterator[Session | None]:
-        """Make every adapted layer apply ``plan`` (and record into ``session``) inside the block."""
-        self.binding.plans, self.binding.session = plan.module_list, session
-        try:
-            yield session
-        finally:
-            self.binding.clear()
-
-    def forward(
-        self,
-        agent_ids: Sequence[str],
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        observe: bool | None = None,
-        route_tokens: int | None = None,
-    ) -> tuple[torch.Tensor, Session]:
-        """Logits (B, T, V) of a batch whose row i runs agent_ids[i]'s stack, and the usage session.
-
-        Gated circuits act on a row when its first ``route_tokens`` tokens (default: all of its real tokens) reach
-        them: give the prompt's length to score a completion exactly as generating it would (see routing.py).
-
-        ``observe=False`` skips the usage probe (default: ``AdapterConfig.observe_usage``). The probe's records stay in
-        the returned session, reduced only when read (``session.activations()``): a forward pays for the
-        observation, not for turning it into numbers nobody asked for. ``generate`` stores them on the circuits.
-        """
-        if len(agent_ids) != input_ids.shape[0]:
-            raise InvalidInputError(
-                f"got {len(agent_ids)} agent ids for a batch of {input_ids.shape[0]} rows; give one per row"
-            )
-        self.check_length(input_ids.shape[1])
-        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-
-        def prompts() -> list[list[int]]:  # each row's real tokens, as far as they route
-            return [[t for t, m in zip(r.tolist(), k.tolist()) if m][:route_tokens] for r, k in zip(input_ids, mask)]
-
-        plan = self.planner.plan(list(agent_ids), skip=self.route(agent_ids, prompts))
-        session = self.new_session(plan, observe=observe, mask=attention_mask)
-        with torch.no_grad(), self.activate(plan, session):
-            out = self.model(
-                input_ids=input_ids.to(self.device),
-                attention_mask=None if attention_mask is None else attention_mask.to(self.device),
-                use_cache=False,
-            )
-        return out.logits, session
-
-    def route(
-        self, agent_ids: Sequence[str], prompts: list[list[int]] | Callable[[], list[list[int]]]
-    ) -> tuple[frozenset[str], ...] | None:
-        """Per row, the gated circuits its prompt does not reach (None when routing is off). ``prompts`` may be a
-        function, called only when some row's stack holds a gated circuit."""
-        if not self.router.enabled:
-            return None
-        gated = [self.gated_circuits(a) for a in agent_ids]
-        if not any(gated):
-            return tuple(frozenset() for _ in agent_ids)
-        features = self.router.features(prompts() if callable(prompts) else prompts)
-        return self.router.skip(gated, features)
-
-    def gated_circuits(self, agent_id: str) -> list[Circuit]:
-        """The gated circuits of an agent's stack."""
-        return [c for s in self.hierarchy.stack_scopes(agent_id) for c in s.circuits.values() if c.gate is not None]
-
-    def use_routes(self, plan: BatchPlan) -> None:
-        """Each row of a request uses the gated circuits its prompt reached: those are the gated circuits in its
-        plan (the others were skipped). Ungated circuits have no such signal; their use comes from learning."""
-        for columns in plan.row_columns:
-            for col in columns:
-                if plan.circuits[col].gate is not None:
-                    self.memory.record_use(plan.circuits[col])
-
-    def _record_usage(self, plan: BatchPlan, session: Session) -> list[list[float]]:
-        """Store the last observed activation on each circuit; returns the (rows × circuits) activations."""
-        values = session.activations().tolist()
-        for row, columns in enumerate(plan.row_columns):
-            for col in columns:
-                plan.circuits[col].usage = values[row][col]
-        for c in plan.circuits:
-            self.hierarchy.note(c)
-        if session.merged_observations:
-            merged = session.merged_activations().max(0).values.tolist()
-            for col, c in enumerate(plan.merged_circuits):
-                c.usage = merged[col]
-                self.hierarchy.note(c)
-        return values
-
-    def check_length(self, total: int, prompt_tokens: int | None = None, new_tokens: int = 0) -> None:
-        limit = self.max_positions
-        if limit is not None and total > limit:
-            detail = (
-                f"{prompt_tokens} prompt tokens + {new_tokens} new tokens"
-                if prompt_tokens is not None
-                else f"{total} tokens"
-            )
-            raise PromptTooLongError(
-                f"{detail} = {total} exceed the model's context of {limit} positions; shorten the prompt "
-                f"or lower max_new_tokens so that the sum is at most {limit}"
-            )
-
-    def encode(self, text: str, special: bool = True) -> list[int]:
-        if not isinstance(text, str):
-            raise TypeError(f"expected text (str), got {type(text).__name__}")
-        return list(self.tokenizer(text, add_special_tokens=special)["input_ids"])
+    def cache_statistics(self) -> dict:
+        """WaveGen: lookups, hits and hit rates per cache tier, draft acceptance, consolidation outcomes."""
+        return self.wavegen.statistics()
 
     def generate_batch(
         self,
@@ -399,7 +253,7 @@ class DynamicLoRA:
             return []
         agent_ids = [a for a, _ in requests]
         snapshots = [self.snapshot(a) for a in agent_ids]
-        decoded, touched, timings = self.generate_ids(
+        decoded, touched, timings = self.runtime.generate_ids(
             agent_ids, [self.encode(p) for _, p in requests], cfg, use_kv_cache=use_kv_cache, interaction=True
         )
         self.count_interactions(len(requests))
@@ -419,106 +273,46 @@ class DynamicLoRA:
             )
         ]
 
-    def decoder_forward(self, session: Session, use_kv_cache: bool = True, pooled: list | None = None) -> ForwardFn:
-        """The model call used by decoding, under the plan activated around it.
-
-        ``forward(ids, mask, pos, past, keep=1)`` returns the last ``keep`` positions' logits ((B, V) when
-        ``keep == 1``) and the KV cache. With ``pooled`` (a list), each prefill appends the mask-averaged final hidden
-        state of the prompt (B, d): the model's own summary of the prompt, WaveGen's semantic vector.
-        """
-
-        def forward(ids, mask, pos, past, keep: int = 1):
-            prefill = past is None
-            session.mask = mask if prefill else None
-            out = self.model(
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=pos,
-                past_key_values=past,
-                use_cache=use_kv_cache,
-                logits_to_keep=keep,
-                output_hidden_states=pooled is not None and prefill,
-            )
-            if pooled is not None and prefill:
-                weights = mask.unsqueeze(-1).to(out.hidden_states[-1].dtype)
-                pooled.append(((out.hidden_states[-1] * weights).sum(1) / weights.sum(1).clamp_min(1)).float())
-            return (out.logits[:, -1] if keep == 1 else out.logits), out.past_key_values
-
-        return forward
-
-    def generate_ids(
-        self,
-        agent_ids: Sequence[str],
-        prompts: list[list[int]],
-        cfg: GenerationConfig,
-        use_kv_cache: bool = True,
-        without: tuple[str, ...] = (),
-        observer: Observer | None = None,
-        pooled: list | None = None,
-        interaction: bool = False,
-    ) -> tuple[Decoded, list[dict[str, float]], dict[str, float]]:
-        """Token-level generation: decoded rows, per row the circuits touched with their activations, timings.
-
-        ``without`` leaves tiers out of every row's stack (``("context",)``: what the slower tiers alone produce);
-        ``observer`` sees every step's logits (see generation.Observer); ``pooled`` collects the prompts' semantic
-        vectors (see :meth:`decoder_forward`). ``interaction``: the rows are requests of their agents, which use
-        the gated circuits their prompts reach (see :meth:`use_routes`); internal checks leave it off.
-        """
-        for ids in prompts:
-            if not ids:
-                raise InvalidInputError("the prompt is empty after tokenization; give at least one token of text")
-            self.check_length(len(ids) + cfg.max_new_tokens, len(ids), cfg.max_new_tokens)
-        t0 = time.perf_counter()
-        plan = self.planner.plan(list(agent_ids), without=without, skip=self.route(agent_ids, prompts))
-        session = self.new_session(plan)
-        t_plan = time.perf_counter()
-        timings = {"plan_s": t_plan - t0}
-
-        def prefill_done():
-            timings["prefill_s"] = time.perf_counter() - t_plan
-
-        with torch.no_grad(), self.activate(plan, session):
-            decoded = decode(
-                self.decoder_forward(session, use_kv_cache, pooled),
-                prompts,
-                cfg,
-                pad_id=self.pad_id,
-                eos_id=self.tokenizer.eos_token_id,
-                device=self.device,
-                generator=self.generator,
-                use_kv_cache=use_kv_cache,
-                on_prefill_done=prefill_done,
-                observer=observer,
-            )
-        timings["total_s"] = time.perf_counter() - t0
-        if interaction:
-            self.use_routes(plan)
-        acts = self._record_usage(plan, session)
-        touched = [{plan.circuits[c].id: acts[row][c] for c in plan.row_columns[row]} for row in range(len(prompts))]
-        return decoded, touched, timings
-
-    @property
-    def pad_id(self) -> int:
-        return self.tokenizer.pad_token_id or 0
-
     # -- persistence and interop --------------------------------------------------------------------
-    def save(self, state_dir: str | Path, overwrite_other_model: bool = False) -> Path:
-        """Atomically write the whole state (circuits as safetensors, records in SQLite) to a directory."""
-        from .store import save_state
+    def parts(self) -> Parts:
+        """The stateful components a save holds, and this model's identity."""
+        identity = {
+            "base_model": self.model_id,
+            "base_fingerprint": self.base_fingerprint,
+            "tokenizer_fingerprint": self.tokenizer_fingerprint,
+            "config": json.dumps(self.config.to_dict(), sort_keys=True),
+        }
+        return Parts(
+            self.hierarchy, self.clock, self.memory, self.wavegen, self.learner, self.generator, identity, self.device
+        )
 
-        return save_state(self, Path(state_dir), overwrite_other_model=overwrite_other_model)
+    def save(self, state_dir: str | Path, overwrite_other_model: bool = False) -> Path:
+        """Atomically write the state (circuits as safetensors, records in SQLite) to a directory: everything the
+        first time, then what changed since the last save there."""
+        return self.writer.save(self.parts(), Path(state_dir), overwrite_other_model=overwrite_other_model)
 
     def export_peft(self, out_dir: str | Path, scope: str | None = None, agent: str | None = None) -> Path:
         """Write one scope (``scope='swarm:team'``) or an agent's whole stack (``agent='id'``) as a PEFT adapter."""
         from .peft_io import export_peft
 
-        return export_peft(self, Path(out_dir), scope=scope, agent=agent)
+        if (scope is None) == (agent is None):
+            raise ConfigError(
+                "export_peft needs exactly one of scope='tier:name' (one scope) or agent='id' (whole stack)"
+            )
+        if agent is not None:
+            scopes, what = self.hierarchy.stack_scopes(agent), f"agent {agent!r}'s stack"
+        else:
+            scopes, what = [self.hierarchy.scope(ScopeKey.parse(scope))], f"scope {scope!r}"
+        return export_peft(scopes, what, self.layers, self.model_id, Path(out_dir))
 
     def import_peft(self, adapter_dir: str | Path, scope: str = "foundation", label: str | None = None) -> Circuit:
-        """Bring a PEFT LoRA adapter in as one circuit of ``scope`` (e.g. 'foundation', 'domain:python')."""
+        """Bring a PEFT LoRA adapter in as one pinned circuit of ``scope`` (e.g. 'foundation', 'domain:python')."""
         from .peft_io import import_peft
 
-        return import_peft(self, Path(adapter_dir), scope=scope, label=label)
+        key = ScopeKey.parse(scope)
+        if key.tier not in ("foundation", "domain", "swarm"):
+            self.hierarchy.agent(key.name)
+        return self.add_circuit(key, import_peft(Path(adapter_dir), self.layers, self.clock.tick, label))
 
     def __repr__(self) -> str:
         n = len(self.hierarchy.all_circuits())
@@ -526,3 +320,9 @@ class DynamicLoRA:
             f"DynamicLoRA(model={self.model_id!r}, adapted_modules={len(self.layers)}, agents={len(self.agents)}, "
             f"circuits={n})"
         )
+
+
+def join_swarm(dl: DynamicLoRA, timeout_s: float = 60.0, backend: str = "gloo") -> SwarmGroup:
+    """Join the process group described by the environment (``torchrun`` sets RANK, WORLD_SIZE, MASTER_ADDR,
+    MASTER_PORT) and keep ``dl``'s shared scopes identical to every other rank's from now on."""
+    return dl.join_swarm(timeout_s, backend)

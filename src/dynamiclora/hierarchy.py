@@ -93,6 +93,14 @@ class Scope:
         return f"Scope({self.key}, circuits={len(self)}, version={self.version})"
 
 
+@dataclass
+class Clock:
+    """The memory's counters: ticks run (advanced by the memory) and interactions served (by the facade)."""
+
+    tick: int = 0
+    interactions: int = 0
+
+
 @dataclass(frozen=True)
 class AgentInfo:
     id: str

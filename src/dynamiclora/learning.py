@@ -13,6 +13,7 @@ one it was made for.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -23,7 +24,7 @@ from .config import TIERS
 from .gates import Gate
 
 if TYPE_CHECKING:
-    from .core import DynamicLoRA
+    from .runtime import Runtime
 
 
 @dataclass
@@ -109,26 +110,27 @@ def key_activations(circuits: list[Circuit], inputs: dict[str, torch.Tensor]) ->
 class ContextLearner:
     """Keeps one Adam optimizer per context circuit; nothing above the context tier is ever optimized."""
 
-    def __init__(self, dl: DynamicLoRA) -> None:
-        self.dl = dl
+    def __init__(self, runtime: Runtime) -> None:
+        self.rt = runtime
+        self.on_use: Callable[[Circuit], None] = lambda circuit: None  # an input matched this circuit
         self._optimizers: dict[str, torch.optim.Optimizer] = {}
 
     def forget(self, circuit_id: str) -> None:
         self._optimizers.pop(circuit_id, None)
 
     def _texts(self, prompt_ids: list[int], completion_ids: list[int]) -> tuple[str, str]:
-        decode = self.dl.tokenizer.decode
+        decode = self.rt.tokenizer.decode
         return decode(prompt_ids, skip_special_tokens=True), decode(completion_ids, skip_special_tokens=True)
 
     def _params(self, c: Circuit) -> list[tuple[str, torch.Tensor]]:
         """(name, tensor) of the circuit's trainable factors, in a stable order."""
-        train_a = self.dl.config.learning.train_a
+        train_a = self.rt.config.learning.train_a
         return [(f"{m}/{w}", t) for m in sorted(c.factors) for w, t in zip("AB", c.factors[m]) if w == "B" or train_a]
 
     def _optimizer(self, c: Circuit) -> torch.optim.Optimizer:
         if c.id not in self._optimizers:
             self._optimizers[c.id] = torch.optim.Adam(
-                [t for _, t in self._params(c)], lr=self.dl.config.learning.learning_rate
+                [t for _, t in self._params(c)], lr=self.rt.config.learning.learning_rate
             )
         return self._optimizers[c.id]
 
@@ -139,7 +141,7 @@ class ContextLearner:
             if circuit_ids is not None and cid not in circuit_ids:
                 continue
             try:
-                _, c = self.dl.hierarchy.find_circuit(cid)
+                _, c = self.rt.hierarchy.find_circuit(cid)
             except KeyError:
                 continue
             for name, t in self._params(c):
@@ -154,7 +156,7 @@ class ContextLearner:
             by_circuit.setdefault(cid, {})[rest] = value
         for cid, saved in by_circuit.items():
             try:
-                _, c = self.dl.hierarchy.find_circuit(cid)
+                _, c = self.rt.hierarchy.find_circuit(cid)
             except KeyError:
                 continue
             opt = self._optimizer(c)
@@ -169,10 +171,10 @@ class ContextLearner:
     def _loss(
         self, agent_id: str, ids: torch.Tensor, labels: torch.Tensor, trainable: bool, skip=None
     ) -> torch.Tensor:
-        dl = self.dl
-        plan = dl.planner.plan([agent_id], trainable=trainable, skip=skip)
-        with dl.activate(plan, dl.new_session(plan, observe=False)):
-            return dl.model(input_ids=ids, labels=labels, use_cache=False).loss
+        rt = self.rt
+        plan = rt.planner.plan([agent_id], trainable=trainable, skip=skip)
+        with rt.activate(plan, rt.new_session(plan, observe=False)):
+            return rt.model(input_ids=ids, labels=labels, use_cache=False).loss
 
     def _capture_base(self, agent_id: str, ids: torch.Tensor) -> dict[str, torch.Tensor]:
         """Each module's input under the *base model*.
@@ -181,19 +183,19 @@ class ContextLearner:
         pattern however much its B has learned and wherever it migrates; under the stack, a circuit's own output
         would shift deeper layers' inputs, and every key would drift towards matching everything.
         """
-        dl = self.dl
-        plan = dl.planner.plan([agent_id], without=TIERS)
-        session = dl.new_session(plan, observe=False, capture=True)
-        with torch.no_grad(), dl.activate(plan, session):
-            dl.model(input_ids=ids, use_cache=False)
+        rt = self.rt
+        plan = rt.planner.plan([agent_id], without=TIERS)
+        session = rt.new_session(plan, observe=False, capture=True)
+        with torch.no_grad(), rt.activate(plan, session):
+            rt.model(input_ids=ids, use_cache=False)
         return session.capture
 
     def _spawn(
         self, agent_id: str, capture: dict[str, torch.Tensor], protect_from: list[Circuit]
     ) -> tuple[Circuit, str | None]:
         """A new context circuit keyed on these inputs (off the SCREENED keys' span); drops the weakest if full."""
-        dl, cfg = self.dl, self.dl.config.learning
-        scope = dl.hierarchy.scope(("context", agent_id))
+        rt, cfg = self.rt, self.rt.config.learning
+        scope = rt.hierarchy.scope(("context", agent_id))
         dropped = None
         if len(scope) >= cfg.context_capacity:  # make room: the weakest FREE circuit goes first
             weakest = min(
@@ -203,35 +205,35 @@ class ContextLearner:
             dropped = weakest.id
             scope.remove(weakest.id)
             self.forget(weakest.id)
-        protected = screened_bases(protect_from) if dl.config.dynamics.protect_screened else None
+        protected = screened_bases(protect_from) if rt.config.dynamics.protect_screened else None
         circuit = self._keyed_circuit(capture, "context", agent_id, protected or None)
-        dl.add_circuit(scope.key, circuit, pinned=False)
+        rt.place(scope.key, circuit)
         return circuit, dropped
 
     def _keyed_circuit(
         self, capture: dict[str, torch.Tensor], tier: str, scope: str, protected: dict[str, torch.Tensor] | None = None
     ) -> Circuit:
         """A new circuit (in no scope yet) keyed on these base-model inputs: explained-variance A, B = 0."""
-        dl = self.dl
+        rt = self.rt
         factors = init_factors(
             capture,
-            {n: layer.out_features for n, layer in dl.layers.items()},
-            dl.config.adapter.circuit_rank,
-            dl.config.learning.init_from_activations,
-            dl.generator,
+            {n: layer.out_features for n, layer in rt.layers.items()},
+            rt.config.adapter.circuit_rank,
+            rt.config.learning.init_from_activations,
+            rt.generator,
             protected,
         )
-        factors = {n: (a.to(dl.device), b.to(dl.device)) for n, (a, b) in factors.items()}
-        circuit = Circuit(factors=factors, tier=tier, scope=scope, created_tick=dl.tick_count)
+        factors = {n: (a.to(rt.device), b.to(rt.device)) for n, (a, b) in factors.items()}
+        circuit = Circuit(factors=factors, tier=tier, scope=scope, created_tick=rt.clock.tick)
         circuit.key_self = key_activations([circuit], capture)[0]
         return circuit
 
     def _train(self, agent_id: str, circuit: Circuit, ids: torch.Tensor, labels: torch.Tensor, skip=None) -> float:
         """``steps_per_learn`` Adam steps on the circuit's trainable factors (damped if SCREENED); the first loss."""
-        cfg = self.dl.config.learning
+        cfg = self.rt.config.learning
         params = [t for _, t in self._params(circuit)]
         opt = self._optimizer(circuit)
-        damping = self.dl.config.dynamics.screened_damping if circuit.phase == "SCREENED" else 1.0
+        damping = self.rt.config.dynamics.screened_damping if circuit.phase == "SCREENED" else 1.0
         for group in opt.param_groups:
             group["lr"] = cfg.learning_rate * damping
         for t in params:
@@ -250,7 +252,7 @@ class ContextLearner:
             for t in params:
                 t.requires_grad_(False)
                 t.grad = None
-        self.dl.hierarchy.scope(("context", agent_id)).touch()
+        self.rt.hierarchy.scope(("context", agent_id)).touch()
         return first
 
     def _affinities(
@@ -258,7 +260,7 @@ class ContextLearner:
     ) -> list[float]:
         """How much of each circuit's pattern this input is, on one scale: a gated circuit by its route distance
         (see routing.py), an ungated one by its key's activation relative to its activation on its own origin."""
-        router = self.dl.router
+        router = self.rt.router
         routed = [c for c in circuits if feature is not None and c.gate is not None]
         keyed = [c for c in circuits if feature is None or c.gate is None]  # only these need key activations
         score = {c.id: a / (c.key_self or 1.0) for c, a in zip(keyed, key_activations(keyed, capture))}
@@ -266,20 +268,20 @@ class ContextLearner:
         return [score[c.id] for c in circuits]
 
     def learn(self, agent_id: str, prompt_ids: list[int], completion_ids: list[int], critical: bool) -> LearnResult:
-        dl, cfg = self.dl, self.dl.config.learning
-        ids = torch.tensor([prompt_ids + completion_ids], device=dl.device)
+        rt, cfg = self.rt, self.rt.config.learning
+        ids = torch.tensor([prompt_ids + completion_ids], device=rt.device)
         labels = ids.clone()
         labels[:, : len(prompt_ids)] = -100
         texts = self._texts(prompt_ids, completion_ids)
         capture = self._capture_base(agent_id, ids)
         feature = None
-        if dl.router.enabled:
-            feature = dl.router.feature_of(capture, len(prompt_ids))
+        if rt.router.enabled:
+            feature = rt.router.feature_of(capture, len(prompt_ids))
 
         def skip():  # the gated circuits this prompt does not reach, as the stack stands now
-            return None if feature is None else dl.router.skip([dl.gated_circuits(agent_id)], feature[None])
+            return None if feature is None else rt.router.skip([rt.gated_circuits(agent_id)], feature[None])
 
-        stack = dl.hierarchy.stack_scopes(agent_id)  # foundation … context
+        stack = rt.hierarchy.stack_scopes(agent_id)  # foundation … context
         context = list(stack[-1].circuits.values())
         slower = [c for scope in stack[:-1] for c in scope.circuits.values()]  # agent tier and the shared ones
         acts = self._affinities(context + slower, capture, feature)
@@ -287,7 +289,7 @@ class ContextLearner:
         # usage is activation: every circuit whose key this input matches is used, whichever of them learns
         for c, a in zip(context + slower, acts):
             if a >= cfg.attribution_threshold:
-                dl.memory.record_use(c)
+                self.on_use(c)
 
         # A pattern that already migrated to a slower tier (the agent's own, or a shared one by consensus) is
         # reinforced there (a use), not learned again, unless the stack has lost it (its loss rose well above the
@@ -310,17 +312,17 @@ class ContextLearner:
         if spawned:
             best, dropped = self._spawn(agent_id, capture, context + slower)
             best_act = 0.0
-            dl.memory.record_use(best)
+            self.on_use(best)
         if feature is not None and (spawned or (best.gate is not None and best.gate.distance(feature) > 1e-6)):
             # a new prompt of this circuit becomes a key of its gate (a circuit made with routing off stays ungated)
-            radius = dl.router.new_radius
+            radius = rt.router.new_radius
             best.gate = Gate.single(feature, radius) if spawned else best.gate.with_key(feature, radius)
         best.observe_example(1.0 if spawned else best_act, *texts)
         routes = skip()
         loss_before = self._train(agent_id, best, ids, labels, routes)
         best.critical = best.critical or critical
-        best.updated_tick = dl.tick_count
-        best.origin_interactions.append(dl.interactions)
+        best.updated_tick = rt.clock.tick
+        best.origin_interactions.append(rt.clock.interactions)
         if agent_id not in best.origin_agents:
             best.origin_agents.append(agent_id)
         with torch.no_grad():
@@ -344,15 +346,15 @@ class ContextLearner:
         from zero, this prompt as its prototype) and belongs to no scope yet: the caller places it (see
         wavegen.controller).
         """
-        dl = self.dl
-        ids = torch.tensor([prompt_ids + completion_ids], device=dl.device)
+        rt = self.rt
+        ids = torch.tensor([prompt_ids + completion_ids], device=rt.device)
         labels = ids.clone()
         labels[:, : len(prompt_ids)] = -100
         targets = ids[0, len(prompt_ids) :]
         circuit = self._keyed_circuit(self._capture_base(agent_id, ids), "", "")
-        if dl.router.enabled:  # gated like a context circuit: it holds this prompt's continuation
-            circuit.gate = Gate.single(dl.router.features([prompt_ids])[0], dl.router.new_radius)
-        routes = dl.route([agent_id], [prompt_ids])
+        if rt.router.enabled:  # gated like a context circuit: it holds this prompt's continuation
+            circuit.gate = Gate.single(rt.router.features([prompt_ids])[0], rt.router.new_radius)
+        routes = rt.route([agent_id], [prompt_ids])
         params = [b for _, b in circuit.factors.values()]
         opt = torch.optim.Adam(params, lr=learning_rate)
         reproduced, step = False, 0
@@ -360,17 +362,17 @@ class ContextLearner:
             t.requires_grad_(True)
         try:
             for step in range(steps + 1):
-                plan = dl.planner.plan([agent_id], trainable=True, without=without, extra=(circuit,), skip=routes)
-                with dl.activate(plan, dl.new_session(plan, observe=False)):
-                    out = dl.model(input_ids=ids, labels=labels, use_cache=False)
+                plan = rt.planner.plan([agent_id], trainable=True, without=without, extra=(circuit,), skip=routes)
+                with rt.activate(plan, rt.new_session(plan, observe=False)):
+                    out = rt.model(input_ids=ids, labels=labels, use_cache=False)
                 predicted = out.logits[0, len(prompt_ids) - 1 : -1].argmax(-1)
                 reproduced = bool(torch.equal(predicted, targets))
                 if reproduced or step == steps:
                     break
                 opt.zero_grad(set_to_none=True)
                 out.loss.backward()
-                if dl.config.learning.max_grad_norm:
-                    torch.nn.utils.clip_grad_norm_(params, dl.config.learning.max_grad_norm)
+                if rt.config.learning.max_grad_norm:
+                    torch.nn.utils.clip_grad_norm_(params, rt.config.learning.max_grad_norm)
                 opt.step()
             circuit.last_loss = float(out.loss.detach())
         finally:

@@ -19,36 +19,30 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .circuits import Circuit, concat_factors
-from .errors import ConfigError, IncompatibleAdapterError, UnknownScopeError
-from .hierarchy import ScopeKey
+from .errors import IncompatibleAdapterError, UnknownScopeError
+from .hierarchy import Scope
 from .store import atomic_write
 
 if TYPE_CHECKING:
-    from .core import DynamicLoRA
+    from .stack import StackedLinear
 
 PREFIX = "base_model.model."
 KEY_RE = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")
 
 
-def export_peft(dl: DynamicLoRA, out_dir: Path, scope: str | None = None, agent: str | None = None) -> Path:
-    """Write a scope, or an agent's whole stack, as one PEFT LoRA adapter (ranks concatenated).
+def export_peft(
+    scopes: list[Scope], what: str, layers: dict[str, StackedLinear], model_id: str, out_dir: Path
+) -> Path:
+    """Write these scopes' circuits (``what`` names them in errors) as one PEFT LoRA adapter (ranks concatenated).
 
     A PEFT adapter cannot route: gated circuits are written as always acting, so the adapter equals the agent on
-    the prompts its gated circuits reach (see routing.py), and adds them elsewhere too.
+    the prompts its gated circuits reach (see gates.py), and adds them elsewhere too.
     """
-    if (scope is None) == (agent is None):
-        raise ConfigError("export_peft needs exactly one of scope='tier:name' (one scope) or agent='id' (whole stack)")
-    if agent is not None:
-        scopes = dl.hierarchy.stack_scopes(agent)
-        what = f"agent {agent!r}'s stack"
-    else:
-        scopes = [dl.hierarchy.scope(ScopeKey.parse(scope))]
-        what = f"scope {scope!r}"
     circuits = [c for s in scopes for c in s.circuits.values()]
     if not circuits:
         raise UnknownScopeError(f"{what} holds no circuits: there is nothing to export")
     tensors, rank, conv1d = {}, 0, set()
-    for name, layer in dl.layers.items():
+    for name, layer in layers.items():
         a, b = concat_factors(circuits, name, layer.in_features, layer.out_features)
         rank = a.shape[0]
         tensors[f"{PREFIX}{name}.lora_A.weight"] = a.detach().float().cpu().contiguous()
@@ -58,11 +52,11 @@ def export_peft(dl: DynamicLoRA, out_dir: Path, scope: str | None = None, agent:
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": dl.model_id,
+        "base_model_name_or_path": model_id,
         "r": rank,
         "lora_alpha": rank,
         "lora_dropout": 0.0,
-        "target_modules": sorted(dl.layers),
+        "target_modules": sorted(layers),
         "bias": "none",
         "fan_in_fan_out": bool(conv1d),
         "use_rslora": False,
@@ -87,7 +81,8 @@ def _pattern_value(patterns: dict, module: str, default: float) -> float:
     return default
 
 
-def import_peft(dl: DynamicLoRA, adapter_dir: Path, scope: str = "foundation", label: str | None = None) -> Circuit:
+def import_peft(adapter_dir: Path, layers: dict[str, StackedLinear], tick: int, label: str | None = None) -> Circuit:
+    """A PEFT LoRA adapter as one circuit (in no scope yet), PEFT's scaling folded into B."""
     cfg_path, weights_path = adapter_dir / "adapter_config.json", adapter_dir / "adapter_model.safetensors"
     for path in (cfg_path, weights_path):
         if not path.exists():
@@ -109,7 +104,7 @@ def import_peft(dl: DynamicLoRA, adapter_dir: Path, scope: str = "foundation", l
         if m is None:
             continue  # biases, modules_to_save, embeddings: not part of the low-rank delta
         raw.setdefault(m["module"], {})[m["which"]] = tensor
-    unknown = sorted(set(raw) - set(dl.layers))
+    unknown = sorted(set(raw) - set(layers))
     if unknown:
         raise IncompatibleAdapterError(
             f"{adapter_dir} adapts modules this DynamicLoRA does not: {unknown[:5]}; include them with "
@@ -120,7 +115,7 @@ def import_peft(dl: DynamicLoRA, adapter_dir: Path, scope: str = "foundation", l
         missing = {"A", "B"} - set(ab)
         if missing:
             raise IncompatibleAdapterError(f"{weights_path}: module {module!r} lacks lora_{missing.pop()}.weight")
-        layer = dl.layers[module]
+        layer = layers[module]
         if ab["A"].shape[1] != layer.in_features or ab["B"].shape[0] != layer.out_features:
             raise IncompatibleAdapterError(
                 f"{weights_path}: module {module!r} has A {tuple(ab['A'].shape)} and B {tuple(ab['B'].shape)}, but "
@@ -133,15 +128,11 @@ def import_peft(dl: DynamicLoRA, adapter_dir: Path, scope: str = "foundation", l
         factors[module] = (ab["A"].float(), ab["B"].float() * scaling)
     if not factors:
         raise IncompatibleAdapterError(f"{weights_path} holds no lora_A/lora_B weights")
-    key = ScopeKey.parse(scope)
-    if key.tier not in ("foundation", "domain", "swarm"):
-        dl.hierarchy.agent(key.name)
-    circuit = Circuit(
+    return Circuit(
         factors=factors,
-        tier=key.tier,
-        scope=key.name,
-        created_tick=dl.tick_count,
+        tier="",
+        scope="",
+        created_tick=tick,
         label=label or f"imported from {adapter_dir.name}",
-        history=[{"event": "imported", "from": str(adapter_dir), "tick": dl.tick_count}],
+        history=[{"event": "imported", "from": str(adapter_dir), "tick": tick}],
     )
-    return dl.add_circuit(key, circuit)

@@ -22,6 +22,7 @@ import os
 import sqlite3
 import tempfile
 from contextlib import closing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,15 +32,16 @@ from safetensors.torch import load_file, save_file
 
 from .circuits import Circuit, tensor_digest
 from .config import DynamicLoRAConfig
-from .errors import CorruptStateError, InvalidInputError, StateMismatchError
+from .errors import CorruptStateError, StateMismatchError
 from .eventlog import EventLog
 from .gates import Gate
-from .hierarchy import Hierarchy, Scope, ScopeKey
+from .hierarchy import Clock, Hierarchy, Scope, ScopeKey
+from .wavegen.cache import CacheEntry
 
 if TYPE_CHECKING:
-    from torch import nn
-
-    from .core import DynamicLoRA
+    from .dynamics import Memory
+    from .learning import ContextLearner
+    from .wavegen import WaveController
 
 FORMAT_VERSION = 2  # 2: gates carry their radii (no shared routing statistic)
 DB_NAME = "state.sqlite"
@@ -170,6 +172,20 @@ def read_meta(con: sqlite3.Connection) -> dict[str, str]:
     return dict(con.execute("SELECT key, value FROM meta").fetchall())
 
 
+@dataclass
+class Parts:
+    """The stateful components a state directory holds, and the identity of the model they belong to."""
+
+    hierarchy: Hierarchy
+    clock: Clock
+    memory: Memory
+    wavegen: WaveController
+    learner: ContextLearner
+    generator: torch.Generator
+    identity: dict[str, str]  # base_model, base_fingerprint, tokenizer_fingerprint, config (JSON)
+    device: torch.device
+
+
 class Writer:
     """Saves one DynamicLoRA to one state directory, writing only what changed since its last save there.
 
@@ -185,7 +201,7 @@ class Writer:
         self.logs: dict[str, int] = {}  # table -> sequence number saved up to (exclusive)
         self.request_seq = 0
 
-    def save(self, dl: DynamicLoRA, state_dir: Path, overwrite_other_model: bool = False) -> Path:
+    def save(self, dl: Parts, state_dir: Path, overwrite_other_model: bool = False) -> Path:
         state_dir.mkdir(parents=True, exist_ok=True)
         scope_dir = state_dir / "scopes"
         scope_dir.mkdir(exist_ok=True)
@@ -193,7 +209,7 @@ class Writer:
         cache.sync(dl.hierarchy)  # entries of changed scopes go now: a saved cache is consistent with its scopes
         with closing(connect(state_dir / DB_NAME)) as con:
             meta = read_meta(con)
-            if meta and meta.get("base_fingerprint") != dl.base_fingerprint and not overwrite_other_model:
+            if meta and meta.get("base_fingerprint") != dl.identity["base_fingerprint"] and not overwrite_other_model:
                 raise StateMismatchError(
                     f"{state_dir} holds a state of another base model ({meta.get('base_model')!r}, fingerprint "
                     f"{meta.get('base_fingerprint', '')[:12]}…); save to another directory, or pass "
@@ -219,14 +235,11 @@ class Writer:
                 "sharing_log": dl.memory.sharing.log,
             }
             new_meta = {
+                **dl.identity,
                 "format_version": str(FORMAT_VERSION),
                 "writer": self.token,
-                "base_model": dl.model_id,
-                "base_fingerprint": dl.base_fingerprint,
-                "tokenizer_fingerprint": dl.tokenizer_fingerprint,
-                "config": json.dumps(dl.config.to_dict(), sort_keys=True),
-                "tick_count": str(dl.tick_count),
-                "interactions": str(dl.interactions),
+                "tick_count": str(dl.clock.tick),
+                "interactions": str(dl.clock.interactions),
                 "dynamics": json.dumps(dl.memory.state(), sort_keys=True),
                 "generator_state": dl.generator.get_state().numpy().tobytes().hex(),
                 "wavegen": json.dumps(cache.state(), sort_keys=True),
@@ -319,14 +332,27 @@ class Writer:
         self.request_seq = request_seq
 
 
-def save_state(dl: DynamicLoRA, state_dir: Path, overwrite_other_model: bool = False) -> Path:
-    """Write the state to ``state_dir``: only what changed since the last save there (see :class:`Writer`)."""
-    return dl.writer.save(dl, state_dir, overwrite_other_model)
+@dataclass
+class Saved:
+    """What a state directory holds, read and checked for format, before any model is built."""
+
+    state_dir: Path
+    meta: dict[str, str]
+    agents: list[tuple[str, str, str]]
+    scopes: list[tuple[str, str, str, str | None, str | None]]
+    records: list[dict[str, Any]]
+    logs: dict[str, list[dict[str, Any]]]
+    cache_rows: list[tuple[str, bytes | None]]
+    requesters: list[tuple[str, list[tuple[str, str, str]]]]
+    request_seq: int
+
+    @property
+    def config(self) -> DynamicLoRAConfig:
+        return DynamicLoRAConfig.from_dict(json.loads(self.meta["config"]))
 
 
-def load_state(
-    cls: type[DynamicLoRA], state_dir: Path, model: nn.Module | None, tokenizer: Any, **kwargs: Any
-) -> DynamicLoRA:
+def read_state(state_dir: Path) -> Saved:
+    """Read a saved state's records (tensors are read by :func:`restore_state`)."""
     db = state_dir / DB_NAME
     if not db.exists():
         raise CorruptStateError(f"{db} does not exist: {state_dir} is not a saved DynamicLoRA state (see dl.save)")
@@ -357,20 +383,21 @@ def load_state(
             f"statistic shared by all agents; format {FORMAT_VERSION} stores each gate's radii. Load it with "
             "dynamiclora 0.1.0 and re-learn, or start a new state"
         )
-    config = DynamicLoRAConfig.from_dict(json.loads(meta["config"]))
-    if model is None:
-        dl = cls.from_pretrained(meta["base_model"], config, **kwargs)
-    else:
-        if tokenizer is None:
-            raise InvalidInputError("pass the tokenizer together with the model to DynamicLoRA.load")
-        dl = cls(model, tokenizer, config, model_id=meta["base_model"])
-    for what, saved, actual in (
-        ("base model", meta["base_fingerprint"], dl.base_fingerprint),
-        ("tokenizer", meta["tokenizer_fingerprint"], dl.tokenizer_fingerprint),
+    return Saved(state_dir, meta, agents, scopes, records, logs, cache_rows, requesters, request_seq)
+
+
+def restore_state(saved: Saved, dl: Parts, writer: Writer) -> None:
+    """Fill freshly built components with a saved state, checking that it belongs to their model; ``writer``
+    takes over the directory (the next save there is incremental)."""
+    state_dir, meta = saved.state_dir, saved.meta
+    agents, scopes, records, logs = saved.agents, saved.scopes, saved.records, saved.logs
+    for what, recorded, actual in (
+        ("base model", meta["base_fingerprint"], dl.identity["base_fingerprint"]),
+        ("tokenizer", meta["tokenizer_fingerprint"], dl.identity["tokenizer_fingerprint"]),
     ):
-        if saved != actual:
+        if recorded != actual:
             raise StateMismatchError(
-                f"{state_dir} was saved for another {what} (fingerprint {saved[:12]}…, this one is {actual[:12]}…, "
+                f"{state_dir} was saved for another {what} (fingerprint {recorded[:12]}…, this one is {actual[:12]}…, "
                 f"recorded model {meta['base_model']!r}); load it with the {what} it was saved with"
             )
     for agent_id, swarm, domain in agents:
@@ -433,12 +460,9 @@ def load_state(
                 raise CorruptStateError(f"{path} (optimizer state of {key}) cannot be read: {exc}") from exc
     if meta.get("generator_state"):
         dl.generator.set_state(torch.frombuffer(bytearray.fromhex(meta["generator_state"]), dtype=torch.uint8))
-    dl.tick_count = int(meta.get("tick_count", 0))
-    dl.interactions = int(meta.get("interactions", 0))
-    from .wavegen import CacheEntry
-
-    entries = [CacheEntry.from_record(json.loads(r), _vector(v)) for r, v in cache_rows]
-    dl.wavegen.cache.restore(json.loads(meta.get("wavegen", "{}")), entries, requesters, dl.hierarchy)
+    dl.clock.tick = int(meta.get("tick_count", 0))
+    dl.clock.interactions = int(meta.get("interactions", 0))
+    entries = [CacheEntry.from_record(json.loads(r), _vector(v)) for r, v in saved.cache_rows]
+    dl.wavegen.cache.restore(json.loads(meta.get("wavegen", "{}")), entries, saved.requesters, dl.hierarchy)
     dl.wavegen.log = logs["cache_log"]
-    dl.writer.adopt(state_dir, meta.get("writer", ""), dl.hierarchy, files, logs, request_seq)
-    return dl
+    writer.adopt(state_dir, meta.get("writer", ""), dl.hierarchy, files, logs, saved.request_seq)

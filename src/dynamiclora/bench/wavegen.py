@@ -13,8 +13,10 @@ from pathlib import Path
 
 import torch
 
+from ..circuits import Circuit
 from ..config import CACHE_TIERS, DynamicLoRAConfig
 from ..core import DynamicLoRA
+from ..gates import Gate
 from ..wavegen.cache import CacheEntry
 from ..wavegen.signature import prompt_key, provenance, sampling_key
 from .record import arguments, model_under_test, time_interleaved, write
@@ -193,6 +195,52 @@ def zipf_workload(quick: bool, learn_every: int) -> dict:
     }
 
 
+def personal_workload(quick: bool, strength_step: float) -> dict:
+    """Agent-tier entries and idle circuits: 8 agents each ask their own 4 prompts (Zipf), and each agent's own
+    tier holds a circuit it never uses (gated on a prompt nobody asks), which decays at every tick (every 50
+    requests). An agent-tier entry is keyed by its agent's tier content, so it lives until that circuit's content
+    changes: with ``strength_step`` 0.7 (the default) at the few ticks that cross a step, with 0.999 (nearly
+    continuous decay, what every tick did before) at every tick."""
+    requests = 200 if quick else 400
+    config = DynamicLoRAConfig(
+        wavegen={"min_coherence": 0.0}, dynamics={"tick_interval": 50, "strength_step": strength_step}
+    )
+    dl = model_under_test(quick, config)
+    g = torch.Generator().manual_seed(0)
+    agents = [dl.agent(f"p{i}", swarm=f"team{i % 2}", domain="python") for i in range(8)]
+    for agent in agents:
+        idle = Circuit(
+            factors={
+                n: (
+                    torch.randn(2, m.in_features, generator=g) * 0.05,
+                    torch.randn(m.out_features, 2, generator=g) * 0.05,
+                )
+                for n, m in dl.layers.items()
+            },
+            tier="",
+            scope="",
+        )
+        idle.gate = Gate.single(dl.router.features([dl.encode(f"# unused {agent.id}")])[0], dl.router.new_radius)
+        dl.add_circuit(f"agent:{agent.id}", idle, pinned=False)
+    rng = random.Random(1)
+    weights = [1 / (k + 1) ** 1.1 for k in range(4)]
+    served: dict[str, int] = {}
+    for _ in range(requests):
+        agent = rng.choice(agents)
+        prompt = f"# {agent.id}\n" + rng.choices(SNIPPETS[:4], weights)[0]
+        r = agent.generate(prompt, max_new_tokens=16)
+        served[r.cache] = served.get(r.cache, 0) + 1
+    stats = dl.cache_statistics()["tiers"]["agent"]
+    return {
+        "strength_step": strength_step,
+        "requests": requests,
+        "served": served,
+        "agent_tier_hit_rate": stats["hits"] / requests,
+        "agent_tier": {k: stats[k] for k in ("hits", "stores", "invalidated")},
+        "ticks": dl.tick_count,
+    }
+
+
 def plot(out_dir: Path, name: str, serve: dict, workloads: list[dict]) -> Path:
     import matplotlib
 
@@ -228,6 +276,7 @@ def main(argv: list[str] | None = None) -> dict:
     lookups = lookup_latency(dl, args.quick)
     serve = serving(dl, args.quick)
     workloads = [zipf_workload(args.quick, 0), zipf_workload(args.quick, 25)]
+    personal = [personal_workload(args.quick, step) for step in (0.7, 0.999)]
     model = "tiny random llama" if args.quick else "built-in model"
     checks = {}
     for r in lookups:
@@ -282,6 +331,20 @@ def main(argv: list[str] | None = None) -> dict:
             f"| {t} | {v['hits']} | {v['semantic_hits']} | {v['stores']} | {v['invalidated']} | {v['consolidated']} |"
             for t, v in w["per_tier"].items()
         ]
+    md += [
+        "",
+        f"## Agent-tier entries under idle decay: {personal[0]['requests']} requests, 8 agents with 4 prompts of "
+        "their own, one idle circuit in each agent's tier, a tick every 50 requests",
+        "",
+        "| decay | agent-tier hit rate | hits | stores | invalidated |",
+        "|---|---|---|---|---|",
+    ]
+    md += [
+        f"| {'in steps of 0.7 (default)' if p['strength_step'] < 0.9 else 'nearly continuous (step 0.999)'} | "
+        f"{p['agent_tier_hit_rate']:.3f} | {p['agent_tier']['hits']} | {p['agent_tier']['stores']} | "
+        f"{p['agent_tier']['invalidated']} |"
+        for p in personal
+    ]
     md += ["", "## Targets", ""] + [f"- {'met' if ok else '**missed**'}: {k}" for k, ok in checks.items()]
     name = "wavegen-cpu" + ("-quick" if args.quick else "")
     out = Path(args.out)
@@ -290,7 +353,14 @@ def main(argv: list[str] | None = None) -> dict:
     write(
         out,
         name,
-        {"model": model, "lookups": lookups, "serving": serve, "zipf": workloads, "targets": checks},
+        {
+            "model": model,
+            "lookups": lookups,
+            "serving": serve,
+            "zipf": workloads,
+            "personal": personal,
+            "targets": checks,
+        },
         "\n".join(md) + "\n",
     )
     print("\n".join(md))

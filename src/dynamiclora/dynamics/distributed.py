@@ -35,28 +35,28 @@ from ..hierarchy import SHARED_TIERS
 from .resonance import Proposal
 
 if TYPE_CHECKING:
-    from ..core import DynamicLoRA
+    from .memory import Memory
 
 
 class SwarmGroup:
     """This process's membership in a distributed swarm (see the module docstring)."""
 
-    def __init__(self, dl: DynamicLoRA, group: Any = None, timeout_s: float = 60.0) -> None:
-        self.dl = dl
+    def __init__(self, memory: Memory, device: torch.device, group: Any = None, timeout_s: float = 60.0) -> None:
+        self.memory, self.device = memory, device
         self.group = group
         self.timeout_s = timeout_s
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
-        dl.memory.sync_usage = self.sync_usage
-        dl.memory.sharing.exchange = self.exchange
+        memory.sync_usage = self.sync_usage
+        memory.sharing.exchange = self.exchange
 
     def _gather(self, what: str, obj: Any) -> list[Any]:
         out: list[Any] = [None] * self.world_size
         try:
-            dist.all_gather_object(out, (self.dl.tick_count, obj), group=self.group)
+            dist.all_gather_object(out, (self.memory.clock.tick, obj), group=self.group)
         except Exception as exc:  # gloo raises RuntimeError (timeout, closed connection) and friends
             raise SwarmSyncError(
-                f"rank {self.rank}/{self.world_size}: exchanging {what} at tick {self.dl.tick_count} failed "
+                f"rank {self.rank}/{self.world_size}: exchanging {what} at tick {self.memory.clock.tick} failed "
                 f"(timeout {self.timeout_s:.0f} s): {exc}. Another rank died, hung or stopped ticking. This "
                 "process's in-memory state is mid-tick and should be dropped; its last saved state is intact: "
                 "restart every rank from its saved state (DynamicLoRA.load)."
@@ -73,7 +73,7 @@ class SwarmGroup:
     def sync_usage(self) -> None:
         """Sum the uses of shared-scope circuits over all ranks (keyed by scope and content hash)."""
         local: dict[tuple[str, str], tuple[int, Circuit]] = {}
-        for key, scope in self.dl.hierarchy.scopes.items():
+        for key, scope in self.memory.hierarchy.scopes.items():
             if key.tier in SHARED_TIERS:
                 for c in scope.circuits.values():
                     local[(str(key), c.content_hash())] = (c.uses_this_tick, c)
@@ -91,14 +91,16 @@ class SwarmGroup:
             for packed in rank_payload:
                 key = (packed["owner"], packed["target"], packed["hash"])
                 if key not in out:
-                    out[key] = mine.get(key) or _unpack(packed, self.dl.device)
+                    out[key] = mine.get(key) or _unpack(packed, self.device)
         return [out[k] for k in sorted(out)]
 
     def verify(self) -> dict[str, list[str]]:
         """Content hashes of the shared scopes on every rank; returns {scope: [hash per rank]} for those that differ
         among the ranks holding them (empty when the swarm is consistent)."""
         local = {
-            str(k): s.content_hash() for k, s in self.dl.hierarchy.scopes.items() if k.tier in SHARED_TIERS and len(s)
+            str(k): s.content_hash()
+            for k, s in self.memory.hierarchy.scopes.items()
+            if k.tier in SHARED_TIERS and len(s)
         }
         gathered = self._gather("shared-scope hashes", local)
         differing = {}
@@ -110,8 +112,8 @@ class SwarmGroup:
 
     def leave(self) -> None:
         """Leave the swarm cleanly: wait for every rank, then tear the process group down."""
-        self.dl.memory.sync_usage = None
-        self.dl.memory.sharing.exchange = None
+        self.memory.sync_usage = None
+        self.memory.sharing.exchange = None
         dist.barrier(group=self.group)
         dist.destroy_process_group(self.group)
 
@@ -146,9 +148,9 @@ def _unpack(packed: dict[str, Any], device: torch.device) -> Proposal:
     )
 
 
-def join_swarm(dl: DynamicLoRA, timeout_s: float = 60.0, backend: str = "gloo") -> SwarmGroup:
+def open_group(timeout_s: float = 60.0, backend: str = "gloo") -> None:
     """Join the process group described by the environment (``torchrun`` sets RANK, WORLD_SIZE, MASTER_ADDR,
-    MASTER_PORT) and keep ``dl``'s shared scopes identical to every other rank's from now on."""
+    MASTER_PORT), unless one is open already."""
     if not dist.is_initialized():
         missing = [v for v in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
         if missing:
@@ -157,4 +159,3 @@ def join_swarm(dl: DynamicLoRA, timeout_s: float = 60.0, backend: str = "gloo") 
                 "torch.distributed.init_process_group yourself first"
             )
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
-    return SwarmGroup(dl, timeout_s=timeout_s)

@@ -15,19 +15,16 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..circuits import Circuit
-from ..config import TIERS
+from ..config import TIERS, DynamicsConfig
 from ..eventlog import EventLog
-from ..hierarchy import Scope, ScopeKey
+from ..hierarchy import Clock, Hierarchy, Scope, ScopeKey
 from .detector import Persistence, persistence
 from .homeostasis import Homeostasis
 from .sharing import Sharing
 from .timescales import Scale, Timescales
-
-if TYPE_CHECKING:
-    from ..core import DynamicLoRA
 
 SCREENED, FREE = "SCREENED", "FREE"
 MAX_SERIES = 1024  # ticks of use history kept per circuit
@@ -53,9 +50,11 @@ class TickReport:
 
 
 class Memory:
-    def __init__(self, dl: DynamicLoRA) -> None:
-        self.dl = dl
-        self.config = dl.config.dynamics
+    def __init__(
+        self, hierarchy: Hierarchy, config: DynamicsConfig, clock: Clock, place: Callable[[ScopeKey, Circuit], Circuit]
+    ) -> None:
+        self.hierarchy, self.config, self.clock, self.place = hierarchy, config, clock, place
+        self.on_leave: Callable[[str], None] = lambda circuit_id: None  # a circuit left its scope
         self.homeostasis = Homeostasis(self.config)
         self.timescales = Timescales()
         self.migrations = EventLog()
@@ -67,13 +66,13 @@ class Memory:
     # -- observation ----------------------------------------------------------------------------------
     def record_use(self, circuit: Circuit) -> None:
         circuit.uses_this_tick += 1
-        self.dl.hierarchy.note(circuit)
+        self.hierarchy.note(circuit)
 
     def tier_circuits(self, tier: str) -> list[tuple[Scope, Circuit]]:
-        return [(s, c) for k, s in self.dl.hierarchy.scopes.items() if k.tier == tier for c in s.circuits.values()]
+        return [(s, c) for k, s in self.hierarchy.scopes.items() if k.tier == tier for c in s.circuits.values()]
 
     def timescale(self, tier: str) -> Scale:
-        now = self.dl.tick_count
+        now = self.clock.tick
         return self.timescales.measure(tier, [now - c.entered_tick for _, c in self.tier_circuits(tier)])
 
     def window(self, tier: str) -> int:
@@ -96,12 +95,12 @@ class Memory:
 
     # -- the tick -------------------------------------------------------------------------------------
     def tick(self) -> TickReport:
-        dl, cfg = self.dl, self.config
-        now = dl.tick_count
+        cfg = self.config
+        now = self.clock.tick
         report = TickReport(now)
         if self.sync_usage is not None:
             self.sync_usage()
-        for c in dl.hierarchy.all_circuits():
+        for c in self.hierarchy.all_circuits():
             c.series.append(1 if c.uses_this_tick else 0)
             del c.series[:-MAX_SERIES]
         for tier in TIERS:
@@ -135,17 +134,17 @@ class Memory:
                     scope.touch()
         self._migrate(report)
         self.sharing.step(report)
-        for scope in dl.hierarchy.scopes.values():  # every record moved on (series, u, phase, vigor)
+        for scope in self.hierarchy.scopes.values():  # every record moved on (series, u, phase, vigor)
             if scope.circuits:
                 scope.note()
-        dl.tick_count += 1
+        self.clock.tick += 1
         return report
 
     def _leave(self, scope: Scope, c: Circuit, forgotten: bool) -> int:
         """A circuit leaves its tier (forgotten or migrating): its residence is measured; returns the tick."""
-        now = self.dl.tick_count
+        now = self.clock.tick
         scope.remove(c.id)
-        self.dl.learner.forget(c.id)  # only the context tier has an optimizer
+        self.on_leave(c.id)  # (the learner drops its optimizer)
         self.timescales.left(c.tier, now - c.entered_tick, forgotten=forgotten)
         return now
 
@@ -178,7 +177,7 @@ class Memory:
         self.queue = [(c.id, p.score) for _, c, p in candidates[self.config.bandwidth :]]
         report.queued = list(self.queue)
         for scope, c, p in chosen:
-            self.move(c, scope, self.dl.hierarchy.scope(ScopeKey("agent", c.scope)), p, report)
+            self.move(c, scope, self.hierarchy.scope(ScopeKey("agent", c.scope)), p, report)
 
     def move(
         self, c: Circuit, source: Scope, target: Scope, p: Persistence | None, report: TickReport | None = None
@@ -203,6 +202,29 @@ class Memory:
         if report is not None:
             report.migrated.append(entry)
         return entry
+
+    def scales(self) -> dict[str, dict]:
+        """Per tier: the measured time scale (mean residence in ticks by Little's law; ``lower_bound`` while
+        nothing has left the tier), the detector window, the number of circuits, the SCREENED fraction and the
+        current (homeostatic) thresholds."""
+        out = {}
+        for tier in TIERS:
+            members = [c for _, c in self.tier_circuits(tier)]
+            reg = self.homeostasis.tiers[tier]
+            scale = self.timescale(tier)
+            out[tier] = {
+                "ticks": scale.ticks,
+                "lower_bound": scale.lower_bound,
+                "window": self.window(tier),
+                "circuits": len(members),
+                "screened_fraction": sum(c.phase == SCREENED for c in members) / len(members) if members else 0.0,
+                "left": len(self.timescales.residences[tier]),
+                "span": self.timescales.span(tier),
+                "theta_on": reg.theta_on,
+                "theta_off": reg.theta_off,
+                "decay": reg.decay,
+            }
+        return out
 
     # -- persistence ----------------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:

@@ -78,7 +78,7 @@ class Sharing:
 
     def target_of(self, key: ScopeKey) -> ScopeKey | None:
         """The shared scope a scope's circuits move up into."""
-        h = self.memory.dl.hierarchy
+        h = self.memory.hierarchy
         if key.tier == "agent":
             return ScopeKey("swarm", h.agent(key.name).swarm) if key.name in h.agents else None
         if key.tier == "swarm":
@@ -91,10 +91,10 @@ class Sharing:
     def local_proposals(self) -> list[Proposal]:
         """This process's circuits that qualify to move up, and its pending consolidations."""
         mem = self.memory
-        now = mem.dl.tick_count
+        now = mem.clock.tick
         out = []
         windows = {tier: mem.window(tier) for tier in SOURCE_TIERS}
-        for key, scope in sorted(mem.dl.hierarchy.scopes.items(), key=lambda kv: str(kv[0])):
+        for key, scope in sorted(mem.hierarchy.scopes.items(), key=lambda kv: str(kv[0])):
             if key.tier not in SOURCE_TIERS or not scope.circuits:
                 continue
             target = self.target_of(key)
@@ -134,9 +134,8 @@ class Sharing:
         group of resonating proposals (so two patterns that arrive in the same tick stay two circuits, each free
         to move on by itself)."""
         mem, cfg = self.memory, self.memory.config
-        dl = mem.dl
-        now = dl.tick_count
-        scope = dl.hierarchy.scopes.get(key)
+        now = mem.clock.tick
+        scope = mem.hierarchy.scopes.get(key)
         held = sorted(scope.circuits.values(), key=lambda c: c.id) if scope is not None else []
         absorbed = self._absorb(key, proposals, held, report)
         proposals = [p for p in proposals if id(p) not in absorbed]
@@ -182,7 +181,7 @@ class Sharing:
                     "contributors": sorted(set().union(*(p.contributors for p in entered))),
                 }
             )
-            dl.add_circuit(key, shared, pinned=False)
+            mem.place(key, shared)
             added.append(shared)
             made_of = [p.circuit.id for p in entered]
             record["shared"].append({"circuit": shared.id, "rank": shared.rank, "from": made_of})
@@ -245,7 +244,7 @@ class Sharing:
 
     def _members(self, key: ScopeKey) -> list[ScopeKey]:
         """The faster scopes whose agents' stacks include ``key`` (local ones only)."""
-        h = self.memory.dl.hierarchy
+        h = self.memory.hierarchy
         below = TIERS[TIERS.index(key.tier) + 1 :]
         keys = {k for info in h.agents.values() if key in info.stack() for k in info.stack() if k.tier in below}
         return sorted((k for k in keys if k in h.scopes), key=str)
@@ -253,7 +252,7 @@ class Sharing:
     def _absorb_members(self, key: ScopeKey, shared: Circuit, report: TickReport | None) -> list[dict]:
         """When a shared scope gains a circuit, its members' own copies of the pattern (circuits resonating with it)
         give up their projection on it, so that no member carries the pattern twice."""
-        h = self.memory.dl.hierarchy
+        h = self.memory.hierarchy
         copies = [
             Proposal(c, frozenset(), str(k), 0.0, False, str(key))
             for k in self._members(key)
@@ -276,9 +275,9 @@ class Sharing:
 
         After a consensus ``minus`` is the new shared circuit with −1: the owner's output does not change. After an
         absorption it is the projection on the shared circuit that already carried the pattern twice."""
-        mem, dl = self.memory, self.memory.dl
+        mem = self.memory
         key = ScopeKey.parse(owner)
-        scope = dl.hierarchy.scopes.get(key)
+        scope = mem.hierarchy.scopes.get(key)
         if scope is None:  # another rank's scope: that rank applies it
             return
         own = [(p.circuit, 1.0) for p in leaving]
@@ -287,7 +286,7 @@ class Sharing:
             tier=key.tier,
             scope=key.name,
             id=circuit_digest("residual", via, owner, *(p.circuit.id for p in leaving)),
-            created_tick=dl.tick_count,
+            created_tick=mem.clock.tick,
             residual_of=str(target),
         )
         reference = max(float(gram([p.circuit for p in leaving]).sum()), 0.0) ** 0.5  # ‖Σ Δ_leaving‖
@@ -302,7 +301,7 @@ class Sharing:
                 "circuit": local.id,
                 "from": owner,
                 "to": str(target),
-                "tick": dl.tick_count,
+                "tick": mem.clock.tick,
                 "label": local.label,
                 "critical": local.critical,
                 "score": round(p.stability, 4),
@@ -316,5 +315,5 @@ class Sharing:
             if report is not None:
                 report.migrated.append(entry)
         if norm(residual) > RESIDUAL_TOLERANCE * reference:
-            residual.history.append({"event": "residual", "tick": dl.tick_count, "of": via, "scope": str(target)})
-            dl.add_circuit(key, residual, pinned=False)
+            residual.history.append({"event": "residual", "tick": mem.clock.tick, "of": via, "scope": str(target)})
+            mem.place(key, residual)

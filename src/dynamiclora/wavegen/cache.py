@@ -192,7 +192,7 @@ class TieredCache:
         # what changed since the last save (see store.Writer): entries by (tier, id), prompts' requesters
         self._changed: dict[tuple[str, str], CacheEntry] = {}
         self._gone: set[tuple[str, str]] = set()
-        self._asked: set[str] = set()
+        self._asked: dict[str, None] = {}  # in the order of their last request
         self._dropped: set[str] = set()
 
     # -- lookup -------------------------------------------------------------------------------------
@@ -266,9 +266,9 @@ class TieredCache:
             asked = list(self.requesters.items())
             dropped: set[str] = set()
         else:
-            asked = [(k, v) for k, v in self.requesters.items() if k in self._asked]
+            asked = [(k, self.requesters[k]) for k in self._asked if k in self.requesters]
             dropped = set(self._dropped)
-        self._asked, self._dropped = set(), set()
+        self._asked, self._dropped = {}, set()
         return asked, dropped
 
     def restore_changes(self, entries, gone, asked, dropped) -> None:
@@ -276,7 +276,7 @@ class TieredCache:
         for e in entries:
             self._changed.setdefault((e.tier, e.id), e)
         self._gone |= gone - set(self._changed)
-        self._asked |= {k for k, _ in asked}
+        self._asked = {**{k: None for k, _ in asked}, **self._asked}
         self._dropped |= dropped
 
     def _hit(self, e: CacheEntry, semantic: bool) -> None:
@@ -291,13 +291,14 @@ class TieredCache:
     def record_request(self, prompt_key: str, info: AgentInfo) -> None:
         who = self.requesters.setdefault(prompt_key, [])
         self.requesters.move_to_end(prompt_key)
-        self._asked.add(prompt_key)
+        self._asked.pop(prompt_key, None)
+        self._asked[prompt_key] = None
         self._dropped.discard(prompt_key)
         if (info.id, info.swarm, info.domain) not in who and len(who) < MAX_REQUESTERS:
             who.append((info.id, info.swarm, info.domain))
         while len(self.requesters) > MAX_PROMPTS:
             old, _ = self.requesters.popitem(last=False)
-            self._asked.discard(old)
+            self._asked.pop(old, None)
             self._dropped.add(old)
 
     def store_tier(self, prompt_key: str, info: AgentInfo) -> str:
@@ -424,4 +425,4 @@ class TieredCache:
             self._depend(e)
         self.seen = {}
         self.sync(hierarchy)  # records the hashes as loaded: the saved entries were synced to them
-        self._changed, self._gone, self._asked, self._dropped = {}, set(), set(), set()
+        self._changed, self._gone, self._asked, self._dropped = {}, set(), {}, set()

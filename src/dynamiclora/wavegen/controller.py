@@ -38,7 +38,9 @@ from .speculative import accept
 
 if TYPE_CHECKING:
     from ..agent import GenerationResult
-    from ..core import DynamicLoRA
+    from ..dynamics import Memory
+    from ..learning import ContextLearner
+    from ..runtime import Runtime
 
 
 @dataclass
@@ -63,17 +65,14 @@ def scope_of(tier: str, info: AgentInfo) -> ScopeKey:
 
 
 class WaveController:
-    def __init__(self, dl: DynamicLoRA) -> None:
-        self.dl = dl
-        self.config = dl.config.wavegen
+    def __init__(self, runtime: Runtime, learner: ContextLearner, memory: Memory) -> None:
+        self.rt, self.learner, self.memory = runtime, learner, memory
+        self.config = runtime.config.wavegen
         self.cache = TieredCache(self.config)
         self.log = EventLog()  # consolidation attempts, successes and failures
-        self.chain = default_chain({n: (m.in_features, m.out_features) for n, m in dl.layers.items()})
+        self.chain = default_chain({n: (m.in_features, m.out_features) for n, m in runtime.layers.items()})
 
     # -- generation ---------------------------------------------------------------------------------
-    def generate(self, agent_id: str, prompt: str, **kwargs: Any) -> GenerationResult:
-        return self.generate_batch([(agent_id, prompt)], **kwargs)[0]
-
     def generate_batch(
         self,
         requests: Sequence[tuple[str, str]],
@@ -82,23 +81,23 @@ class WaveController:
         **overrides: Any,
     ) -> list[GenerationResult]:
         """Generate for (agent id, prompt) pairs through the cache. ``mode``: 'verify' or 'jump' (default: config)."""
-        dl = self.dl
-        cfg = replace(generation or dl.config.generation, **overrides)
+        rt = self.rt
+        cfg = replace(generation or rt.config.generation, **overrides)
         mode = mode or self.config.mode
         if mode not in ("verify", "jump"):
             raise ConfigError(f"mode must be 'verify' or 'jump', got {mode!r}")
         sampling = sampling_key(cfg)
-        self.cache.sync(dl.hierarchy)
+        self.cache.sync(rt.hierarchy)
         results: list[GenerationResult | None] = [None] * len(requests)
         batched: list[_Request] = []
         for row, (agent_id, prompt) in enumerate(requests):
             started = time.perf_counter()
-            info = dl.hierarchy.agent(agent_id)
-            ids = dl.encode(prompt)
+            info = rt.hierarchy.agent(agent_id)
+            ids = rt.encode(prompt)
             if not ids:
                 raise InvalidInputError("the prompt is empty after tokenization; give at least one token of text")
-            dl.check_length(len(ids) + cfg.max_new_tokens, len(ids), cfg.max_new_tokens)
-            snap = dl.snapshot(agent_id)
+            rt.check_length(len(ids) + cfg.max_new_tokens, len(ids), cfg.max_new_tokens)
+            snap = rt.snapshot(agent_id)
             provs = {t: provenance(snap, t, sampling) for t in CACHE_TIERS}
             key = prompt_key(ids)
             self.cache.record_request(key, info)
@@ -125,18 +124,17 @@ class WaveController:
         if batched:
             for req, result in zip(batched, self._decode_misses(batched, cfg)):
                 results[req.row] = result
-        dl.count_interactions(len(requests))
         return results  # type: ignore[return-value]
 
     def _result(self, req: _Request, tokens: list[int], **fields: Any) -> GenerationResult:
         from ..agent import GenerationResult
 
-        eos = self.dl.tokenizer.eos_token_id
+        eos = self.rt.tokenizer.eos_token_id
         fields.setdefault("timings", {})["total_s"] = time.perf_counter() - req.started
         return GenerationResult(
             req.agent_id,
             req.prompt,
-            self.dl.tokenizer.decode(tokens, skip_special_tokens=True),
+            self.rt.tokenizer.decode(tokens, skip_special_tokens=True),
             tokens,
             bool(eos is not None and tokens and tokens[-1] == eos),
             req.snapshot.provenance_hash,
@@ -146,11 +144,11 @@ class WaveController:
     def _fastest_acting(self, agent_id: str, ids: list[int]) -> int:
         """Index in TIERS of the fastest tier of the agent's stack holding a circuit that acts on this prompt (a
         gated circuit it reaches, or any ungated one); -1 when none does."""
-        skip = self.dl.route([agent_id], [ids])
+        skip = self.rt.route([agent_id], [ids])
         left_out = skip[0] if skip is not None else frozenset()
         acting = [
             TIERS.index(scope.key.tier)
-            for scope in self.dl.hierarchy.stack_scopes(agent_id)
+            for scope in self.rt.hierarchy.stack_scopes(agent_id)
             if any(cid not in left_out for cid in scope.circuits)
         ]
         return max(acting, default=-1)
@@ -163,7 +161,7 @@ class WaveController:
 
     def _complete(self, e: CacheEntry, cfg: GenerationConfig) -> bool:
         """Does the entry answer the whole request (enough tokens, or it stopped on EOS)? Else verify extends it."""
-        eos = self.dl.tokenizer.eos_token_id
+        eos = self.rt.tokenizer.eos_token_id
         return len(e.tokens) >= cfg.max_new_tokens or (cfg.stop_at_eos and eos is not None and e.tokens[-1] == eos)
 
     def _jump(self, req: _Request, cfg: GenerationConfig) -> GenerationResult:
@@ -174,17 +172,17 @@ class WaveController:
 
     def _speculate(self, req: _Request, cfg: GenerationConfig) -> GenerationResult:
         """One row: prefill, find a draft (exact or semantic), verify it, continue decoding."""
-        dl = self.dl
-        plan = dl.planner.plan([req.agent_id], skip=dl.route([req.agent_id], [req.ids]))
-        dl.use_routes(plan)
-        session = dl.new_session(plan)
+        rt = self.rt
+        plan = rt.planner.plan([req.agent_id], skip=rt.route([req.agent_id], [req.ids]))
+        rt.use_routes(plan)
+        session = rt.new_session(plan)
         pooled: list[torch.Tensor] = []
         recorder = Recorder([req.ids], self.config.observe_top_k)
-        forward = dl.decoder_forward(session, True, pooled)
+        forward = rt.decoder_forward(session, True, pooled)
         entry, served = req.entry, "miss"
         drafted = accepted = 0
-        with torch.no_grad(), dl.activate(plan, session):
-            state = prefill(forward, [req.ids], pad_id=dl.pad_id, device=dl.device)
+        with torch.no_grad(), rt.activate(plan, session):
+            state = prefill(forward, [req.ids], pad_id=rt.pad_id, device=rt.device)
             vector = pooled[0][0].cpu()
             if entry is None:
                 found = self.cache.lookup_semantic(vector, req.provenances, self.config.semantic_threshold)
@@ -203,12 +201,12 @@ class WaveController:
                     forward,
                     state,
                     cfg,
-                    pad_id=dl.pad_id,
-                    eos_id=dl.tokenizer.eos_token_id,
-                    generator=dl.generator,
+                    pad_id=rt.pad_id,
+                    eos_id=rt.tokenizer.eos_token_id,
+                    generator=rt.generator,
                     observer=recorder,
                 )
-        acts = dl._record_usage(plan, session)
+        acts = rt.record_usage(plan, session)
         touched = {plan.circuits[c].id: acts[0][c] for c in plan.row_columns[0]}
         tokens, traj = state.out[0], recorder.trajectories[0]
         result = self._result(
@@ -228,14 +226,14 @@ class WaveController:
             # the stack says something else now: keep what it says, unless that would make an exact entry a draft
             if accepted < drafted and (exact or not e.exact) and traj.coherence() >= self.config.min_coherence:
                 e.tokens, e.exact = list(tokens), exact
-                req.entry.text = dl.tokenizer.decode(tokens, skip_special_tokens=True)
+                req.entry.text = rt.tokenizer.decode(tokens, skip_special_tokens=True)
         else:
             self._after_miss(req, tokens, traj, vector)
         return result
 
     def _verify(self, forward, state: DecodeState, draft: list[int], cfg: GenerationConfig, recorder: Recorder) -> int:
         """Score the draft in one pass, keep the accepted prefix (+ the model's next token); returns accepted."""
-        dl, eos = self.dl, self.dl.tokenizer.eos_token_id
+        rt, eos = self.rt, self.rt.tokenizer.eos_token_id
         n = len(draft)
         if n == 0:
             return 0
@@ -243,7 +241,7 @@ class WaveController:
         d = torch.tensor([draft], device=state.ids.device)
         logits, past = forward(d, mask, positions(mask)[:, -n:], state.past, keep=n)
         rows = torch.cat([state.logits, logits.reshape(n, -1)], 0)  # (n + 1, V)
-        k, nxt = accept(rows, draft, cfg, dl.generator)
+        k, nxt = accept(rows, draft, cfg, rt.generator)
         tokens = draft if k == n and n >= cfg.max_new_tokens else draft[:k] + [nxt]
         if cfg.stop_at_eos and eos is not None and eos in tokens:
             tokens = tokens[: tokens.index(eos) + 1]
@@ -267,7 +265,7 @@ class WaveController:
         """Exact misses without semantic candidates: one heterogeneous batch."""
         recorder = Recorder([r.ids for r in reqs], self.config.observe_top_k)
         pooled: list[torch.Tensor] = []
-        decoded, touched, timings = self.dl.generate_ids(
+        decoded, touched, timings = self.rt.generate_ids(
             [r.agent_id for r in reqs], [r.ids for r in reqs], cfg, observer=recorder, pooled=pooled, interaction=True
         )
         vectors = pooled[0].cpu()
@@ -290,7 +288,7 @@ class WaveController:
 
     def _after_miss(self, req: _Request, tokens: list[int], traj: Trajectory, vector: torch.Tensor) -> None:
         """Store a coherent trajectory (tier by universality); learn it into the context tier if confident."""
-        cfg, dl = self.config, self.dl
+        cfg, rt = self.config, self.rt
         coherence = traj.coherence()
         entry, (tier, exact) = None, self._store_tier(req)
         if tokens and coherence >= cfg.min_coherence:
@@ -300,7 +298,7 @@ class WaveController:
                 provenance=req.provenances[tier],
                 prompt_ids=list(req.ids),
                 tokens=list(tokens),
-                text=dl.tokenizer.decode(tokens, skip_special_tokens=True),
+                text=rt.tokenizer.decode(tokens, skip_special_tokens=True),
                 agent=req.agent_id,
                 swarm=req.info.swarm,
                 domain=req.info.domain,
@@ -312,7 +310,7 @@ class WaveController:
             )
             self.cache.store(entry)
         if cfg.learn_from_generations and tokens and coherence >= cfg.learn_min_coherence:
-            learned = dl.learner.learn(req.agent_id, list(req.ids), list(tokens), critical=False)
+            learned = self.learner.learn(req.agent_id, list(req.ids), list(tokens), critical=False)
             if entry is not None:
                 entry.circuit_ids.append(learned.circuit_id)
 
@@ -328,7 +326,7 @@ class WaveController:
         """A hit is a use of the circuits that learned the entry's continuation (wherever they live now)."""
         for cid in e.circuit_ids:
             with contextlib.suppress(KeyError):
-                self.dl.memory.record_use(self.dl.hierarchy.find_circuit(cid)[1])
+                self.memory.record_use(self.rt.hierarchy.find_circuit(cid)[1])
 
     # -- consolidation ------------------------------------------------------------------------------
     def due(self) -> list[CacheEntry]:
@@ -341,7 +339,7 @@ class WaveController:
                 if e.lookups >= max(self.config.min_lookups, e.retry_after) and e.hit_rate >= tier.threshold
             ]
             ready.sort(key=lambda e: (-e.hit_rate, -e.lookups, e.created))
-            out.extend(ready[: self.dl.config.dynamics.bandwidth])
+            out.extend(ready[: self.rt.config.dynamics.bandwidth])
         return out
 
     def consolidate(self) -> list[dict[str, Any]]:
@@ -350,29 +348,29 @@ class WaveController:
 
     def internalize(self, e: CacheEntry) -> dict[str, Any]:
         """Train the entry's continuation into its tier's LoRA scope; evict it only once the model produces it."""
-        dl = self.dl
+        rt = self.rt
         record = {
             "entry": e.id,
             "tier": e.tier,
             "agent": e.agent,
-            "tick": dl.tick_count,
+            "tick": rt.clock.tick,
             "hit_rate": round(e.hit_rate, 4),
             "lookups": e.lookups,
             "text": e.text[:60],
         }
-        if e.agent not in dl.hierarchy.agents:
+        if e.agent not in rt.hierarchy.agents:
             self.cache.evict(e)
             record.update(outcome="dropped", reason=f"agent {e.agent!r} is no longer registered")
             self.log.append(record)
             return record
-        info = dl.hierarchy.agent(e.agent)
+        info = rt.hierarchy.agent(e.agent)
         target = scope_of(e.tier, info)
         without = TIERS[TIERS.index(e.tier) + 1 :]
         record["scope"] = str(target)
         if self.produces(e, without):
             record.update(outcome="already", reason="the stack up to this tier already produces it")
         else:
-            circuit, steps, ok = dl.learner.internalize(
+            circuit, steps, ok = self.learner.internalize(
                 e.agent, e.prompt_ids, e.tokens, without, self.config.internalize_steps, self.config.internalize_lr
             )
             record["steps"] = steps
@@ -383,7 +381,7 @@ class WaveController:
                 self._propose(e, circuit, target, record)
             else:
                 self._describe(e, circuit, record)
-                dl.add_circuit(target, circuit, pinned=False)
+                rt.place(target, circuit)
                 if self.produces(e, without):
                     extracted = self.extract(e.agent, e.prompt_ids, e.tokens, without)
                     circuit.extracted = extracted.summary()
@@ -392,7 +390,7 @@ class WaveController:
                         "circuit": circuit.id,
                         "from": f"cache:{e.tier}",
                         "to": str(target),
-                        "tick": dl.tick_count,
+                        "tick": rt.clock.tick,
                         "label": circuit.label,
                         "critical": False,
                         "score": record["hit_rate"],
@@ -400,9 +398,9 @@ class WaveController:
                         "autocorrelation": None,
                         "kind": "consolidation",
                     }
-                    dl.memory.migrations.append(entry)
+                    self.memory.migrations.append(entry)
                 else:
-                    dl.hierarchy.scope(target).remove(circuit.id)
+                    rt.hierarchy.scope(target).remove(circuit.id)
                     record.update(outcome="failed", reason="teacher forcing agreed but greedy decoding did not")
         if record["outcome"] in ("already", "internalized"):
             self.cache.evict(e)
@@ -419,13 +417,13 @@ class WaveController:
 
     def _describe(self, e: CacheEntry, circuit, record: dict[str, Any]) -> None:
         """Label an internalized circuit with its entry, the agents that asked for it, and its origin."""
-        circuit.observe_example(1.0, self.dl.tokenizer.decode(e.prompt_ids, skip_special_tokens=True), e.text)
+        circuit.observe_example(1.0, self.rt.tokenizer.decode(e.prompt_ids, skip_special_tokens=True), e.text)
         circuit.origin_agents = sorted({r[0] for r in self.cache.requesters.get(e.prompt_key, [])} | {e.agent})
         circuit.history.append(
             {
                 "event": "consolidated",
                 "from": f"cache:{e.tier}",
-                "tick": self.dl.tick_count,
+                "tick": self.rt.clock.tick,
                 "hit_rate": record["hit_rate"],
                 "lookups": e.lookups,
             }
@@ -438,13 +436,13 @@ class WaveController:
         contributors = frozenset(r[level] for r in self.cache.requesters.get(e.prompt_key, [])) | {
             (e.agent, e.swarm, e.domain)[level]
         }
-        self.dl.memory.sharing.propose(Proposal(circuit, contributors, "", e.hit_rate, False, str(target)))
+        self.memory.sharing.propose(Proposal(circuit, contributors, "", e.hit_rate, False, str(target)))
         record.update(outcome="proposed", circuit=circuit.id, contributors=sorted(contributors))
 
     def produces(self, e: CacheEntry, without: tuple[str, ...]) -> bool:
         """Does the agent's stack without ``without`` produce the entry's continuation, greedily and uncached?"""
         cfg = GenerationConfig(max_new_tokens=max(len(e.tokens), 1))
-        decoded, _, _ = self.dl.generate_ids([e.agent], [e.prompt_ids], cfg, without=without)
+        decoded, _, _ = self.rt.generate_ids([e.agent], [e.prompt_ids], cfg, without=without)
         return decoded.tokens[0] == e.tokens
 
     # -- extraction ---------------------------------------------------------------------------------
@@ -452,16 +450,16 @@ class WaveController:
         self, agent_id: str, prompt_ids: list[int], tokens: list[int], without: tuple[str, ...] = ()
     ) -> ExtractedCircuit:
         """The circuit (active neurons and strong edges along the MLP chain) behind a continuation."""
-        dl = self.dl
+        rt = self.rt
         if not self.chain or not tokens:
             return ExtractedCircuit()
-        plan = dl.planner.plan([agent_id], without=without, skip=dl.route([agent_id], [prompt_ids]))
-        session = dl.new_session(plan, observe=False, capture=True)  # keeps every adapted module's input
-        with torch.no_grad(), dl.activate(plan, session):
-            dl.model(input_ids=torch.tensor([prompt_ids + tokens], device=dl.device), use_cache=False)
+        plan = rt.planner.plan([agent_id], without=without, skip=rt.route([agent_id], [prompt_ids]))
+        session = rt.new_session(plan, observe=False, capture=True)  # keeps every adapted module's input
+        with torch.no_grad(), rt.activate(plan, session):
+            rt.model(input_ids=torch.tensor([prompt_ids + tokens], device=rt.device), use_cache=False)
         steps = slice(len(prompt_ids) - 1, len(prompt_ids) - 1 + len(tokens))  # the positions that chose `tokens`
         captured = {name: session.capture[name][0, steps].float() for name in self.chain}
-        weights = {name: dl.layers[name].base_weight().detach() for name in self.chain}
+        weights = {name: rt.layers[name].base_weight().detach() for name in self.chain}
         return extract(
             captured, weights, self.chain, self.config.extraction_weight_threshold, self.config.extraction_min_size
         )
