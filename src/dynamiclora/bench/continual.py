@@ -154,9 +154,9 @@ def compare(
     agents = sorted({t.agent for t in stream.tasks})
     results = []
     settings = [
-        (100, True, 0.5),
-        (100, False, 0.5),
-        *((t, True, 0.5) for t in ticks),
+        (100, True, None),  # None: the configured default radius
+        (100, False, None),
+        *((t, True, None) for t in ticks),
         *((100, True, r) for r in radii),
     ]
     for interval, routing, radius in settings:
@@ -265,7 +265,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.quick:
         plan = [(streams.facts(tasks=3, per_task=2, rounds=2), LEARNING_RATES[0], (), ())]
     else:  # ticks: one per round of the facts stream (4 items), one per round of the selective stream (6 items)
-        plan = [(streams.facts(), lr, (4,), (1.0,)) for lr in LEARNING_RATES]
+        plan = [(streams.facts(), lr, (4,), (0.6,)) for lr in LEARNING_RATES]
         plan += [(streams.selective(), lr, (6,), ()) for lr in (LEARNING_RATES[0], 1e-3)]
         plan += [(streams.styles(), lr, (), ()) for lr in (LEARNING_RATES[0], 1e-3)]
     reports = [compare(stream, args.quick, lr, ticks, radii) for stream, lr, ticks, radii in plan]

@@ -96,19 +96,24 @@ class DynamicLoRAMethod(Method):
         lr: float = 1e-2,
         routing: bool = True,
         capacity: int = 32,
-        radius: float = 0.5,
+        radius: float | None = None,
     ) -> None:
         # capacity: the longest stream holds 20 facts of one agent; the default 16 would drop the oldest ones
         cfg = DynamicLoRAConfig(
             dynamics=DynamicsConfig(tick_interval=tick_interval),
-            learning=LearningConfig(learning_rate=lr, routing=routing, context_capacity=capacity, route_radius=radius),
+            learning=LearningConfig(
+                learning_rate=lr,
+                routing=routing,
+                context_capacity=capacity,
+                **({} if radius is None else {"route_radius": radius}),
+            ),
         )
         self.dl = DynamicLoRA(model, tokenizer, cfg)
         for a in agents:
             self.dl.agent(a, swarm="team", domain="work")
         details = (
             ([] if routing else ["no routing"])
-            + ([f"route radius {radius:g}"] if radius != 0.5 else [])
+            + ([f"route radius {radius:g}"] if radius is not None else [])
             + ([f"tick every {tick_interval}"] if tick_interval != 100 else [])
         )
         if details:
