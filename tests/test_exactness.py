@@ -256,3 +256,13 @@ def test_served_outputs_equal_uncached_decoding_and_equal_hashes_mean_equal_outp
     assert served["checked_again"] > 100, served
     kinds = {m.get("kind", "migration") for m in dl.migrations()} | {m["to"].split(":")[0] for m in dl.migrations()}
     assert {"agent", "swarm"} <= kinds, kinds  # migration and consensus both happened
+
+
+def test_a_jump_says_whether_it_ran_the_model():
+    dl = make_dl(config=DynamicLoRAConfig(wavegen=OPEN, dynamics={"tick_interval": 0}))
+    alice = dl.agent("alice", swarm="team", domain="d")
+    prompt = "def parse(text):"
+    alice.generate(prompt, max_new_tokens=6)
+    assert alice.generate(prompt, max_new_tokens=6, mode="jump").jumped
+    alice.learn(prompt, " return json")
+    assert not alice.generate(prompt, max_new_tokens=6, mode="jump").jumped  # a faster tier acts: verified

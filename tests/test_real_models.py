@@ -51,4 +51,5 @@ def test_smollm2_learns_serves_ticks_saves_and_exports(smollm2_dir, tmp_path):
     dl.export_peft(tmp_path / "adapter", agent="alice")
     peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(smollm2_dir), tmp_path / "adapter")
     with torch.no_grad():
-        torch.testing.assert_close(peft_model.eval()(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-4)
+        # 30 layers of fp32 in another order of operations: logits of size ~20 agree to 2e-4
+        torch.testing.assert_close(peft_model.eval()(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-3)

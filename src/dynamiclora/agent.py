@@ -33,6 +33,7 @@ class GenerationResult:
     draft_tokens: int = 0  # cached tokens offered as a draft
     accepted_tokens: int = 0  # of which the model accepted (all of them in 'jump' mode)
     coherence: float | None = None  # mean probability of the chosen tokens (None when nothing was computed)
+    jumped: bool = False  # served from the cache without running the model (only where that is exact)
 
 
 class Agent:

@@ -38,16 +38,18 @@ def run_wavegen(dl: DynamicLoRA, state_dir: Path, console: Console) -> dict:
     for col in ("request", "mode", "cache", "draft accepted", "time", "entry hit rate"):
         table.add_column(col)
     times: dict[str, list[float]] = {}
+    verified_jumps = 0
     every, dl.config.dynamics.tick_interval = dl.config.dynamics.tick_interval, 0  # this act ticks by hand
     try:
         for request, mode in enumerate(("verify", "verify", "jump", "verify", "verify"), 1):
             t0 = time.perf_counter()
             r = dave.generate(PROMPT, max_new_tokens=40, mode=mode)
             times.setdefault(f"{r.cache} {mode}", []).append(time.perf_counter() - t0)
+            verified_jumps += mode == "jump" and not r.jumped
             e = next(e for e in dl.wavegen.cache.entries() if e.agent == "dave")
             table.add_row(
                 str(request),
-                mode,
+                mode + (" (verified)" if mode == "jump" and not r.jumped else ""),
                 r.cache,
                 f"{r.accepted_tokens}/{r.draft_tokens}",
                 _ms(time.perf_counter() - t0),
@@ -90,6 +92,11 @@ def run_wavegen(dl: DynamicLoRA, state_dir: Path, console: Console) -> dict:
         f"miss {_ms(miss)}, verified hit {_ms(hit)} ({miss / hit:.1f}× faster), jump {_ms(jump)} "
         f"({miss / jump:.0f}× faster); overall hit rate {stats['hit_rate']:.2f}"
     )
+    if verified_jumps:
+        console.print(
+            "the jump request was verified: dave's context tier acts on his prompt, and jump serves cached tokens "
+            "only where they are what the stack would say (see docs/exactness.md)"
+        )
     return {
         "outcome": outcome["outcome"],
         "internalized": after == dl.encode(COMPLETION, special=False) + [dl.tokenizer.eos_token_id],

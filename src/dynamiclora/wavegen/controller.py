@@ -168,7 +168,9 @@ class WaveController:
         e = req.entry
         tokens = e.tokens[: cfg.max_new_tokens]
         self._used(e)
-        return self._result(req, tokens, cache=e.tier, draft_tokens=len(tokens), accepted_tokens=len(tokens))
+        return self._result(
+            req, tokens, cache=e.tier, draft_tokens=len(tokens), accepted_tokens=len(tokens), jumped=True
+        )
 
     def _speculate(self, req: _Request, cfg: GenerationConfig) -> GenerationResult:
         """One row: prefill, find a draft (exact or semantic), verify it, continue decoding."""
