@@ -139,3 +139,27 @@ def test_labels_come_from_the_interactions_that_activate_a_circuit_most(dl):
     assert c.label == "def parse_json(text): → return json.loads(text)"
     assert len(c.examples) == 1 and c.examples[0][1] == PROMPT
     assert dl.circuits()[0]["examples"] == c.examples
+
+
+TEMPLATE = "{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }}\n{% endfor %}<assistant>"
+
+
+def test_chat_and_learning_from_a_conversation_use_what_the_model_reads(dl, monkeypatch):
+    from dynamiclora.errors import InvalidInputError
+
+    monkeypatch.setattr(dl.tokenizer, "chat_template", TEMPLATE, raising=False)  # the tiny tokenizer is shared
+    alice = dl.agent("alice", swarm="s", domain="d")
+    messages = [{"role": "user", "content": "parse this json"}]
+    ids = dl.runtime.chat_ids(messages)
+    assert dl.tokenizer.decode(ids) == "<user> parse this json\n<assistant>"  # the template, no token added
+    assert (
+        alice.chat(messages, max_new_tokens=4, use_cache=False).token_ids
+        == alice.generate(ids, max_new_tokens=4, use_cache=False).token_ids
+    )
+    before = alice.logits(torch.tensor([ids]))
+    r = alice.learn(messages=messages, completion=" json.loads(text)")
+    assert r.spawned and not torch.allclose(alice.logits(torch.tensor([ids])), before)  # its gate opens on the chat
+    with pytest.raises(InvalidInputError, match="exactly one of"):
+        alice.learn("a prompt", " x", messages=messages)
+    with pytest.raises(InvalidInputError, match="role"):
+        alice.chat([{"content": "no role"}])

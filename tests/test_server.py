@@ -70,9 +70,10 @@ def test_chat_needs_a_chat_template(server):
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
 
 
-def test_chat_completions_with_a_template(server):
+def test_chat_completions_with_a_template(server, monkeypatch):
     client, dl, _ = server
-    dl.tokenizer.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
+    template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
+    monkeypatch.setattr(dl.tokenizer, "chat_template", template, raising=False)  # the tiny tokenizer is shared
     headers = register(client, "alice")
     body = {"model": "alice", "messages": [{"role": "user", "content": "def f(x):"}], "max_tokens": 4}
     r = client.post("/v1/chat/completions", json=body, headers=headers)
@@ -374,3 +375,15 @@ def test_the_dashboard_renders_its_plots_in_headless_chromium(tmp_path):
             timeout=120,
         )
         assert shot.exists() and shot.stat().st_size > 10_000
+
+
+def test_learning_from_a_conversation_over_http(server, monkeypatch):
+    client, dl, _ = server
+    template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
+    monkeypatch.setattr(dl.tokenizer, "chat_template", template, raising=False)  # the tiny tokenizer is shared
+    headers = register(client, "alice")
+    body = {"model": "alice", "messages": [{"role": "user", "content": "parse json"}], "completion": " loads"}
+    r = client.post("/v1/learn", json=body, headers=headers)
+    assert r.status_code == 200 and r.json()["spawned"], r.text
+    r = client.post("/v1/learn", json={**body, "prompt": "also text"}, headers=headers)
+    assert r.status_code == 400 and "exactly one of" in r.json()["error"]["message"]

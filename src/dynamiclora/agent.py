@@ -48,21 +48,38 @@ class Agent:
         return self.dl.hierarchy.agent(self.id)
 
     def generate(
-        self, prompt: str, mode: str | None = None, use_cache: bool | None = None, **overrides: Any
+        self, prompt: str | list[int], mode: str | None = None, use_cache: bool | None = None, **overrides: Any
     ) -> GenerationResult:
         """Generate through WaveGen (``mode``: 'verify' or 'jump'; see WaveGenConfig). ``use_cache=False`` (or
-        ``WaveGenConfig.enabled=False``) bypasses the cache. ``overrides`` replace generation config fields."""
+        ``WaveGenConfig.enabled=False``) bypasses the cache. ``overrides`` replace generation config fields. The
+        prompt is text, or the token ids the model reads."""
         if use_cache is None:
             use_cache = self.dl.config.wavegen.enabled
         if not use_cache:
             return self.dl.generate_batch([(self.id, prompt)], **overrides)[0]
         return self.dl.generate_cached([(self.id, prompt)], mode=mode, **overrides)[0]
 
-    def learn(self, prompt: str, completion: str, critical: bool = False) -> LearnResult:
-        """Gradient steps of the completion's next-token loss into this agent's context circuits only."""
+    def chat(self, messages: list[dict[str, str]], **kwargs: Any) -> GenerationResult:
+        """The agent's reply to a conversation, through the tokenizer's chat template (``kwargs``: as generate)."""
+        return self.generate(self.dl.runtime.chat_ids(messages), **kwargs)
+
+    def learn(
+        self,
+        prompt: str | list[int] | None = None,
+        completion: str = "",
+        critical: bool = False,
+        *,
+        messages: list[dict[str, str]] | None = None,
+    ) -> LearnResult:
+        """Gradient steps of the completion's next-token loss into this agent's context circuits only. The prompt
+        is text, token ids, or (``messages=``) a conversation, learned as the model reads it through the chat
+        template; ``completion`` is the reply the agent should have given."""
         dl = self.dl
         dl.hierarchy.agent(self.id)
-        prompt_ids, completion_ids = dl.encode(prompt), dl.encode(completion, special=False)
+        if (prompt is None) == (messages is None):
+            raise InvalidInputError("learn needs exactly one of prompt= (text or token ids) or messages=")
+        prompt_ids = dl.runtime.chat_ids(messages) if messages is not None else dl.runtime.prompt_ids(prompt)
+        completion_ids = dl.encode(completion, special=False)
         if not completion_ids:
             raise InvalidInputError("the completion is empty after tokenization; give the text the agent should learn")
         if dl.tokenizer.eos_token_id is not None:

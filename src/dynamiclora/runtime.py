@@ -218,8 +218,34 @@ class Runtime:
 
     def encode(self, text: str, special: bool = True) -> list[int]:
         if not isinstance(text, str):
-            raise TypeError(f"expected text (str), got {type(text).__name__}")
+            raise InvalidInputError(f"expected text (str), got {type(text).__name__}")
         return list(self.tokenizer(text, add_special_tokens=special)["input_ids"])
+
+    def prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
+        """A prompt as the model reads it: text is tokenized (with the tokenizer's special tokens), token ids are
+        taken as they are (a chat prompt, see :meth:`chat_ids`)."""
+        if isinstance(prompt, str):
+            return self.encode(prompt)
+        ids = list(prompt)
+        vocab = self.model.get_input_embeddings().num_embeddings
+        if not all(isinstance(t, int) and 0 <= t < vocab for t in ids):
+            raise InvalidInputError(f"a prompt is text or token ids in [0, {vocab}); got {ids[:8]!r}…")
+        return ids
+
+    def chat_ids(self, messages: Sequence[dict[str, str]]) -> list[int]:
+        """The token ids the model reads for a conversation: the tokenizer's chat template with the assistant's
+        turn opened (its special tokens come from the template, none are added)."""
+        if getattr(self.tokenizer, "chat_template", None) is None:
+            raise InvalidInputError(
+                "this tokenizer has no chat template; give a prompt as text, or set tokenizer.chat_template"
+            )
+        if not messages or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages
+        ):
+            raise InvalidInputError("messages must be a non-empty list of {'role': str, 'content': str}")
+        text = self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+        return self.encode(text, special=False)
 
     def decoder_forward(self, session: Session, use_kv_cache: bool = True, pooled: list | None = None) -> ForwardFn:
         """The model call used by decoding, under the plan activated around it.

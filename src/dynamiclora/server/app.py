@@ -26,7 +26,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..core import DynamicLoRA
-from ..errors import PromptTooLongError, RegistrationError
+from ..errors import DynamicLoRAError, PromptTooLongError, RegistrationError
 from . import dashboard
 from .engine import Busy, Completion, Engine, GenerateJob
 from .keys import KeyStore, Principal
@@ -146,7 +146,9 @@ def create_app(
         ]
         return {"object": "list", "data": data}
 
-    async def complete(req: Sampling, prompt: str, who: Principal, max_tokens: int | None) -> Completion:
+    async def complete(
+        req: Sampling, prompt: str, who: Principal, max_tokens: int | None, prompt_ids: list[int] | None = None
+    ) -> Completion:
         if req.model == base:
             agent_id = who.agent or next(iter(sorted(dl.hierarchy.agents)), None)
             if agent_id is None:
@@ -155,7 +157,7 @@ def create_app(
         else:
             agent_id, base_only = agent_for(req.model, who), False
         tokens = max_tokens or DEFAULT_MAX_TOKENS
-        prompt_ids = dl.encode(prompt)
+        prompt_ids = dl.encode(prompt) if prompt_ids is None else prompt_ids
         try:
             dl.check_length(len(prompt_ids) + tokens, len(prompt_ids), tokens)
         except PromptTooLongError as e:
@@ -183,17 +185,22 @@ def create_app(
             return _stream(head, c, lambda piece, reason: {"choices": [choice(piece, reason)]}, req)
         return {**head, "choices": [choice(c.text, c.finish_reason)], "usage": usage(c), "cache": c.cache}
 
+    def chat_ids(messages) -> list[int]:
+        """The token ids the model reads for a conversation (the chat template, the assistant's turn opened)."""
+        try:
+            return dl.runtime.chat_ids([{"role": m.role, "content": m.content} for m in messages])
+        except DynamicLoRAError as e:
+            raise APIError(400, str(e), param="messages") from None
+        except Exception as e:  # noqa: BLE001 - a template may reject a message order
+            raise APIError(400, f"the chat template rejected these messages: {e}", param="messages") from None
+
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest, who: Principal = Depends(principal)):
         template = getattr(dl.tokenizer, "chat_template", None)
         if not template:
             raise APIError(400, f"model {base!r} has no chat template; use /v1/completions", param="messages")
-        messages = [{"role": m.role, "content": m.content} for m in req.messages]
-        try:
-            prompt = dl.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        except Exception as e:  # noqa: BLE001 - a template may reject a message order
-            raise APIError(400, f"the chat template rejected these messages: {e}", param="messages") from None
-        c = await complete(req, prompt, who, req.max_completion_tokens or req.max_tokens)
+        ids = chat_ids(req.messages)
+        c = await complete(req, dl.tokenizer.decode(ids), who, req.max_completion_tokens or req.max_tokens, ids)
         rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         head = {"id": rid, "created": created, "model": req.model}
         if req.stream:
@@ -247,8 +254,9 @@ def create_app(
     @app.post("/v1/learn")
     async def learn(req: LearnRequest, who: Principal = Depends(principal)):
         agent_id = agent_for(req.model, who)
+        prompt = req.prompt if req.messages is None else chat_ids(req.messages)  # as the model reads it
         try:
-            r = await run(lambda: dl.agent(agent_id).learn(req.prompt, req.completion, req.critical), durable=True)
+            r = await run(lambda: dl.agent(agent_id).learn(prompt, req.completion, req.critical), durable=True)
         except PromptTooLongError as e:
             raise APIError(400, str(e), param="prompt") from None
         return {

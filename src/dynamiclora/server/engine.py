@@ -172,7 +172,7 @@ class Engine:
         )
         if len(jobs) == 1 and not first.base_only and self.use_cache:  # alone: through WaveGen, the agent's cache
             r = dl.agent(first.agent_id).generate(
-                first.prompt, max_new_tokens=first.max_tokens, temperature=first.temperature, top_p=first.top_p
+                first.prompt_ids, max_new_tokens=first.max_tokens, temperature=first.temperature, top_p=first.top_p
             )
             return [self._finish(first, r.token_ids, r.finished, r.cache)]
         without = TIERS if first.base_only else ()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 MAX_PROMPT_CHARS = 32_000
 MAX_TOKENS = 2048  # the model's context bounds it further (checked per request)
@@ -62,9 +62,18 @@ class ChatRequest(Sampling):
 
 class LearnRequest(Body):
     model: str = Field(min_length=1, max_length=200, description="the agent that learns")
-    prompt: Text
-    completion: Text
+    prompt: Text | None = Field(default=None, description="the prompt as text (or give messages)")
+    messages: list[Message] | None = Field(
+        default=None, min_length=1, max_length=256, description="a conversation, read through the chat template"
+    )
+    completion: Text = Field(description="the reply the agent should have given")
     critical: bool = False
+
+    @model_validator(mode="after")
+    def one_prompt(self) -> LearnRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of prompt (text) or messages (a conversation)")
+        return self
 
 
 class RegisterRequest(Body):

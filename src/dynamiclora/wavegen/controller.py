@@ -93,7 +93,9 @@ class WaveController:
         for row, (agent_id, prompt) in enumerate(requests):
             started = time.perf_counter()
             info = rt.hierarchy.agent(agent_id)
-            ids = rt.encode(prompt)
+            ids = rt.prompt_ids(prompt)
+            if not isinstance(prompt, str):
+                prompt = rt.tokenizer.decode(ids)
             if not ids:
                 raise InvalidInputError("the prompt is empty after tokenization; give at least one token of text")
             rt.check_length(len(ids) + cfg.max_new_tokens, len(ids), cfg.max_new_tokens)
