@@ -25,7 +25,7 @@ from ..continual.methods import (
     perplexity,
 )
 from ..continual.metrics import summarize
-from .record import arguments, write
+from .record import arguments, model_path, model_suffix, write
 
 CHUNK, CHUNKS = 128, 12  # held-out perplexity: this many chunks of this many tokens
 # Every method runs at every learning rate of the grid; the targets compare each method at its best one (highest
@@ -130,9 +130,7 @@ def model_and_tokenizer(quick: bool):
         return tiny_model("llama")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..default_model import ensure_default_model
-
-    path = ensure_default_model(progress=False)
+    path = model_path()
     return AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
 
 
@@ -271,7 +269,7 @@ def main(argv: list[str] | None = None) -> dict:
     reports = [compare(stream, args.quick, lr, ticks, radii) for stream, lr, ticks, radii in plan]
     facts = [r for r in reports if r["stream"] == "facts"]
     checks, md_targets = targets(facts)
-    name = "continual-cpu" + ("-quick" if args.quick else "")
+    name = "continual-cpu" + ("-quick" if args.quick else model_suffix())
     md = ["# Continual learning (cpu)", "", *md_targets, ""]
     for report in reports:
         md += [*table(report), ""]

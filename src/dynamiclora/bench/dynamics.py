@@ -17,7 +17,7 @@ from ..config import DynamicLoRAConfig, DynamicsConfig, LearningConfig
 from ..core import DynamicLoRA
 from ..testing import tiny_model
 from .forward import LAYOUT, build_model, build_stack, model_configs, random_circuit
-from .record import arguments, time_interleaved, write
+from .record import arguments, model_suffix, time_interleaved, write
 from .tiers import STREAM_TICKS, plot_timescales, tier_timescales, timescale_checks, timescale_table
 
 
@@ -29,7 +29,7 @@ def learning_step(quick: bool) -> list[dict]:
     rows = []
     for name, kwargs in model_configs(quick).items():
         base = build_model(kwargs, "cpu")
-        ids = torch.randint(1, kwargs["vocab_size"], (1, 64))
+        ids = torch.randint(1, base.config.vocab_size, (1, 64))
         peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(r=8, lora_alpha=8, target_modules="all-linear"))
         peft_model.train()
         opt = torch.optim.Adam([p for p in peft_model.parameters() if p.requires_grad], lr=1e-3)
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> dict:
     md += ["", *timescale_table(scales)]
     checks.update(timescale_checks(scales))
     md += ["", "## Targets", ""] + [f"- {'met' if ok else '**missed**'}: {k}" for k, ok in checks.items()]
-    name = "dynamics-cpu" + ("-quick" if args.quick else "")
+    name = "dynamics-cpu" + ("-quick" if args.quick else model_suffix())
     write(
         Path(args.out),
         name,

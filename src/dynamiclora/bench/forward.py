@@ -21,7 +21,16 @@ import torch
 from ..circuits import Circuit
 from ..config import DynamicLoRAConfig, GenerationConfig
 from ..core import DynamicLoRA
-from .record import time_interleaved, write
+from .record import (
+    add_model_argument,
+    model_label,
+    model_path,
+    model_suffix,
+    select_model,
+    selected_model,
+    time_interleaved,
+    write,
+)
 
 LAYOUT = {"foundation": (4, 8), "domain": (3, 8), "swarm": (3, 8), "agent": (2, 8), "context": (2, 8)}  # (n, r)
 
@@ -37,7 +46,9 @@ def model_configs(quick: bool) -> dict[str, dict]:
             num_key_value_heads=4,
         )
     }
-    if not quick:
+    if not quick and selected_model() != "builtin":  # --model: a real model in place of the 110M one
+        configs[model_label()] = {"path": model_path()}
+    elif not quick:
         configs["llama-110M"] = dict(
             vocab_size=32000,
             hidden_size=768,
@@ -52,6 +63,8 @@ def model_configs(quick: bool) -> dict[str, dict]:
 def build_model(kwargs: dict, device: str):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
+    if "path" in kwargs:
+        return AutoModelForCausalLM.from_pretrained(kwargs["path"]).eval().to(device)
     torch.manual_seed(0)
     config = LlamaConfig(max_position_embeddings=512, tie_word_embeddings=True, **kwargs)
     return AutoModelForCausalLM.from_config(config).eval().to(device)
@@ -123,7 +136,7 @@ def run(device: str, quick: bool, repeats: int | None = None) -> list[dict]:
         dl2 = build_stack(copy.deepcopy(base), agents=8, swarms=2)
         sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
         for batch in (1, 8):
-            ids = torch.randint(1, kwargs["vocab_size"], (batch, 64), device=device)
+            ids = torch.randint(1, base.config.vocab_size, (batch, 64), device=device)
             agents = [f"agent{i}" for i in range(batch)]
             same = ["agent0"] * batch
 
@@ -168,7 +181,7 @@ def run(device: str, quick: bool, repeats: int | None = None) -> list[dict]:
                     }
                 )
         # decode: 8 agents generating 16 tokens each, batched vs one at a time
-        prompts = [torch.randint(1, kwargs["vocab_size"], (64,)).tolist() for _ in range(8)]
+        prompts = [torch.randint(1, base.config.vocab_size, (64,)).tolist() for _ in range(8)]
         res = time_interleaved(
             {
                 "decode batched (8 agents)": lambda: _decode(dl, [f"agent{i}" for i in range(8)], prompts),
@@ -268,11 +281,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats per variant (default: by model)")
+    add_model_argument(parser)  # 'builtin' here: a 110M Llama built from its config, beside the tiny model
     args = parser.parse_args(argv)
+    select_model(args.model)
     out = Path(args.out)
     rows = run(args.device, args.quick, args.repeats)
     checks, summary = summarize(rows)
-    name = f"forward-{args.device}" + ("-quick" if args.quick else "")
+    name = f"forward-{args.device}" + ("-quick" if args.quick else model_suffix())
     md = [
         f"# Forward pass: stack vs base vs PEFT-5 ({args.device})",
         "",

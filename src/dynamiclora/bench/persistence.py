@@ -24,7 +24,7 @@ from ..core import DynamicLoRA
 from ..store import Writer
 from ..wavegen import CacheEntry
 from ..wavegen.signature import prompt_key
-from .record import arguments, model_under_test, write
+from .record import arguments, model_label, model_suffix, model_under_test, write
 
 TARGET = 1.5  # a save at any size within this factor of the empty case
 
@@ -107,7 +107,7 @@ def plot(out_dir: Path, name: str, cases: list[dict]) -> Path:
 def main(argv: list[str] | None = None) -> dict:
     args = arguments(__doc__, argv)
     out_dir = Path(args.out)
-    name = "persistence-quick" if args.quick else "persistence-cpu"
+    name = "persistence-quick" if args.quick else "persistence-cpu" + model_suffix()
     repeats = 5 if args.quick else 15
     sizes = (
         [(0, 4), (1_000, 4), (5_000, 4)] if args.quick else [(0, 4), (5_000, 4), (20_000, 4), (36_000, 4), (0, 1000)]
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
     empty = cases[0]["incremental"]["median_s"]
     worst = max(c["incremental"]["median_s"] for c in cases)
     checks = {"every save within 1.5x of the empty case": worst <= TARGET * empty}
-    model = "tiny random llama" if args.quick else "built-in model"
+    model = "tiny random llama" if args.quick else model_label()
     lines = [
         f"# Persistence ({model}, cpu)",
         "",

@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import time
@@ -84,22 +85,75 @@ def time_interleaved(
     }
 
 
+MODEL_HELP = (
+    "the model to measure: 'builtin' (the built-in model, the default), 'smollm2' (SmolLM2-135M-Instruct from its "
+    "package), or anything from_pretrained accepts (a directory or hub id)"
+)
+_selected = {"model": "builtin"}  # set once per benchmark run by add_model_argument / arguments
+
+
+def add_model_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="builtin", help=MODEL_HELP)
+
+
+def select_model(model: str) -> None:
+    _selected["model"] = model
+
+
+def selected_model() -> str:
+    return _selected["model"]
+
+
+def model_path(progress: bool = False) -> str:
+    """The selected model as a directory or hub id (the packaged models are prepared once)."""
+    model = _selected["model"]
+    if model == "builtin":
+        from ..default_model import ensure_default_model
+
+        return str(ensure_default_model(progress=progress))
+    if model == "smollm2":
+        from ..smollm2 import ensure_smollm2
+
+        return str(ensure_smollm2(progress=progress))
+    return model
+
+
+def model_suffix() -> str:
+    """What result names carry for a model other than the built-in one (``-smollm2``, ``-<dir name>``)."""
+    model = _selected["model"]
+    if model == "builtin":
+        return ""
+    slug = re.sub(r"[^a-z0-9]+", "-", Path(model).name.lower()).strip("-")
+    return f"-{slug or 'model'}"
+
+
+def model_label() -> str:
+    return {"builtin": "built-in model", "smollm2": "SmolLM2-135M-Instruct"}.get(
+        _selected["model"], _selected["model"]
+    )
+
+
 def arguments(description: str | None, argv: list[str] | None) -> argparse.Namespace:
-    """The options every benchmark takes: ``--out`` (results directory) and ``--quick`` (tiny model, fewer repeats)."""
+    """The options every benchmark takes: ``--out`` (results directory), ``--quick`` (tiny model, fewer repeats)
+    and ``--model`` (what to measure when not quick)."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--quick", action="store_true")
-    return parser.parse_args(argv)
+    add_model_argument(parser)
+    args = parser.parse_args(argv)
+    select_model(args.model)
+    return args
 
 
 def model_under_test(quick: bool, config: DynamicLoRAConfig, progress: bool = False) -> DynamicLoRA:
-    """A tiny random Llama with ``--quick``, the built-in model otherwise."""
+    """A tiny random Llama with ``--quick``, the selected model (``--model``; the built-in one by default)
+    otherwise."""
     if quick:
         from ..testing import tiny_model
 
         base, tokenizer = tiny_model("llama")
         return DynamicLoRA(base, tokenizer, config)
-    return DynamicLoRA.default(config, progress=progress)
+    return DynamicLoRA.from_pretrained(model_path(progress), config)
 
 
 def write(out_dir: Path, name: str, record: dict[str, Any], markdown: str) -> tuple[Path, Path]:

@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 
 from ..server.launch import free_port, spawn
-from .record import arguments, write
+from .record import arguments, model_label, model_path, model_suffix, write
 
 ADMIN = "bench-admin"
 CLIENTS = 16
@@ -151,9 +151,7 @@ def main(argv: list[str] | None = None) -> dict:
         if args.quick:
             model, label, seconds = save_tiny_model(Path(tmp) / "tiny"), "tiny-3.4M", 5.0
         else:
-            from ..default_model import ensure_default_model
-
-            model, label, seconds = ensure_default_model(progress=False), "built-in", 60.0
+            model, label, seconds = model_path(), model_label(), 60.0
         runs = [run_mode(Path(model), batching, seconds, free_port()) for batching in (True, False)]
     batched, unbatched = runs
     speedup = batched["throughput_rps"] / unbatched["throughput_rps"] if unbatched["throughput_rps"] else None
@@ -179,7 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
         )
     md += ["", f"batched / unbatched throughput: {speedup:.2f}×" if speedup else ""]
     md += ["", "## Targets", ""] + [f"- {'met' if ok else '**missed**'}: {k}" for k, ok in checks.items()]
-    name = "server-cpu" + ("-quick" if args.quick else "")
+    name = "server-cpu" + ("-quick" if args.quick else model_suffix())
     out = Path(args.out)
     write(
         out,

@@ -32,7 +32,7 @@ from ..circuits import Circuit
 from ..config import DynamicLoRAConfig, DynamicsConfig, GenerationConfig, LearningConfig
 from ..core import DynamicLoRA
 from ..dynamics.resonance import Proposal, combine, resonate
-from .record import arguments, model_under_test, write
+from .record import arguments, model_label, model_suffix, model_under_test, write
 
 SHARED = [
     ("def add(a, b):", "\n    return a + b\n"),
@@ -342,13 +342,13 @@ def main(argv: list[str] | None = None) -> dict:
     rules = [evaluate(dl, rule, circuits, poison, base_poison) for rule in RULES]
     memory = memory_per_agent(dl, 100 if args.quick else 1000)
     record = {
-        "model": "tiny random llama" if args.quick else "built-in",
+        "model": "tiny random llama" if args.quick else model_label(),
         "rounds": rounds,
         "before_merge": before,
         "rules": rules,
         "memory": memory,
     }
-    name = "swarm-cpu" + ("-quick" if args.quick else "")
+    name = "swarm-cpu" + ("-quick" if args.quick else model_suffix())
     js, md = write(Path(args.out), name, record, markdown(record))
     plot(record, Path(args.out) / f"{name}.png")
     print(md.read_text())

@@ -19,7 +19,7 @@ from ..core import DynamicLoRA
 from ..gates import Gate
 from ..wavegen.cache import CacheEntry
 from ..wavegen.signature import prompt_key, provenance, sampling_key
-from .record import arguments, model_under_test, time_interleaved, write
+from .record import arguments, model_label, model_suffix, model_under_test, time_interleaved, write
 
 SNIPPETS = [
     "import json\n\ndef parse_json(text):\n",
@@ -277,7 +277,7 @@ def main(argv: list[str] | None = None) -> dict:
     serve = serving(dl, args.quick)
     workloads = [zipf_workload(args.quick, 0), zipf_workload(args.quick, 25)]
     personal = [personal_workload(args.quick, step) for step in (0.7, 0.999)]
-    model = "tiny random llama" if args.quick else "built-in model"
+    model = "tiny random llama" if args.quick else model_label()
     checks = {}
     for r in lookups:
         checks[f"{r['layout']}: exact lookup p50 <= 1 ms at {r['entries']} entries"] = r["exact_hit_p50_ms"] <= 1.0
@@ -346,7 +346,7 @@ def main(argv: list[str] | None = None) -> dict:
         for p in personal
     ]
     md += ["", "## Targets", ""] + [f"- {'met' if ok else '**missed**'}: {k}" for k, ok in checks.items()]
-    name = "wavegen-cpu" + ("-quick" if args.quick else "")
+    name = "wavegen-cpu" + ("-quick" if args.quick else model_suffix())
     out = Path(args.out)
     png = plot(out, name, serve, workloads)
     md += ["", f"![serving and hit rate]({png.name})"]
