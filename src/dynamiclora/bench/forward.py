@@ -223,7 +223,7 @@ def summarize(rows: list[dict]) -> tuple[dict, str]:
 
     checks, lines = {}, []
     for model in dict.fromkeys(r["model"] for r in rows):
-        limit = 1.10 if "110M" in model else 1.30
+        limit = 1.30 if model.startswith("tiny") else 1.10  # the tiny model is ms-scale: its target is looser
         for batch in ("1x64", "8x64"):
             base, stack, peft = (med(model, batch, v) for v in ("base", "stack", "peft-5"))
             overhead, peft_overhead = stack / base - 1, peft / base - 1
@@ -266,7 +266,7 @@ def plot(rows: list[dict], path: Path) -> None:
         colors = ["#888", "#2a7", "#c54"] * (len(values) // 3)
         ax.bar(range(len(values)), values, color=colors)
         ax.set_xticks(range(len(values)), labels, fontsize=8)
-        ax.axhline(1.10 if "110M" in model else 1.30, ls="--", c="k", lw=0.8, label="target for the stack")
+        ax.axhline(1.30 if model.startswith("tiny") else 1.10, ls="--", c="k", lw=0.8, label="target for the stack")
         ax.set_ylabel("forward time / base forward (median)")
         ax.set_title(model)
         ax.legend(fontsize=8)
