@@ -281,13 +281,11 @@ class DynamicLoRA:
             return []
         agent_ids = [a for a, _ in requests]
         snapshots = [self.snapshot(a) for a in agent_ids]
-        prompts = [self.runtime.prompt_ids(p) for _, p in requests]
+        texts, prompts = zip(*(self.runtime.prompt_text_and_ids(p) for _, p in requests))
         decoded, touched, timings = self.runtime.generate_ids(
-            agent_ids, prompts, cfg, use_kv_cache=use_kv_cache, interaction=True
+            agent_ids, list(prompts), cfg, use_kv_cache=use_kv_cache, interaction=True
         )
-        requests = [
-            (a, p if isinstance(p, str) else self.tokenizer.decode(ids)) for (a, p), ids in zip(requests, prompts)
-        ]
+        requests = list(zip(agent_ids, texts))
         self.count_interactions(len(requests))
         return [
             GenerationResult(

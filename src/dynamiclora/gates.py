@@ -34,18 +34,10 @@ class Gate:
     def single(cls, feature: torch.Tensor, radius: float) -> Gate:
         return cls(feature.reshape(1, -1).float().cpu(), torch.tensor([float(radius)]))
 
-    def __len__(self) -> int:
-        return self.keys.shape[0]
-
     def distance(self, feature: torch.Tensor) -> float:
         """Distance to the nearest key in units of that key's radius: ≤ 1 means the input reaches the gate."""
         gaps = (self.keys - feature.reshape(1, -1).float()).norm(dim=-1) / self.radii.clamp_min(1e-12)
         return float(gaps.min())
-
-    def distances(self, features: torch.Tensor) -> torch.Tensor:
-        """(B,) :meth:`distance` of each row of ``features`` (B, d)."""
-        gaps = torch.cdist(features.float(), self.keys) / self.radii.clamp_min(1e-12)
-        return gaps.min(dim=1).values
 
     def with_key(self, feature: torch.Tensor, radius: float) -> Gate:
         """This gate plus one key (the oldest goes beyond ``MAX_KEYS``)."""

@@ -201,7 +201,7 @@ class Hierarchy:
 
     def note(self, circuit: Circuit) -> None:
         """A circuit's record changed: its scope has to be saved again (see store.Writer)."""
-        scope = self.scopes.get(ScopeKey(circuit.tier, circuit.scope if circuit.tier != "foundation" else ""))
+        scope = self.scopes.get(ScopeKey(circuit.tier, circuit.scope))  # (set by Scope.add)
         if scope is not None:
             scope.note()
 

@@ -134,19 +134,16 @@ class ContextLearner:
             )
         return self._optimizers[c.id]
 
-    def state_tensors(self, circuit_ids: list[str] | None = None) -> dict[str, torch.Tensor]:
-        """Adam moments of these context circuits (default: all), by circuit/module/factor/statistic."""
+    def state_tensors(self, circuits: list[Circuit]) -> dict[str, torch.Tensor]:
+        """Adam moments of these (context) circuits, by circuit/module/factor/statistic, for persistence."""
         out = {}
-        for cid, opt in self._optimizers.items():
-            if circuit_ids is not None and cid not in circuit_ids:
-                continue
-            try:
-                _, c = self.rt.hierarchy.find_circuit(cid)
-            except KeyError:
+        for c in circuits:
+            opt = self._optimizers.get(c.id)
+            if opt is None:
                 continue
             for name, t in self._params(c):
                 for stat, value in opt.state.get(t, {}).items():
-                    out[f"{cid}/{name}/{stat}"] = value.detach().float().cpu().reshape(-1).contiguous()
+                    out[f"{c.id}/{name}/{stat}"] = value.detach().float().cpu().reshape(-1).contiguous()
         return out
 
     def restore(self, tensors: dict[str, torch.Tensor]) -> None:

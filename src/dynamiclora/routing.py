@@ -14,7 +14,8 @@ moves another agent's gates, and no later configuration change moves a gate that
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -51,6 +52,9 @@ REFERENCE_PROMPTS = (
 )
 
 
+MEMO_SIZE = 256  # route features of the most recent distinct prompts
+
+
 class _Captured(Exception):
     """Raised by the capture hook once the route module's input is in hand: nothing after it needs to run."""
 
@@ -68,6 +72,7 @@ class Router:
     tokenizer: object
     config: LearningConfig
     _unit: float | None = None
+    _memo: OrderedDict[tuple[int, ...], torch.Tensor] = field(default_factory=OrderedDict)
 
     @property
     def enabled(self) -> bool:
@@ -78,8 +83,10 @@ class Router:
     def features(self, prompts: list[list[int]]) -> torch.Tensor:
         """(B, d) route features: each prompt's mean base-model input to the route module (float32, CPU).
 
-        Runs the base model only up to the route module; where the base inputs are at hand already (learning
-        captures them), :meth:`feature_of` reads the feature from them instead."""
+        Runs the base model only up to the route module, once per distinct prompt: a feature depends on the base
+        model and the prompt alone, so the most recent ones are kept (a request's lookup and its decoding route
+        the same prompt). Where the base inputs are at hand already (learning captures them), :meth:`feature_of`
+        reads the feature from them instead."""
         device = next(self.model.parameters()).device
         out: list[torch.Tensor] = []
         seen: list[torch.Tensor] = []
@@ -91,12 +98,18 @@ class Router:
         handle = self.layer.register_forward_pre_hook(hook)
         try:
             for ids in prompts:
-                seen.clear()
-                try:
-                    self.model(input_ids=torch.tensor([ids], device=device), use_cache=False)
-                except _Captured:
-                    pass
-                out.append(self.feature_of({self.module: seen[0]}, len(ids)))
+                key = tuple(ids)
+                if key not in self._memo:
+                    seen.clear()
+                    try:
+                        self.model(input_ids=torch.tensor([ids], device=device), use_cache=False)
+                    except _Captured:
+                        pass
+                    self._memo[key] = self.feature_of({self.module: seen[0]}, len(ids))
+                    while len(self._memo) > MEMO_SIZE:
+                        self._memo.popitem(last=False)
+                self._memo.move_to_end(key)
+                out.append(self._memo[key])
         finally:
             handle.remove()
         return torch.stack(out)

@@ -232,6 +232,11 @@ class Runtime:
             raise InvalidInputError(f"a prompt is text or token ids in [0, {vocab}); got {ids[:8]!r}…")
         return ids
 
+    def prompt_text_and_ids(self, prompt: str | Sequence[int]) -> tuple[str, list[int]]:
+        """The prompt as text (token ids decoded) and as the ids the model reads (see :meth:`prompt_ids`)."""
+        ids = self.prompt_ids(prompt)
+        return (prompt if isinstance(prompt, str) else self.tokenizer.decode(ids)), ids
+
     def chat_ids(self, messages: Sequence[dict[str, str]]) -> list[int]:
         """The token ids the model reads for a conversation: the tokenizer's chat template with the assistant's
         turn opened (its special tokens come from the template, none are added)."""

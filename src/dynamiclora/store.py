@@ -226,8 +226,8 @@ class Writer:
             }
             files = {}
             for key, scope in changed.items():  # tensors first: files nothing points at yet
-                ids = list(scope.circuits) if key.tier == "context" else []
-                files[key] = (write_scope(scope, scope_dir), write_optimizer(dl.learner.state_tensors(ids), scope_dir))
+                moments = dl.learner.state_tensors(list(scope.circuits.values())) if key.tier == "context" else {}
+                files[key] = (write_scope(scope, scope_dir), write_optimizer(moments, scope_dir))
             logs = {
                 "migrations": dl.memory.migrations,
                 "forgotten": dl.memory.forgotten,
@@ -255,7 +255,7 @@ class Writer:
                 con.executemany("DELETE FROM cache_entries WHERE tier = ? AND id = ?", sorted(gone))
                 con.executemany(
                     "INSERT OR REPLACE INTO cache_entries VALUES (?, ?, ?, ?)",
-                    [(e.id, e.tier, json.dumps(e.record(), sort_keys=True), _vector_blob(e.vector)) for e in entries],
+                    [(e.id, e.tier, _json(e.record()), _vector_blob(e.vector)) for e in entries],
                 )
                 con.executemany("DELETE FROM requesters WHERE prompt = ?", [(k,) for k in sorted(dropped)])
                 rows = []
@@ -267,7 +267,7 @@ class Writer:
                     saved = self.logs.get(table, 0)
                     con.executemany(
                         f"INSERT OR REPLACE INTO {table} VALUES (?, ?)",
-                        [(seq, json.dumps(r, sort_keys=True)) for seq, r in log.since(saved)],
+                        [(seq, _json(r)) for seq, r in log.since(saved)],
                     )
                     con.execute(f"DELETE FROM {table} WHERE seq < ?", (log.first_seq,))
                 con.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", sorted(new_meta.items()))

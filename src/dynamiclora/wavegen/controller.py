@@ -93,9 +93,7 @@ class WaveController:
         for row, (agent_id, prompt) in enumerate(requests):
             started = time.perf_counter()
             info = rt.hierarchy.agent(agent_id)
-            ids = rt.prompt_ids(prompt)
-            if not isinstance(prompt, str):
-                prompt = rt.tokenizer.decode(ids)
+            prompt, ids = rt.prompt_text_and_ids(prompt)
             if not ids:
                 raise InvalidInputError("the prompt is empty after tokenization; give at least one token of text")
             rt.check_length(len(ids) + cfg.max_new_tokens, len(ids), cfg.max_new_tokens)
@@ -230,7 +228,7 @@ class WaveController:
             # the stack says something else now: keep what it says, unless that would make an exact entry a draft
             if accepted < drafted and (exact or not e.exact) and traj.coherence() >= self.config.min_coherence:
                 e.tokens, e.exact = list(tokens), exact
-                req.entry.text = rt.tokenizer.decode(tokens, skip_special_tokens=True)
+                e.text = rt.tokenizer.decode(tokens, skip_special_tokens=True)
         else:
             self._after_miss(req, tokens, traj, vector)
         return result
