@@ -13,28 +13,28 @@ import os
 import torch.distributed as dist
 
 from dynamiclora import DynamicLoRA, join_swarm
-from dynamiclora.default_model import ensure_default_model
+from dynamiclora.smollm2 import ensure_smollm2
 
-PROMPT = "# write a Python JSON parser\n"
-PARSER = "import json\n\n\ndef parse_json(text):\n    return json.loads(text)\n"
+ASK = [{"role": "user", "content": "Write a Python JSON parser."}]
+PARSER = "```python\nimport json\n\n\ndef parse_json(text):\n    return json.loads(text)\n```"
 
 
 def main() -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     if rank == 0:
-        ensure_default_model()  # built once (a few minutes the first time), then cached
+        ensure_smollm2()  # the default model, converted once from its package (seconds), then cached
     dist.barrier()
     dl = DynamicLoRA.default(progress=False)
     dl.config.dynamics.tick_interval, dl.config.dynamics.window_min = 0, 8  # a compressed clock
     swarm = join_swarm(dl)
     agent = dl.agent(f"agent{rank}", swarm="json-team", domain="python")
-    before = agent.generate(PROMPT, max_new_tokens=30, use_cache=False).text == PARSER
+    before = agent.chat(ASK, max_new_tokens=30, use_cache=False).text == PARSER
     for _ in range(24):
         if rank < 2:
-            agent.learn(PROMPT, PARSER)
+            agent.learn(messages=ASK, completion=PARSER)
         dl.tick()  # collective: every rank ticks together
-    after = agent.generate(PROMPT, max_new_tokens=30, use_cache=False).text == PARSER
+    after = agent.chat(ASK, max_new_tokens=30, use_cache=False).text == PARSER
     differing = swarm.verify()
     print(
         f"rank {rank}: agent{rank} writes the parser before: {before}, after: {after}; "

@@ -19,7 +19,7 @@ def test_fast_demo_end_to_end(tmp_path, capsys):
     assert (
         report.team["inherited"] == {"cy": True, "dee": True, "eve": True} and not report.team["other_swarm_inherited"]
     )
-    assert "greedy generation after learning" in out and "circuits" in out and "the team scenario" in out
+    assert "greedy replies after learning" in out and "circuits" in out and "the team scenario" in out
 
     assert main(["inspect", str(tmp_path / "state")]) == 0
     out = capsys.readouterr().out

@@ -138,3 +138,31 @@ def test_a_request_uses_the_gated_circuits_its_prompt_reaches(dl):
     alice.generate(FACTS[0][0], max_new_tokens=4, use_cache=False)
     dl.generate_ids(["alice"], [dl.encode(FACTS[1][0])], dl.config.generation)  # an internal check: no use
     assert circuits[first].uses_this_tick == before[first] + 1 and circuits[second].uses_this_tick == before[second]
+
+
+# A template with a long fixed system prompt, as real instruct models have (SmolLM2's is 19 tokens of a 30-token
+# scaffold): mean-pooled over every token, two different questions would look alike.
+LONG_SYSTEM = (
+    "{{ 'You are the helpful assistant of the platform team. Answer briefly, precisely and politely, and cite the "
+    "conventions of the team where they apply.\\n' }}"
+    "{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }}\n{% endfor %}<assistant>"
+)
+
+
+def test_a_conversation_routes_by_what_its_author_wrote_not_by_the_template():
+    from dynamiclora.testing import tiny_chat_model
+
+    model, tokenizer = tiny_chat_model("llama")
+    tokenizer.chat_template = LONG_SYSTEM
+    dl = DynamicLoRA(model, tokenizer)
+    alice, bystander = dl.agent("alice", swarm="s", domain="d"), dl.agent("bystander", swarm="t", domain="d")
+    taught, other = "where does staging listen", "how are release branches named"
+    ids = {q: dl.runtime.chat_ids([{"role": "user", "content": q}]) for q in (taught, other)}
+    start, end = dl.runtime.chat.content_span(ids[taught])
+    assert dl.tokenizer.decode(ids[taught][start:end]).strip() == taught  # the scaffold is left out
+    assert dl.runtime.chat.content_span(dl.encode(taught)) == (0, len(dl.encode(taught)))  # plain text: all of it
+    before = {q: bystander.logits(torch.tensor([i])) for q, i in ids.items()}
+    r = alice.learn(messages=[{"role": "user", "content": taught}], completion=" on port 8443")
+    assert not torch.equal(alice.logits(torch.tensor([ids[taught]])), before[taught])
+    assert torch.equal(alice.logits(torch.tensor([ids[other]])), before[other])  # its gate stays closed
+    assert dl.hierarchy.find_circuit(r.circuit_id)[1].label.startswith(taught)  # named by the question

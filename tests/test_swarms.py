@@ -284,15 +284,16 @@ def assert_scenario(checks: dict) -> None:
 def test_team_scenario_on_a_tiny_model(tmp_path):
     from rich.console import Console
 
+    from dynamiclora.demo import demo_model
     from dynamiclora.demo_team import run_team
 
-    checks = run_team(make_dl(), tmp_path, Console(file=open(tmp_path / "out.txt", "w")))
+    checks = run_team(demo_model(fast=True), tmp_path, Console(file=open(tmp_path / "out.txt", "w")))
     assert_scenario(checks)
     assert checks["plot"].exists()
 
 
 @pytest.mark.slow
-def test_team_scenario_on_the_built_in_model(tmp_path):
+def test_team_scenario_on_the_default_model(tmp_path):
     from rich.console import Console
 
     from dynamiclora import DynamicLoRA

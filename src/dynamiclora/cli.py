@@ -17,7 +17,8 @@ from .errors import DynamicLoRAError
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Two agents of one team learn and generate on the built-in model; prints what happened."""
+    """The demo on the default model (SmolLM2-135M-Instruct): agents learn from chat, their memory moves between
+    tiers, WaveGen serves and internalizes, a team shares what proved itself; prints what happened."""
     from .demo import run_demo
 
     report = run_demo(
@@ -27,7 +28,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         data_dir=Path(args.data_dir) if args.data_dir else None,
     )
     ok = all(report.reproduced.values()) and report.untouched and report.reload_identical
-    return 0 if ok and report.dynamics["migrated"] else 1
+    ok = ok and report.dynamics["migrated"] and report.wavegen["internalized"]
+    ok = ok and all(report.team["inherited"].values()) and not report.team["other_swarm_inherited"]
+    return 0 if ok else 1
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -194,7 +197,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         "continual": continual,
         "persistence": persistence,
     }
-    benches[args.name].main(["--out", args.out] + (["--quick"] if args.quick else []))
+    benches[args.name].main(["--out", args.out, "--model", args.model] + (["--quick"] if args.quick else []))
     return 0
 
 
@@ -220,10 +223,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dynamiclora", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("demo", help=cmd_demo.__doc__)
-    p.add_argument("--fast", action="store_true", help="use a tiny random model instead of the built-in one")
+    p.add_argument("--fast", action="store_true", help="use a tiny random model instead of the default one")
     p.add_argument("--state-dir", default="state/demo", help="where the demo saves its state")
-    p.add_argument("--rounds", type=int, default=3, help="learn() calls per pattern")
-    p.add_argument("--data-dir", default=None, help="cache directory of the built-in model ($DYNAMICLORA_HOME)")
+    p.add_argument("--rounds", type=int, default=3, help="learn() calls per pattern at most (until it is answered)")
+    p.add_argument("--data-dir", default=None, help="where the default model is prepared ($DYNAMICLORA_HOME)")
     p.set_defaults(func=cmd_demo)
     p = sub.add_parser("inspect", help=cmd_inspect.__doc__)
     p.add_argument("state_dir")
@@ -241,10 +244,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", choices=["forward", "dynamics", "wavegen", "swarm", "server", "continual", "persistence"])
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--quick", action="store_true", help="tiny model only, few repeats")
+    p.add_argument(
+        "--model", default="smollm2", help="smollm2 (the default model), stdlib (4.3M), or a directory / hub id"
+    )
     p.set_defaults(func=cmd_bench)
     p = sub.add_parser("serve", help=cmd_serve.__doc__)
     p.add_argument("--state-dir", default="state/server", help="saved state to serve (created if missing)")
-    p.add_argument("--model", default=None, help="a Transformers model for a new state (default: built-in)")
+    p.add_argument("--model", default=None, help="a Transformers model for a new state (default: the default model)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting before 429")

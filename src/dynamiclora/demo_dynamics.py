@@ -1,9 +1,9 @@
 """The demo's second act: memory dynamics over time.
 
-Alice practises one pattern every other tick while one-off snippets come and go. The practised
-pattern's circuit becomes SCREENED and, once its use has recurred across a whole detector window,
-migrates from her context tier to her agent tier; the one-offs stay FREE, decay and are forgotten.
-The timeline is printed and plotted.
+Alice keeps asking what she learned in the first act (the staging port) every other tick, while one-off facts
+are learned once and never asked for again. The asked-for circuit becomes SCREENED and, once its use has recurred
+across a whole detector window, migrates from her context tier to her agent tier; the one-offs stay FREE, decay
+and are forgotten. The timeline is printed and plotted.
 """
 
 from __future__ import annotations
@@ -14,30 +14,37 @@ from rich.console import Console
 from rich.table import Table
 
 from .core import DynamicLoRA
+from .demo_common import ask, one_line
 
-PRACTISED = ("def parse_json(text):", '\n    """Parse a JSON document."""\n    return json.loads(text)\n')
 ONE_OFFS = [
-    ("SELECT name FROM users", " WHERE id = 1;"),
-    ("class Stack:\n    def push(self, item):", "\n        self.items.append(item)\n"),
-    ("import os\nimport sys\n", "\nprint(sys.argv)\n"),
-    ("for i in range(10):", "\n    print(i * i)\n"),
-    ("with open('data.csv') as f:", "\n    rows = list(csv.reader(f))\n"),
-    ("try:\n    value = int(text)", "\nexcept ValueError:\n    value = 0\n"),
-    ("@dataclass\nclass Point:", "\n    x: float\n    y: float\n"),
-    ("if __name__ == '__main__':", "\n    main()\n"),
+    ("Where is today's stand-up?", "Today's stand-up is in room Juniper at 9:30."),
+    ("Who is on call this week?", "Priya is on call this week; page her through the ops channel."),
+    ("What is the Wi-Fi password for the guest network?", "The guest network password this month is orchid-42."),
+    ("Which ticket is the login bug?", "The login bug is ticket API-311."),
+    ("When is the next release freeze?", "The next release freeze starts on Thursday at noon."),
+    ("What did the customer from Lyon ask for?", "The customer from Lyon asked for invoices in PDF."),
 ]
 
 
-def run_dynamics(dl: DynamicLoRA, state_dir: Path, console: Console, ticks: int = 100) -> dict:
+def run_dynamics(
+    dl: DynamicLoRA,
+    state_dir: Path,
+    console: Console,
+    practised: tuple[str, str],
+    max_new_tokens: int,
+    ticks: int = 100,
+) -> dict:
+    """``practised``: (question, answer) alice learned before and now keeps asking."""
     alice = dl.agent("alice")
     dl.config.dynamics.tick_interval = 1  # one tick per interaction: a compressed clock for the demo
     events: list[tuple] = []
     series: dict = {}
     one_off = iter(ONE_OFFS)
     for t in range(ticks):
-        item = PRACTISED if t % 2 == 0 else next(one_off, None) if t % 4 == 1 and t < 32 else None
-        if item:
-            alice.learn(*item)  # an interaction: the tick follows by itself
+        if t % 2 == 0:
+            alice.chat(ask(practised[0]), max_new_tokens=max_new_tokens)  # an interaction: the tick follows by itself
+        elif t % 4 == 1 and (item := next(one_off, None)):
+            alice.learn(messages=ask(item[0]), completion=item[1])
         else:
             dl.tick()  # an idle tick
         _snapshot(dl, series, t)
@@ -53,16 +60,16 @@ def run_dynamics(dl: DynamicLoRA, state_dir: Path, console: Console, ticks: int 
     for col in ("tick", "event", "circuit", "detail"):
         table.add_column(col, overflow="fold")
     for tick, kind, label, detail in sorted(events, key=lambda e: (e[0], e[1])):
-        table.add_row(str(tick), kind, label.replace("\n", "⏎")[:36], detail)
+        table.add_row(str(tick), kind, one_line(label)[:36], detail)
     console.print(table)
     plot = _plot(series, dl, state_dir / "dynamics.png")
-    result = alice.generate(PRACTISED[0], max_new_tokens=32)
-    migrated = [m for m in dl.migrations(agent="alice") if m["label"].startswith(" ".join(PRACTISED[0].split())[:20])]
+    result = alice.chat(ask(practised[0]), max_new_tokens=max_new_tokens, use_cache=False)
+    migrated = [m for m in dl.migrations(agent="alice") if m["label"].startswith(" ".join(practised[0].split())[:20])]
     one_off_labels = {" ".join(p.split())[:20] for p, _ in ONE_OFFS}
     faded = [f for f in dl.forgotten() if f["scope"] == "alice" and f["label"][:20] in one_off_labels]
     console.print(
         f"practised pattern migrated to the agent tier: {bool(migrated)}; still produced: "
-        f"{result.text == PRACTISED[1]}; one-offs forgotten so far: {len(faded)} of {len(ONE_OFFS)}; "
+        f"{result.text == practised[1]}; one-offs forgotten so far: {len(faded)} of {len(ONE_OFFS)}; "
         f"timeline plot: {plot}"
     )
     scales = dl.timescales()
@@ -76,7 +83,7 @@ def run_dynamics(dl: DynamicLoRA, state_dir: Path, console: Console, ticks: int 
     )
     return {
         "migrated": bool(migrated),
-        "reproduced": result.text == PRACTISED[1],
+        "reproduced": result.text == practised[1],
         "forgotten": len(faded),
         "plot": plot,
     }
@@ -101,7 +108,7 @@ def _plot(series: dict, dl: DynamicLoRA, path: Path) -> Path:
     for cid, s in series.items():
         ts = [p[0] for p in s["points"]]
         strengths = [p[1] for p in s["points"]]
-        (line,) = ax.plot(ts, strengths, lw=1.5, label=s["label"].replace("\n", "⏎")[:28])
+        (line,) = ax.plot(ts, strengths, lw=1.5, label=one_line(s["label"])[:28])
         for t, strength, phase, tier in s["points"]:
             marker = "s" if tier == "agent" else "o"
             ax.scatter(

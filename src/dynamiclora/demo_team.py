@@ -1,13 +1,13 @@
-"""The team scenario of the WaveGen seed ("write a Python JSON parser"), end to end.
+"""The team scenario of the WaveGen seed ("write a Python JSON parser"), end to end, as a chat.
 
-Ana practises the team's JSON parser and asks for it: her first request misses and is stored, the next ones hit;
-her context circuit becomes SCREENED and migrates to her agent tier. Ben, of the same swarm, learns the same
-pattern and asks for it too, so the entry moves to the swarm tier of the cache (two requesters) and its hit rate
-climbs. The tick internalizes it and offers the circuit to the swarm scope by resonance consensus, with Ana and
-Ben as its contributors; their own copies resonate with the new shared circuit and are absorbed into it (no one
-carries the pattern twice); the next consolidation finds the swarm tier producing the entry and evicts it. New
-agents Cy, Dee and Eve of the swarm then produce the parser on their first request without any cache; Finn, of
-another swarm, does not.
+Ana learns the team's JSON parser and keeps asking for it: her first request misses and is stored, the next ones
+hit; her context circuit becomes SCREENED. Ben, of the same swarm, learns the same pattern a few rounds later and
+asks for it too, so the entry moves to the swarm tier of the cache (two requesters) and its hit rate climbs. The
+tick internalizes it and offers the circuit to the swarm scope by resonance consensus, with Ana and Ben as its
+contributors; their own copies resonate with the new shared circuit and are absorbed into it (no one carries the
+pattern twice); the next consolidation finds the swarm tier producing the entry and evicts it. New agents Cy, Dee
+and Eve of the swarm then produce the parser on their first request without any cache; Finn, of another swarm,
+does not.
 """
 
 from __future__ import annotations
@@ -18,10 +18,12 @@ from rich.console import Console
 from rich.table import Table
 
 from .core import DynamicLoRA
+from .demo_common import ask
 
-PROMPT = "# write a Python JSON parser\n"
-PARSER = "import json\n\n\ndef parse_json(text):\n    return json.loads(text)\n"
+PROMPT = "Write a Python JSON parser."
+PARSER = "```python\nimport json\n\n\ndef parse_json(text):\n    return json.loads(text)\n```"
 SWARM, OTHER, DOMAIN = "json-team", "web-team", "python"
+LEARN_ROUNDS = 2  # each agent learns the parser in its first rounds, then only asks for it
 
 
 def run_team(dl: DynamicLoRA, state_dir: Path, console: Console, rounds: int = 32, window: int = 8) -> dict:
@@ -42,14 +44,15 @@ def _run(dl: DynamicLoRA, state_dir: Path, console: Console, rounds: int) -> dic
     events: list[tuple[int, str, str, str]] = []  # (tick, lane, event, detail)
     requests: list[tuple[int, str, str]] = []  # (tick, agent, cache outcome)
     first_tick = dl.tick_count
+    joins = {ana: 0, ben: 3}  # the round each agent comes upon the pattern
     for r in range(rounds):
         tick = dl.tick_count
-        practising = [ana] + ([ben] if r >= 3 else [])
-        for agent in practising:
-            learned = agent.learn(PROMPT, PARSER)
-            if r == 0 or (agent is ben and r == 3):
-                events.append((tick, agent.id, "learns", f"circuit {learned.circuit_id[:8]}"))
-            result = agent.generate(PROMPT, max_new_tokens=max_new)
+        for agent in [a for a, start in joins.items() if r >= start]:
+            if r - joins[agent] < LEARN_ROUNDS:  # learned in its first rounds, then only asked for
+                learned = agent.learn(messages=ask(PROMPT), completion=PARSER)
+                if r == joins[agent]:
+                    events.append((tick, agent.id, "learns", f"circuit {learned.circuit_id[:8]}"))
+            result = agent.chat(ask(PROMPT), max_new_tokens=max_new)
             requests.append((tick, agent.id, result.cache))
         report = dl.tick()
         ours = {"context:ana", "context:ben", "agent:ana", "agent:ben", f"swarm:{SWARM}"}
@@ -77,7 +80,7 @@ def _run(dl: DynamicLoRA, state_dir: Path, console: Console, rounds: int) -> dic
                 into = ", ".join(x["circuit"][:8] for x in s["shared"])
                 events.append((tick, "swarm", "consensus", f"contributors {', '.join(who)} → {into}"))
 
-    table = Table(title=f"the team scenario: '{PROMPT.strip()}' (one tick per round)")
+    table = Table(title=f"the team scenario: '{PROMPT}' (one tick per round)")
     for col in ("tick", "who", "event", "detail"):
         table.add_column(col, overflow="fold")
     shown = [(tick, agent_id, "request", f"cache: {cache}") for tick, agent_id, cache in requests[:6]]
@@ -87,8 +90,8 @@ def _run(dl: DynamicLoRA, state_dir: Path, console: Console, rounds: int) -> dic
 
     first = {}
     for name, swarm in (("cy", SWARM), ("dee", SWARM), ("eve", SWARM), ("finn", OTHER)):
-        first[name] = dl.agent(name, swarm=swarm, domain=DOMAIN).generate(
-            PROMPT, max_new_tokens=max_new, use_cache=False
+        first[name] = dl.agent(name, swarm=swarm, domain=DOMAIN).chat(
+            ask(PROMPT), max_new_tokens=max_new, use_cache=False
         )
     inherited = {n: first[n].text == PARSER for n in first}
     kinds = {e[2] for e in events}

@@ -1,7 +1,7 @@
 """The demo's third act: WaveGen serves a practised request from its cache, then teaches it to the memory.
 
-Dave practises one pattern (context tier), asks for it five times (a miss that stores, then hits served by
-verification), and the tick internalizes the entry into his agent tier: the stack without the context tier
+Dave learns how his team loads its settings (context tier), asks for it five times (a miss that stores, then hits
+served by verification), and the tick internalizes the entry into his agent tier: the stack without the context tier
 now produces it, uncached, and the entry is evicted. A final table shows the cache per tier.
 """
 
@@ -15,9 +15,13 @@ from rich.table import Table
 
 from .config import GenerationConfig
 from .core import DynamicLoRA
+from .demo_common import ask
 
-PROMPT = "def load_settings(path):"
-COMPLETION = "\n    with open(path) as f:\n        return json.load(f)\n"
+QUESTION = "Show me how we load the service settings in Python."
+COMPLETION = (
+    "We keep them in settings.json:\n\n```python\nimport json\n\n\ndef load_settings(path='settings.json'):\n"
+    "    with open(path) as f:\n        return json.load(f)\n```"
+)
 
 
 def _ms(seconds: float) -> str:
@@ -26,15 +30,18 @@ def _ms(seconds: float) -> str:
 
 def run_wavegen(dl: DynamicLoRA, state_dir: Path, console: Console) -> dict:
     dave = dl.agent("dave", swarm="backend", domain="python")
-    for practised in range(1, 9):  # practise until the stack reproduces it, confidently (three calls at least)
-        dave.learn(PROMPT, COMPLETION)
-        if practised >= 3 and dave.generate(PROMPT, max_new_tokens=40, use_cache=False).text == COMPLETION:
+    cfg = GenerationConfig(max_new_tokens=len(dl.encode(COMPLETION, special=False)) + 4)
+    for practised in range(1, 9):  # practise until the stack reproduces it, confidently (two calls at least)
+        dave.learn(messages=ask(QUESTION), completion=COMPLETION)
+        if (
+            practised >= 2
+            and dave.chat(ask(QUESTION), max_new_tokens=cfg.max_new_tokens, use_cache=False).text == COMPLETION
+        ):
             break
-    cfg = GenerationConfig(max_new_tokens=40)
-    target = dl.encode(PROMPT)
+    target = dl.runtime.chat_ids(ask(QUESTION))
     alone = dl.generate_ids(["dave"], [target], cfg, without=("context",))[0].tokens[0]
 
-    table = Table(title=f"dave asks for {PROMPT!r} five times")
+    table = Table(title=f"dave asks {QUESTION!r} five times")
     for col in ("request", "mode", "cache", "draft accepted", "time", "entry hit rate"):
         table.add_column(col)
     times: dict[str, list[float]] = {}
@@ -43,7 +50,7 @@ def run_wavegen(dl: DynamicLoRA, state_dir: Path, console: Console) -> dict:
     try:
         for request, mode in enumerate(("verify", "verify", "jump", "verify", "verify"), 1):
             t0 = time.perf_counter()
-            r = dave.generate(PROMPT, max_new_tokens=40, mode=mode)
+            r = dave.chat(ask(QUESTION), max_new_tokens=cfg.max_new_tokens, mode=mode)
             times.setdefault(f"{r.cache} {mode}", []).append(time.perf_counter() - t0)
             verified_jumps += mode == "jump" and not r.jumped
             e = next(e for e in dl.wavegen.cache.entries() if e.agent == "dave")

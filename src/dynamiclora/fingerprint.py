@@ -26,7 +26,8 @@ def model_fingerprint(model: nn.Module) -> str:
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
-    """sha256 of the tokenizer's full serialized form when it has one, else of its vocabulary and specials."""
+    """sha256 of the tokenizer's full serialized form when it has one, else of its vocabulary and specials; and of
+    its chat template, where it has one."""
     h = hashlib.sha256(b"tokenizer")
     backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(tokenizer, "_tokenizer", None)
     if backend is not None and hasattr(backend, "to_str"):
@@ -35,4 +36,7 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
         h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
     specials = getattr(tokenizer, "special_tokens_map", {})
     h.update(json.dumps(specials, sort_keys=True, default=str).encode())
+    template = getattr(tokenizer, "chat_template", None)
+    if template is not None:  # it decides what a conversation's tokens are, and where routing pools
+        h.update(json.dumps(template, sort_keys=True, default=str).encode())
     return h.hexdigest()

@@ -119,8 +119,7 @@ class ContextLearner:
         self._optimizers.pop(circuit_id, None)
 
     def _texts(self, prompt_ids: list[int], completion_ids: list[int]) -> tuple[str, str]:
-        decode = self.rt.tokenizer.decode
-        return decode(prompt_ids, skip_special_tokens=True), decode(completion_ids, skip_special_tokens=True)
+        return self.rt.readable(prompt_ids), self.rt.tokenizer.decode(completion_ids, skip_special_tokens=True)
 
     def _params(self, c: Circuit) -> list[tuple[str, torch.Tensor]]:
         """(name, tensor) of the circuit's trainable factors, in a stable order."""
@@ -273,7 +272,7 @@ class ContextLearner:
         capture = self._capture_base(agent_id, ids)
         feature = None
         if rt.router.enabled:
-            feature = rt.router.feature_of(capture, len(prompt_ids))
+            feature = rt.router.feature_of(capture, prompt_ids)
 
         def skip():  # the gated circuits this prompt does not reach, as the stack stands now
             return None if feature is None else rt.router.skip([rt.gated_circuits(agent_id)], feature[None])

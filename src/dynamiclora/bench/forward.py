@@ -32,6 +32,7 @@ from .record import (
     write,
 )
 
+SYNTHETIC_110M = "llama-110m"
 LAYOUT = {"foundation": (4, 8), "domain": (3, 8), "swarm": (3, 8), "agent": (2, 8), "context": (2, 8)}  # (n, r)
 
 
@@ -46,9 +47,9 @@ def model_configs(quick: bool) -> dict[str, dict]:
             num_key_value_heads=4,
         )
     }
-    if not quick and selected_model() != "builtin":  # --model: a real model in place of the 110M one
+    if not quick and selected_model() != SYNTHETIC_110M:  # the default model, or the one --model names
         configs[model_label()] = {"path": model_path()}
-    elif not quick:
+    elif not quick:  # --model llama-110m: random weights from a config, the size of the first figures
         configs["llama-110M"] = dict(
             vocab_size=32000,
             hidden_size=768,
@@ -281,7 +282,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats per variant (default: by model)")
-    add_model_argument(parser)  # 'builtin' here: a 110M Llama built from its config, beside the tiny model
+    add_model_argument(parser)  # here also 'llama-110m': a 110M Llama built from its config, beside the tiny model
     args = parser.parse_args(argv)
     select_model(args.model)
     out = Path(args.out)

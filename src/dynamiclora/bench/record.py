@@ -86,14 +86,15 @@ def time_interleaved(
 
 
 MODEL_HELP = (
-    "the model to measure: 'builtin' (the built-in model, the default), 'smollm2' (SmolLM2-135M-Instruct from its "
-    "package), or anything from_pretrained accepts (a directory or hub id)"
+    "the model to measure: 'smollm2' (the default model, SmolLM2-135M-Instruct from its package), 'stdlib' (the "
+    "4.3M model pretrained on the standard library), or anything from_pretrained accepts (a directory or hub id)"
 )
-_selected = {"model": "builtin"}  # set once per benchmark run by add_model_argument / arguments
+DEFAULT_MODEL = "smollm2"
+_selected = {"model": DEFAULT_MODEL}  # set once per benchmark run by add_model_argument / arguments
 
 
 def add_model_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="builtin", help=MODEL_HELP)
+    parser.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
 
 
 def select_model(model: str) -> None:
@@ -107,10 +108,10 @@ def selected_model() -> str:
 def model_path(progress: bool = False) -> str:
     """The selected model as a directory or hub id (the packaged models are prepared once)."""
     model = _selected["model"]
-    if model == "builtin":
-        from ..default_model import ensure_default_model
+    if model == "stdlib":
+        from ..stdlib_model import ensure_stdlib_model
 
-        return str(ensure_default_model(progress=progress))
+        return str(ensure_stdlib_model(progress=progress))
     if model == "smollm2":
         from ..smollm2 import ensure_smollm2
 
@@ -119,16 +120,16 @@ def model_path(progress: bool = False) -> str:
 
 
 def model_suffix() -> str:
-    """What result names carry for a model other than the built-in one (``-smollm2``, ``-<dir name>``)."""
+    """What result names carry for a model other than the default one (``-stdlib``, ``-<dir name>``)."""
     model = _selected["model"]
-    if model == "builtin":
+    if model == DEFAULT_MODEL:
         return ""
     slug = re.sub(r"[^a-z0-9]+", "-", Path(model).name.lower()).strip("-")
     return f"-{slug or 'model'}"
 
 
 def model_label() -> str:
-    return {"builtin": "built-in model", "smollm2": "SmolLM2-135M-Instruct"}.get(
+    return {"stdlib": "stdlib model (4.3M)", "smollm2": "SmolLM2-135M-Instruct"}.get(
         _selected["model"], _selected["model"]
     )
 
@@ -146,7 +147,7 @@ def arguments(description: str | None, argv: list[str] | None) -> argparse.Names
 
 
 def model_under_test(quick: bool, config: DynamicLoRAConfig, progress: bool = False) -> DynamicLoRA:
-    """A tiny random Llama with ``--quick``, the selected model (``--model``; the built-in one by default)
+    """A tiny random Llama with ``--quick``, the selected model (``--model``; the default one by default)
     otherwise."""
     if quick:
         from ..testing import tiny_model

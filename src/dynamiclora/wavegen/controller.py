@@ -419,7 +419,7 @@ class WaveController:
 
     def _describe(self, e: CacheEntry, circuit, record: dict[str, Any]) -> None:
         """Label an internalized circuit with its entry, the agents that asked for it, and its origin."""
-        circuit.observe_example(1.0, self.rt.tokenizer.decode(e.prompt_ids, skip_special_tokens=True), e.text)
+        circuit.observe_example(1.0, self.rt.readable(e.prompt_ids), e.text)
         circuit.origin_agents = sorted({r[0] for r in self.cache.requesters.get(e.prompt_key, [])} | {e.agent})
         circuit.history.append(
             {

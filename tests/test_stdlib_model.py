@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 from dynamiclora import DynamicLoRA
-from dynamiclora.default_model import DefaultModelSpec, ensure_default_model, held_out_texts, stdlib_files
+from dynamiclora.stdlib_model import StdlibModelSpec, ensure_stdlib_model, held_out_texts, stdlib_files
 
-MINI = DefaultModelSpec(
+MINI = StdlibModelSpec(
     vocab_size=300,
     hidden_size=32,
     intermediate_size=64,
@@ -25,13 +25,13 @@ MINI = DefaultModelSpec(
 
 
 def test_build_publish_cache_and_load(tmp_path):
-    path = ensure_default_model(tmp_path, MINI, progress=False)
-    assert path.name == f"default-model-{MINI.digest()}"
-    meta = json.loads((path / "dynamiclora_default.json").read_text())
+    path = ensure_stdlib_model(tmp_path, MINI, progress=False)
+    assert path.name == f"stdlib-model-{MINI.digest()}"
+    meta = json.loads((path / "dynamiclora_stdlib.json").read_text())
     assert meta["spec"]["steps"] == 3 and len(meta["loss_curve"]) >= 1
     assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]  # published by rename, nothing half-written
     stamp = (path / "model.safetensors").stat().st_mtime_ns
-    assert ensure_default_model(tmp_path, MINI, progress=False) == path  # cached: not rebuilt
+    assert ensure_stdlib_model(tmp_path, MINI, progress=False) == path  # cached: not rebuilt
     assert (path / "model.safetensors").stat().st_mtime_ns == stamp
 
     dl = DynamicLoRA.from_pretrained(path)  # the ordinary Hugging Face path
@@ -41,8 +41,8 @@ def test_build_publish_cache_and_load(tmp_path):
 
 
 def test_spec_digest_changes_with_every_field():
-    assert MINI.digest() != DefaultModelSpec().digest()
-    assert DefaultModelSpec(seed=1).digest() != DefaultModelSpec().digest()
+    assert MINI.digest() != StdlibModelSpec().digest()
+    assert StdlibModelSpec(seed=1).digest() != StdlibModelSpec().digest()
 
 
 def test_corpus_split_is_deterministic_and_disjoint():

@@ -1,6 +1,9 @@
-"""The built-in model: a small Llama-style LM pretrained on the Python standard library's own source.
+"""The stdlib model: a small Llama-style LM (4.3M parameters) pretrained on the Python standard library's source.
 
-Every machine with Python has the corpus, so the demo and the benchmarks need no download. The build
+It was the project's first default model; SmolLM2-135M-Instruct (``smollm2``) has taken that place. It stays
+as a named alternative (``--model stdlib`` in the benchmarks) because it is a real trained model that needs
+nothing but Python, and it is fast: figures on it run in minutes and compare with earlier ones. Its corpus
+and tokenizer trainer also build the tokenizers of the tests' tiny models (``testing``). The build
 is deterministic from a seed (for a given Python version and torch build): files in sorted order, a
 byte-level BPE tokenizer trained with ``tokenizers``, a fixed training schedule. The result is saved
 in the Hugging Face format under a data directory and loaded through the ordinary
@@ -23,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from .config import home_dir
+
 EOS = "<|endoftext|>"
 SKIP_DIRS = {
     "test",
@@ -40,7 +45,7 @@ SKIP_DIRS = {
 
 
 @dataclass(frozen=True)
-class DefaultModelSpec:
+class StdlibModelSpec:
     """Everything that determines the built-in model; its hash names the cache directory."""
 
     version: int = 2
@@ -70,11 +75,6 @@ def _fast_bf16() -> bool:
     probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
     amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
     return bool((probe and probe()) or (amx and amx()))
-
-
-def default_data_dir() -> Path:
-    env = os.environ.get("DYNAMICLORA_HOME")
-    return Path(env) if env else Path.home() / ".cache" / "dynamiclora"
 
 
 def stdlib_files() -> tuple[list[Path], list[Path]]:
@@ -110,7 +110,7 @@ def train_tokenizer(texts: list[str], vocab_size: int):
     )
 
 
-def llama_config(spec: DefaultModelSpec, eos_id: int):
+def llama_config(spec: StdlibModelSpec, eos_id: int):
     from transformers import LlamaConfig
 
     return LlamaConfig(
@@ -127,19 +127,19 @@ def llama_config(spec: DefaultModelSpec, eos_id: int):
     )  # no pad id: see testing.tiny_config
 
 
-def ensure_default_model(
-    data_dir: str | Path | None = None, spec: DefaultModelSpec | None = None, progress: bool = True
+def ensure_stdlib_model(
+    data_dir: str | Path | None = None, spec: StdlibModelSpec | None = None, progress: bool = True
 ) -> Path:
     """Path of the built-in model in Hugging Face format, pretraining it first if it is not cached."""
-    spec = spec or DefaultModelSpec()
-    target = Path(data_dir or default_data_dir()) / f"default-model-{spec.digest()}"
+    spec = spec or StdlibModelSpec()
+    target = Path(data_dir or home_dir()) / f"stdlib-model-{spec.digest()}"
     if (target / "config.json").exists() and (target / "model.safetensors").exists():
         return target
-    build_default_model(target, spec, progress=progress)
+    build_stdlib_model(target, spec, progress=progress)
     return target
 
 
-def build_default_model(target: Path, spec: DefaultModelSpec, progress: bool = True) -> Path:
+def build_stdlib_model(target: Path, spec: StdlibModelSpec, progress: bool = True) -> Path:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
     from transformers import AutoModelForCausalLM
 
@@ -215,7 +215,7 @@ def build_default_model(target: Path, spec: DefaultModelSpec, progress: bool = T
         "loss_curve": losses[:: max(1, len(losses) // 50)],
         "build_seconds": time.time() - started,
     }
-    (tmp / "dynamiclora_default.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+    (tmp / "dynamiclora_stdlib.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
     if target.exists():
         shutil.rmtree(target)
     os.replace(tmp, target)  # atomic publish: a crash mid-build leaves no half model behind
