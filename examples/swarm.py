@@ -13,7 +13,7 @@ import os
 import torch.distributed as dist
 
 from dynamiclora import DynamicLoRA, join_swarm
-from dynamiclora.smollm2 import ensure_smollm2
+from dynamiclora.packaged import ensure_smollm2
 
 ASK = [{"role": "user", "content": "Write a Python JSON parser."}]
 PARSER = "```python\nimport json\n\n\ndef parse_json(text):\n    return json.loads(text)\n```"

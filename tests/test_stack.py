@@ -178,3 +178,23 @@ def test_wrapping_a_wrapped_model_again_reuses_its_layers(dl, ids):
     assert all(again.layers[n] is dl.layers[n] for n in dl.layers)
     assert again.base_fingerprint == dl.base_fingerprint
     assert not any(".base_layer.base_layer" in n for n, _ in dl.model.named_modules())
+
+
+def test_cached_batch_plans_stay_within_their_byte_budget_and_rebuild_exactly(ids):
+    from itertools import combinations
+
+    from dynamiclora.planner import plan_nbytes
+
+    dl = make_dl("llama")
+    populate(dl, TEAM)
+    planner = dl.runtime.planner
+    one = plan_nbytes(planner.plan(("alice", "carol", "dave")))
+    planner.clear()
+    dl.config.adapter.plan_cache_bytes = 2 * one  # room for two such plans
+    expected = {row: dl.forward([row], ids[:1])[0] for row in TEAM}
+    for size in (2, 3):
+        for rows in combinations(TEAM, size):
+            planner.plan(rows)
+            assert planner.plan_cache_bytes() <= 2 * one  # older plans were dropped to make room
+    for row in TEAM:  # a dropped plan is rebuilt to the same outputs
+        torch.testing.assert_close(dl.forward([row], ids[:1])[0], expected[row], rtol=0, atol=0)

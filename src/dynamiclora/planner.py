@@ -23,6 +23,8 @@ from .errors import InvalidInputError
 from .hierarchy import Hierarchy, ScopeKey
 from .stack import ModulePlan, StackedLinear
 
+PLAN_CACHE_SIZE = 16  # batch compositions whose plans are kept (also bounded by AdapterConfig.plan_cache_bytes)
+
 
 @dataclass
 class BatchPlan:
@@ -35,6 +37,18 @@ class BatchPlan:
 
     def __post_init__(self) -> None:
         self.module_list = list(self.modules.values())  # in layer index order (the planner iterates layers)
+
+
+def plan_nbytes(plan: BatchPlan) -> int:
+    """Bytes of the factor tensors a plan holds (expanded views and storage shared within it counted once; the
+    effective weights belong to the merge cache)."""
+    seen: dict[int, int] = {}
+    for m in plan.module_list:
+        for t in (m.a, m.b, m.obs, m.group_a, m.group_obs, m.merged_a, m.merged_obs):
+            if t is not None:
+                storage = t.untyped_storage()
+                seen[storage.data_ptr()] = storage.nbytes()
+    return sum(seen.values())
 
 
 class Planner:
@@ -51,6 +65,7 @@ class Planner:
         self.config = config
         self._merged: OrderedDict[tuple, dict[str, torch.Tensor]] = OrderedDict()
         self._plans: OrderedDict[tuple, BatchPlan] = OrderedDict()
+        self._plan_bytes: dict[tuple, int] = {}
         self.merge_builds = 0  # how many effective-weight sets were computed (for tests and benchmarks)
 
     # -- public -----------------------------------------------------------------------------------
@@ -83,13 +98,24 @@ class Planner:
         plan = self._build(agent_ids, stacks, observe=not trainable, skip=skip)  # training runs without the probe
         if not trainable:
             self._plans[key] = plan
-            while len(self._plans) > 16:
-                self._plans.popitem(last=False)
+            self._plan_bytes[key] = plan_nbytes(plan)
+            # bounded by count and by bytes: a heterogeneous plan holds its rows' factors (one rank-8 circuit on
+            # every module of SmolLM2 is 9.3 MiB, so a 16-row plan is ~150 MiB)
+            while len(self._plans) > 1 and (
+                len(self._plans) > PLAN_CACHE_SIZE or self.plan_cache_bytes() > self.config.plan_cache_bytes
+            ):
+                oldest, _ = self._plans.popitem(last=False)
+                del self._plan_bytes[oldest]
         return plan
+
+    def plan_cache_bytes(self) -> int:
+        """Bytes of factor tensors that the cached plans hold."""
+        return sum(self._plan_bytes.values())
 
     def clear(self) -> None:
         self._merged.clear()
         self._plans.clear()
+        self._plan_bytes.clear()
 
     # -- building ---------------------------------------------------------------------------------
     def _build(

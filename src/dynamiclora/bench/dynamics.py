@@ -43,12 +43,18 @@ def learning_step(quick: bool) -> list[dict]:
         stacks = {}
         for steps in (2, 6):
             dl = build_stack(copy.deepcopy(base), agents=1, swarms=1)
-            dl.config.learning = LearningConfig(steps_per_learn=steps, attribution_threshold=0.0)
+            dl.config.learning.steps_per_learn = steps  # in place: the router holds this object
             stacks[steps] = dl
         prompt, completion = ids[0, :32].tolist(), ids[0, 32:].tolist()
 
         def learn(steps):
-            return lambda: stacks[steps].learner.learn("agent0", prompt, completion, False)
+            def call():
+                # the first call spawns a gated circuit, later ones train it (its gate is open on its own prompt)
+                result = stacks[steps].learner.learn("agent0", prompt, completion, False)
+                if not result.trained:
+                    raise RuntimeError(f"learn() took no gradient step on {name}: the benchmark measures nothing")
+
+            return call
 
         repeats = 5 if quick else 9
         res = time_interleaved(

@@ -18,6 +18,7 @@ import torch
 
 from ..config import DynamicLoRAConfig
 from ..core import DynamicLoRA
+from ..packaged import PACKAGED, ensure_gguf, ensure_packaged
 
 
 def machine() -> dict[str, Any]:
@@ -86,8 +87,9 @@ def time_interleaved(
 
 
 MODEL_HELP = (
-    "the model to measure: 'smollm2' (the default model, SmolLM2-135M-Instruct from its package), 'stdlib' (the "
-    "4.3M model pretrained on the standard library), or anything from_pretrained accepts (a directory or hub id)"
+    "the model to measure: 'smollm2' (the default model, SmolLM2-135M-Instruct from its package), 'gemma3-270m' "
+    "(from its packages), 'stdlib' (the 4.3M model pretrained on the standard library), a .gguf file (converted "
+    "once), or anything from_pretrained accepts (a directory or hub id)"
 )
 DEFAULT_MODEL = "smollm2"
 _selected = {"model": DEFAULT_MODEL}  # set once per benchmark run by add_model_argument / arguments
@@ -112,10 +114,10 @@ def model_path(progress: bool = False) -> str:
         from ..stdlib_model import ensure_stdlib_model
 
         return str(ensure_stdlib_model(progress=progress))
-    if model == "smollm2":
-        from ..smollm2 import ensure_smollm2
-
-        return str(ensure_smollm2(progress=progress))
+    if model in PACKAGED:
+        return str(ensure_packaged(model, progress=progress))
+    if model.endswith(".gguf"):
+        return str(ensure_gguf(model, progress=progress))
     return model
 
 
@@ -129,9 +131,8 @@ def model_suffix() -> str:
 
 
 def model_label() -> str:
-    return {"stdlib": "stdlib model (4.3M)", "smollm2": "SmolLM2-135M-Instruct"}.get(
-        _selected["model"], _selected["model"]
-    )
+    model = _selected["model"]
+    return "stdlib model (4.3M)" if model == "stdlib" else PACKAGED[model].name if model in PACKAGED else model
 
 
 def arguments(description: str | None, argv: list[str] | None) -> argparse.Namespace:

@@ -5,7 +5,7 @@ process's memory over the run (it must stay flat).
 Both modes run with WaveGen off (``--no-cache``), so that a request costs the same decoding either way; with the
 cache on, a request that arrives alone would be served through it and the comparison would measure the cache.
 
-Run: ``python benchmarks/server.py`` (60 s per mode on the built-in model; ``--quick``: tiny model, 5 s).
+Run: ``python benchmarks/server.py`` (60 s per mode on the default model; ``--quick``: tiny model, 5 s).
 """
 
 from __future__ import annotations
