@@ -43,9 +43,10 @@ def test_learns_serves_ticks_saves_and_exports(model_dir, tmp_path):
             break
     assert alice.generate(PROMPT, max_new_tokens=8, use_cache=False).text.startswith(ANSWER)
     bystander = dl.agent("bob", swarm="other", domain="python")
-    assert bystander.generate(PROMPT, max_new_tokens=8, use_cache=False).text != alice.generate(
-        PROMPT, max_new_tokens=8, use_cache=False
-    ).text
+    assert (
+        bystander.generate(PROMPT, max_new_tokens=8, use_cache=False).text
+        != alice.generate(PROMPT, max_new_tokens=8, use_cache=False).text
+    )
     first = alice.generate(PROMPT, max_new_tokens=8)
     again = alice.generate(PROMPT, max_new_tokens=8, mode="verify")
     assert again.cache != "miss" and again.token_ids == first.token_ids

@@ -293,6 +293,11 @@ def test_team_scenario_on_a_tiny_model(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="on SmolLM2 the cache's proposal and both contributors' copies enter as separate shared circuits of one "
+    "pattern, which overshoot: new agents do not write the parser (docs/swarms.md); strict: passes once fixed",
+)
 def test_team_scenario_on_the_default_model(tmp_path):
     from rich.console import Console
 

@@ -72,11 +72,17 @@ def build_model(kwargs: dict, device: str):
 
 
 class _NullTokenizer:
-    """The forward benchmark feeds token ids directly; DynamicLoRA only needs the tokenizer's identity."""
+    """The forward benchmark feeds token ids directly; DynamicLoRA needs the tokenizer's identity, and routing
+    the ids of its reference prompts (here: their bytes, which every vocabulary of 256 or more holds)."""
 
     pad_token_id = eos_token_id = 0
     pad_token = eos_token = "<eos>"
     special_tokens_map: dict = {}
+    all_special_tokens: list = []
+    chat_template = None
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict:
+        return {"input_ids": list(text.encode())}
 
     def get_vocab(self) -> dict:
         return {"<eos>": 0}
