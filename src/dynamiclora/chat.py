@@ -73,8 +73,9 @@ class ChatFormat:
 
     def readable(self, ids: Sequence[int]) -> str:
         """The prompt as a person would name it: a conversation's last user message, the decoded text otherwise."""
-        text = self.tokenizer.decode(list(ids), skip_special_tokens=False)
         s = self.scaffold
-        if s is not None and text.endswith(s.closer) and s.opener in text:
-            return text[text.rindex(s.opener) + len(s.opener) : len(text) - len(s.closer)].strip()
+        if s is not None:
+            text = self.tokenizer.decode(list(ids), skip_special_tokens=False)
+            if text.endswith(s.closer) and s.opener in text:
+                return text[text.rindex(s.opener) + len(s.opener) : len(text) - len(s.closer)].strip()
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)

@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .errors import DynamicLoRAError
+from .packaged import DEFAULT_MODEL
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -245,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--quick", action="store_true", help="tiny model only, few repeats")
     p.add_argument(
-        "--model", default="smollm2", help="smollm2 (the default model), stdlib (4.3M), or a directory / hub id"
+        "--model", default=DEFAULT_MODEL, help="smollm2 (the default model), stdlib (4.3M), or a directory / hub id"
     )
     p.set_defaults(func=cmd_bench)
     p = sub.add_parser("serve", help=cmd_serve.__doc__)

