@@ -212,10 +212,19 @@ class Sharing:
                 new.observe_example(activation, prompt, completion)
 
     def _absorb(
-        self, key: ScopeKey, proposals: list[Proposal], existing: list[Circuit], report: TickReport | None
+        self,
+        key: ScopeKey,
+        proposals: list[Proposal],
+        existing: list[Circuit],
+        report: TickReport | None,
+        keep_outputs: bool = False,
     ) -> dict[int, dict]:
-        """Proposals that resonate with a circuit the target already holds are not added again: the owner drops the
-        part the shared circuit already says (its projection on it) and keeps the rest. Returns {id(p): record}."""
+        """Proposals that resonate with a circuit the target holds are not added again. Returns {id(p): record}.
+
+        A proposal bound for a scope that already held the circuit (its owner ran with both: the pattern twice)
+        drops the part the shared circuit says, its projection on it, and keeps the rest. With ``keep_outputs``
+        (the shared circuit is new to the owner) the owner keeps ``Δ_own − Δ_shared`` instead: with the shared
+        circuit it runs exactly as before, as a consensus contributor does."""
         out: dict[int, dict] = {}
         if not existing:
             return out
@@ -230,7 +239,7 @@ class Sharing:
             x = existing[best]
             if not gate_covers(x.gate, p.circuit.gate):
                 continue  # the shared circuit does not act on all of this one's prompts: it does not say it there
-            projection = float(inner[best] / squared[best])
+            projection = 1.0 if keep_outputs else float(inner[best] / squared[best])
             out[id(p)] = {
                 "circuit": p.circuit.id,
                 "from": p.owner or "cache",
@@ -251,7 +260,8 @@ class Sharing:
 
     def _absorb_members(self, key: ScopeKey, shared: Circuit, report: TickReport | None) -> list[dict]:
         """When a shared scope gains a circuit, its members' own copies of the pattern (circuits resonating with it)
-        give up their projection on it, so that no member carries the pattern twice."""
+        give it up: each keeps ``Δ_copy − Δ_shared``, so that no member carries the pattern twice and no member's
+        output changes on the prompts its copy acts on (the shared circuit acts on all of them)."""
         h = self.memory.hierarchy
         copies = [
             Proposal(c, frozenset(), str(k), 0.0, False, str(key))
@@ -259,7 +269,7 @@ class Sharing:
             for c in sorted(h.scopes[k].circuits.values(), key=lambda c: c.id)
             if c.residual_of != str(key)
         ]
-        return list(self._absorb(key, copies, [shared], report).values())
+        return list(self._absorb(key, copies, [shared], report, keep_outputs=True).values())
 
     def _replace(
         self,
