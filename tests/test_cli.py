@@ -90,10 +90,12 @@ def test_swarm_benchmark_quick_writes_its_records(tmp_path):
 
     swarm.main(["--quick", "--out", str(tmp_path)])
     record = json.loads((tmp_path / "swarm-cpu-quick.json").read_text())
-    rules = {r["rule"]: r for r in record["rules"]}
-    assert set(rules) == {"resonance", "mean", "ties", "pcgrad"}
-    assert rules["resonance"]["contributors_keep_own"] == 1.0  # residuals keep every contributor's own patterns
-    assert abs(rules["resonance"]["poison_share"]) < rules["mean"]["poison_share"]
+    assert [m["routing"] for m in record["modes"]] == [True, False]
+    for mode in record["modes"]:
+        rules = {r["rule"]: r for r in mode["rules"]}
+        assert set(rules) == {"resonance", "mean", "ties", "pcgrad"}
+        assert rules["resonance"]["contributors_keep_own"] == 1.0  # residuals keep every contributor's own patterns
+        assert abs(rules["resonance"]["poison_share"]) < rules["mean"]["poison_share"]
     assert record["memory"]["tensor_bytes_per_agent"] > 0 and (tmp_path / "swarm-cpu-quick.png").exists()
 
 

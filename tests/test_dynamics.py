@@ -148,6 +148,26 @@ def test_recurring_learning_migrates_and_preserves_the_owners_outputs():
     assert r.circuit_id == c.id and not r.trained and len(dl.hierarchy.scope("context:alice")) == 0
 
 
+def test_a_shared_circuit_that_claims_a_prompt_does_not_block_learning_another_answer():
+    """A consensus circuit was never learned in this agent's stack, so it has no loss to compare with: it stops a
+    learn only while the stack reproduces the completion. Ben's swarm holds alice's answer for the prompt; ben
+    asking to learn that answer is a use, ben teaching another answer is learned into his context tier."""
+    dl = dyn_dl()
+    dl.agent("ben", swarm="backend", domain="python")
+    prompt = "def parse_json(text):"
+    learned = [dl.agent("alice").learn(prompt, " return json.loads(text)") for _ in range(12)]
+    assert len({r.circuit_id for r in learned}) == 1
+    c = dl.hierarchy.scope("context:alice").remove(learned[-1].circuit_id)
+    c.last_loss = None  # as a consensus circuit: made in no one's stack
+    dl.add_circuit("swarm:backend", c)
+    answer = " return json.loads(text)"
+    assert dl.agent("ben").generate(prompt, max_new_tokens=len(dl.encode(answer, special=False))).text == answer
+    same = dl.agent("ben").learn(prompt, answer)
+    assert same.circuit_id == c.id and not same.trained
+    other = dl.agent("ben").learn(prompt, " return yaml.safe_load(text)")
+    assert other.trained and other.circuit_id in dl.hierarchy.scope("context:ben").circuits
+
+
 def test_burst_and_noise_do_not_migrate():
     dl = dyn_dl(window_min=16, decay=0.0)
     burst, noise = add_context(dl, 2)

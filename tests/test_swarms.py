@@ -111,6 +111,25 @@ def test_poisoning_bound(base):
     assert 0 < leaked <= 0.5 * result.verdicts[0].weight * h + 1e-6
 
 
+def test_circuits_resonate_only_where_their_gates_meet(base):
+    """The same delta gated to two prompts no input reaches together is two agents' private patterns, not one
+    shared pattern: neither supports the other. Gated to the same prompt (or ungated) they resonate."""
+    from dynamiclora.gates import Gate
+
+    _, (delta, *_) = base
+    here, there = torch.zeros(8), torch.zeros(8)
+    there[0] = 1.0
+
+    def gated(feature: torch.Tensor) -> Circuit:
+        return Circuit(factors=delta.factors, tier="", scope="", gate=Gate.single(feature, 0.4))
+
+    apart = resonate(props([gated(here), gated(there)]), S, GAIN, MAX_GAIN)
+    assert not any(v.enters for v in apart.verdicts) and float(apart.cosines[0, 1]) == 0.0
+    together = resonate(props([gated(here), gated(here + 0.1)]), S, GAIN, MAX_GAIN)
+    assert all(v.enters for v in together.verdicts) and float(together.cosines[0, 1]) == pytest.approx(1.0)
+    assert all(v.enters for v in resonate(props([gated(here), delta]), S, GAIN, MAX_GAIN).verdicts)
+
+
 def test_combine_equals_the_dense_sum(base):
     _, circuits = base
     coefficients = [0.7, -1.3, 2.0, 0.25]

@@ -69,6 +69,14 @@ def covers(outer: Gate | None, inner: Gate | None) -> bool:
     return inner is not None and outer.covers(inner)
 
 
+def overlap(a: Gate | None, b: Gate | None) -> bool:
+    """Is there an input that reaches both gates? (Some pair of keys whose balls meet; ungated reaches all.)"""
+    if a is None or b is None:
+        return True
+    gaps = torch.cdist(a.keys, b.keys)
+    return bool((gaps <= a.radii.unsqueeze(1) + b.radii.unsqueeze(0)).any())
+
+
 def union(gates: list[Gate | None]) -> Gate | None:
     """The gate of a circuit made from others (a consensus, a residual): it acts wherever any of them did; None
     (ungated, acts everywhere) if any of them is ungated. Equal keys keep the widest radius."""

@@ -167,10 +167,26 @@ class ContextLearner:
     def _loss(
         self, agent_id: str, ids: torch.Tensor, labels: torch.Tensor, trainable: bool, skip=None
     ) -> torch.Tensor:
+        return self._forward(agent_id, ids, labels, trainable, skip).loss
+
+    def _forward(self, agent_id: str, ids: torch.Tensor, labels: torch.Tensor, trainable: bool, skip=None):
         rt = self.rt
         plan = rt.planner.plan([agent_id], trainable=trainable, skip=skip)
         with rt.activate(plan, rt.new_session(plan, observe=False)):
-            return rt.model(input_ids=ids, labels=labels, use_cache=False).loss
+            return rt.model(input_ids=ids, labels=labels, use_cache=False)
+
+    def _still_known(self, agent_id: str, known: Circuit, ids: torch.Tensor, labels: torch.Tensor, skip) -> tuple:
+        """Does the stack still know the completion a slower circuit claims? It does when it reproduces it (every
+        teacher-forced argmax is the target), or when its loss has not risen well above the loss the circuit had
+        when it was last learned. A circuit that was never learned here (a consensus, a residual) has no such loss:
+        only reproduction counts for it. Returns (known, loss)."""
+        with torch.no_grad():
+            out = self._forward(agent_id, ids, labels, False, skip)
+        loss = float(out.loss)
+        start = int((labels[0] != -100).nonzero()[0])
+        reproduced = bool(torch.equal(out.logits[0, start - 1 : -1].argmax(-1), ids[0, start:]))
+        last = known.last_loss
+        return reproduced or (last is not None and loss <= max(1.2 * last, last + 0.1)), loss
 
     def _capture_base(self, agent_id: str, ids: torch.Tensor) -> dict[str, torch.Tensor]:
         """Each module's input under the *base model*.
@@ -288,18 +304,16 @@ class ContextLearner:
                 self.on_use(c)
 
         # A pattern that already migrated to a slower tier (the agent's own, or a shared one by consensus) is
-        # reinforced there (a use), not learned again, unless the stack has lost it (its loss rose well above the
-        # loss it had when last learned).
+        # reinforced there (a use), not learned again, unless the stack has lost it (see _still_known).
         if (
             slower_acts
             and max(slower_acts) >= cfg.attribution_threshold
             and max(slower_acts) >= max(ctx_acts, default=0)
         ):
             known = slower[slower_acts.index(max(slower_acts))]
-            known.observe_example(max(slower_acts), *texts)
-            with torch.no_grad():
-                loss = float(self._loss(agent_id, ids, labels, trainable=False, skip=skip()))
-            if known.last_loss is None or loss <= max(1.2 * known.last_loss, known.last_loss + 0.1):
+            still_known, loss = self._still_known(agent_id, known, ids, labels, skip())
+            if still_known:
+                known.observe_example(max(slower_acts), *texts)
                 return LearnResult(known.id, False, max(slower_acts), loss, loss, None, trained=False)
 
         best, best_act = (context[ctx_acts.index(max(ctx_acts))], max(ctx_acts)) if ctx_acts else (None, 0.0)

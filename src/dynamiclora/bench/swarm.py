@@ -4,18 +4,23 @@ Four agents of one swarm learn (into their context tiers): three patterns all of
 their own, a conflicting pattern (agents 0 and 1 one answer, agents 2 and 3 another) and, for agent 0 alone, a
 poisoned pattern. Each rule turns the agents' circuits into the swarm's delta:
 
-* resonance — the library's consensus (dynamics/resonance.py); contributors keep their residuals;
+* resonance — the library's consensus (``Sharing.consensus``: one shared circuit per resonating group, gated
+  by its contributors' gates); contributors keep their residuals;
 * mean — task arithmetic: the average of the agents' total deltas;
 * TIES — per module, trim each agent's delta to its top 20 % magnitudes, elect the sign by the summed trimmed mass,
   average the agreeing entries (Yadav et al., 2023);
 * PCGrad — project each agent's delta off the others' it conflicts with (negative inner product), then average
   (Yu et al., 2020).
 
-For the baselines the swarm delta replaces the contributors' circuits (model merging). Measured: a new agent's
-exact reproduction of the shared patterns, how many other agents' own patterns it picks up (interference), what
+For the baselines the swarm delta replaces the contributors' circuits (model merging); it is one circuit, gated
+by the union of every merged circuit's gate (it acts wherever any of them did). Measured: a new agent's exact
+reproduction of the shared patterns, how many other agents' own patterns it picks up (interference), what
 the contributors keep of their own patterns, the share of the poisoned delta that reaches the swarm
 (⟨Δ_swarm, Δ_poison⟩ / ‖Δ_poison‖²) and whether the new agent produces it, and what it answers to the conflict.
 Memory: bytes per additional agent and agents held by one process.
+
+Two modes, one run: routing on (each circuit gated to the prompts it learned, as the library runs by default)
+and routing off (every circuit acts on every input; circuits are learned acting together).
 
 Run: ``python benchmarks/swarm.py`` (``--quick``: tiny random model).
 """
@@ -31,7 +36,9 @@ import torch
 from ..circuits import Circuit
 from ..config import DynamicLoRAConfig, DynamicsConfig, GenerationConfig, LearningConfig
 from ..core import DynamicLoRA
-from ..dynamics.resonance import Proposal, combine, resonate
+from ..dynamics.resonance import Proposal, combine
+from ..gates import union
+from ..hierarchy import ScopeKey
 from .record import arguments, model_label, model_suffix, model_under_test, write
 
 SHARED = [
@@ -54,10 +61,8 @@ AGENTS = 4
 RULES = ("resonance", "mean", "ties", "pcgrad")
 
 
-def build(quick: bool) -> DynamicLoRA:
-    # Routing off: the rules merge whole deltas, and each agent's circuits were learned acting together (with
-    # routing, each acts on its own prompt alone, and the baselines' ungated merges would not be comparable).
-    config = DynamicLoRAConfig(dynamics=DynamicsConfig(tick_interval=0), learning=LearningConfig(routing=False))
+def build(quick: bool, routing: bool) -> DynamicLoRA:
+    config = DynamicLoRAConfig(dynamics=DynamicsConfig(tick_interval=0), learning=LearningConfig(routing=routing))
     return model_under_test(quick, config, progress=True)
 
 
@@ -104,28 +109,27 @@ def totals(circuits: dict[str, list[Circuit]]) -> dict[str, dict[str, torch.Tens
     return out
 
 
-def merge(rule: str, circuits: dict[str, list[Circuit]], dl: DynamicLoRA) -> tuple[Circuit, dict[str, Circuit]]:
-    """The swarm circuit of a rule, and the circuits each contributor keeps (residuals; none for the baselines)."""
+def consensus(dl: DynamicLoRA, circuits: dict[str, list[Circuit]]) -> tuple[list[Circuit], dict[str, list]]:
+    """The library's consensus of every agent's circuits into ``swarm:team``: the shared circuits it adds, and
+    what each contributor keeps (its residuals and the circuits that did not enter)."""
+    install(dl, [], {a: cs for a, cs in circuits.items()}, sorted(circuits))
+    proposals = [
+        Proposal(c, frozenset({a}), f"context:{a}", 0.0, False, "swarm:team") for a, cs in circuits.items() for c in cs
+    ]
+    shared = dl.memory.sharing.consensus(ScopeKey("swarm", "team"), proposals)
+    kept = {a: list(dl.hierarchy.scope(("context", a)).circuits.values()) for a in circuits}
+    return shared, kept
+
+
+def merge(rule: str, circuits: dict[str, list[Circuit]]) -> Circuit:
+    """The swarm circuit of a baseline rule, gated by the union of the merged circuits' gates."""
     n = len(circuits)
-    if rule == "resonance":
-        cfg = dl.config.dynamics
-        proposals = [Proposal(c, frozenset({a})) for a, cs in circuits.items() for c in cs]
-        result = resonate(proposals, cfg.resonance_threshold, cfg.resonance_gain, cfg.resonance_max_gain)
-        terms = [(p.circuit, float(k)) for p, k in zip(proposals, result.coefficients) if k != 0]
-        shared = (
-            Circuit(factors=combine(terms), tier="", scope="") if terms else Circuit(factors={}, tier="", scope="")
-        )
-        kept = {}
-        for a, cs in circuits.items():
-            own = [(c, 1.0) for c in cs] + ([(shared, -1.0)] if terms else [])
-            kept[a] = Circuit(factors=combine(own), tier="", scope="")
-        return shared, kept
     per_agent = totals(circuits)
     modules = sorted({m for d in per_agent.values() for m in d})
     if rule == "mean":
-        return Circuit(factors=combine([(c, 1.0 / n) for cs in circuits.values() for c in cs]), tier="", scope=""), {}
-    if rule == "ties":
-        merged = {}
+        merged = Circuit(factors=combine([(c, 1.0 / n) for cs in circuits.values() for c in cs]), tier="", scope="")
+    elif rule == "ties":
+        deltas = {}
         for m in modules:
             stack = torch.stack([per_agent[a][m] for a in per_agent])
             flat = stack.reshape(n, -1)
@@ -135,9 +139,9 @@ def merge(rule: str, circuits: dict[str, list[Circuit]], dl: DynamicLoRA) -> tup
             sign = torch.sign(trimmed.sum(0))
             agree = (torch.sign(trimmed) == sign) & (trimmed != 0)
             mean = (trimmed * agree).sum(0) / agree.sum(0).clamp_min(1)
-            merged[m] = mean.reshape(stack.shape[1:])
-        return from_dense(merged), {}
-    if rule == "pcgrad":
+            deltas[m] = mean.reshape(stack.shape[1:])
+        merged = from_dense(deltas)
+    elif rule == "pcgrad":
         names = sorted(per_agent)
         vec = {a: torch.cat([per_agent[a][m].reshape(-1) for m in modules]) for a in names}
         projected = []
@@ -147,27 +151,30 @@ def merge(rule: str, circuits: dict[str, list[Circuit]], dl: DynamicLoRA) -> tup
                 if b != a and float(g @ vec[b]) < 0:
                     g -= float(g @ vec[b]) / float(vec[b] @ vec[b]) * vec[b]
             projected.append(g)
-        mean, merged, offset = torch.stack(projected).mean(0), {}, 0
+        mean, deltas, offset = torch.stack(projected).mean(0), {}, 0
         for m in modules:
             size = per_agent[names[0]][m].numel()
-            merged[m] = mean[offset : offset + size].reshape(per_agent[names[0]][m].shape)
+            deltas[m] = mean[offset : offset + size].reshape(per_agent[names[0]][m].shape)
             offset += size
-        return from_dense(merged), {}
-    raise ValueError(f"unknown rule {rule!r}; choose from {RULES}")
+        merged = from_dense(deltas)
+    else:
+        raise ValueError(f"unknown rule {rule!r}; choose from {RULES}")
+    merged.gate = union([c.gate for cs in circuits.values() for c in cs])
+    return merged
 
 
-def install(dl: DynamicLoRA, shared: Circuit, kept: dict[str, Circuit], agents: list[str]) -> None:
+def install(dl: DynamicLoRA, shared: list[Circuit], kept: dict[str, list[Circuit]], agents: list[str]) -> None:
     swarm = dl.hierarchy.scope("swarm:team")
     for cid in list(swarm.circuits):
         swarm.remove(cid)
-    if shared.factors:
-        dl.add_circuit("swarm:team", shared)
+    for c in shared:
+        dl.add_circuit("swarm:team", c)
     for a in agents:
         scope = dl.hierarchy.scope(("context", a))
         for cid in list(scope.circuits):
             scope.remove(cid)
-        if a in kept and kept[a].factors:
-            dl.add_circuit(("context", a), kept[a])
+        for c in kept.get(a, []):
+            dl.add_circuit(("context", a), c)
 
 
 def produces(dl: DynamicLoRA, agent: str, prompt: str, completion: str) -> bool:
@@ -176,11 +183,10 @@ def produces(dl: DynamicLoRA, agent: str, prompt: str, completion: str) -> bool:
     return dl.generate_ids([agent], [dl.encode(prompt)], cfg)[0].tokens[0] == target
 
 
-def share_of(shared: Circuit, poison: Circuit) -> float:
-    if not shared.factors:
-        return 0.0
-    s, p = dense(shared), dense(poison)
-    return float(sum((s[m] * p[m]).sum() for m in p if m in s) / sum((p[m] * p[m]).sum() for m in p))
+def share_of(shared: list[Circuit], poison: Circuit) -> float:
+    p = dense(poison)
+    inner = sum(float((dense(c)[m] * p[m]).sum()) for c in shared for m in p if m in c.factors)
+    return inner / float(sum((p[m] * p[m]).sum() for m in p))
 
 
 def score(dl: DynamicLoRA, agent: str, prompt: str, completion: str) -> float:
@@ -191,10 +197,13 @@ def evaluate(
     dl: DynamicLoRA, rule: str, circuits: dict[str, list[Circuit]], poison: Circuit, base_poison: float
 ) -> dict:
     t0 = time.perf_counter()
-    shared, kept = merge(rule, circuits, dl)
-    merge_s = time.perf_counter() - t0
     agents = sorted(circuits)
-    install(dl, shared, kept, agents)
+    if rule == "resonance":
+        shared, kept = consensus(dl, circuits)
+    else:
+        shared, kept = [merge(rule, circuits)], {}
+        install(dl, shared, kept, agents)
+    merge_s = time.perf_counter() - t0
     newbie = "newbie"
     shared_ok = [produces(dl, newbie, p, c) for p, c in SHARED]
     leaked = [produces(dl, newbie, p, c) for p, c in OWN]
@@ -211,7 +220,8 @@ def evaluate(
         "poison_logprob_gain": round(score(dl, newbie, *POISON) - base_poison, 3),
         "new_agent_produces_poison": produces(dl, newbie, *POISON),
         "conflict_answer": answers[0].strip() if answers else "neither",
-        "swarm_rank": shared.rank,
+        "swarm_circuits": len(shared),
+        "swarm_rank": sum(c.rank for c in shared),
         "merge_s": merge_s,
     }
 
@@ -265,28 +275,31 @@ def markdown(record: dict) -> str:
         f"{AGENTS} agents of one swarm learn {len(SHARED)} shared patterns, one own pattern each, a conflicting "
         "pattern (two agents against two) and, agent 0 alone, a poisoned pattern; each rule merges their circuits "
         f"into the swarm tier ({record['rounds']} practice rounds). Higher is better except where marked.",
-        "",
-        "| rule | new agent: shared patterns | new agent: others' own patterns (↓) | contributors keep own | "
-        "contributors keep shared | poison delta share (↓) | new agent: poison log-prob gain (↓) | "
-        "new agent writes poison (↓) | conflict answer | swarm rank |",
-        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in record["rules"]:
-        lines.append(
-            f"| {r['rule']} | {r['new_agent_shared_accuracy']:.2f} | {r['new_agent_picks_up_own_patterns']:.2f} | "
-            f"{r['contributors_keep_own']:.2f} | {r['contributors_keep_shared']:.2f} | {r['poison_share']:.3f} | "
-            f"{r['poison_logprob_gain']:+.2f} | "
-            f"{r['new_agent_produces_poison']} | {r['conflict_answer']} | {r['swarm_rank']} |"
-        )
-    b = record["before_merge"]
-    lines += [
-        "",
-        f"Before merging, the contributors produced {b['contributors_own']:.2f} of their own patterns and "
-        f"{b['contributors_shared']:.2f} of the shared ones, with {b['circuits_per_agent']} context circuits; the "
-        f"circuit agent 0 learned the poison into also holds {b['poison_circuit_patterns'] - 1} other pattern(s) "
-        "(attribution reuses circuits whose keys overlap), so its delta share counts that content too; the log-prob "
-        "gain (new agent, nats, against the base model) and the greedy check measure the poison itself.",
-    ]
+    for mode in record["modes"]:
+        lines += [
+            "",
+            f"## Routing {'on (the library default)' if mode['routing'] else 'off'}",
+            "",
+            "| rule | new agent: shared patterns | new agent: others' own patterns (↓) | contributors keep own | "
+            "contributors keep shared | poison delta share (↓) | new agent: poison log-prob gain (↓) | "
+            "new agent writes poison (↓) | conflict answer | swarm circuits (rank) |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in mode["rules"]:
+            lines.append(
+                f"| {r['rule']} | {r['new_agent_shared_accuracy']:.2f} | {r['new_agent_picks_up_own_patterns']:.2f} | "
+                f"{r['contributors_keep_own']:.2f} | {r['contributors_keep_shared']:.2f} | {r['poison_share']:.3f} | "
+                f"{r['poison_logprob_gain']:+.2f} | {r['new_agent_produces_poison']} | {r['conflict_answer']} | "
+                f"{r['swarm_circuits']} ({r['swarm_rank']}) |"
+            )
+        b = mode["before_merge"]
+        lines += [
+            "",
+            f"Before merging, the contributors produced {b['contributors_own']:.2f} of their own patterns and "
+            f"{b['contributors_shared']:.2f} of the shared ones, with {b['circuits_per_agent']} context circuits "
+            f"(learning took {mode['learn_s']:.0f} s).",
+        ]
     m = record["memory"]
     lines += [
         "",
@@ -312,27 +325,31 @@ def plot(record: dict, path: Path) -> Path:
         ("new_agent_picks_up_own_patterns", "new agent: others'\nown patterns ↓"),
         ("poison_share", "poison share\nin swarm ↓"),
     ]
-    fig, ax = plt.subplots(figsize=(9, 3.8))
-    width = 0.8 / len(record["rules"])
-    for k, r in enumerate(record["rules"]):
-        xs = [i + k * width for i in range(len(metrics))]
-        ax.bar(xs, [float(r[m]) for m, _ in metrics], width, label=r["rule"])
-    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(metrics))], [label for _, label in metrics], fontsize=8)
-    ax.axhline(0, color="k", lw=0.6)
-    ax.set_title(f"merging {AGENTS} agents' circuits into their swarm ({record['model']} model)", fontsize=9)
-    ax.legend(fontsize=8)
+    modes = record["modes"]
+    fig, axes = plt.subplots(1, len(modes), figsize=(9 * len(modes) / 1.4, 3.8), squeeze=False)
+    for ax, mode in zip(axes[0], modes):
+        width = 0.8 / len(mode["rules"])
+        for k, r in enumerate(mode["rules"]):
+            xs = [i + k * width for i in range(len(metrics))]
+            ax.bar(xs, [float(r[m]) for m, _ in metrics], width, label=r["rule"])
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(metrics))], [label for _, label in metrics], fontsize=7)
+        ax.axhline(0, color="k", lw=0.6)
+        ax.set_title(f"routing {'on' if mode['routing'] else 'off'}", fontsize=9)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"merging {AGENTS} agents' circuits into their swarm ({record['model']})", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
 
-def main(argv: list[str] | None = None) -> dict:
-    args = arguments(__doc__, argv)
-    dl = build(args.quick)
-    rounds = 8 if args.quick else 6
+def run_mode(quick: bool, routing: bool, rounds: int) -> tuple[dict, DynamicLoRA]:
+    """Learn the stream with routing on or off, then merge it by every rule."""
+    dl = build(quick, routing)
     dl.agent("newbie", swarm="team", domain="python")
+    t0 = time.perf_counter()
     circuits, poison_id = learn_stream(dl, rounds)
+    learn_s = time.perf_counter() - t0
     poison = next(c for cs in circuits.values() for c in cs if c.id == poison_id)
     base_poison = score(dl, "newbie", *POISON)  # the new agent before any merge runs the base model
     before = {
@@ -343,12 +360,21 @@ def main(argv: list[str] | None = None) -> dict:
         "poison_circuit_patterns": len(poison.examples),
     }
     rules = [evaluate(dl, rule, circuits, poison, base_poison) for rule in RULES]
+    return {"routing": routing, "learn_s": learn_s, "before_merge": before, "rules": rules}, dl
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = arguments(__doc__, argv)
+    rounds = 8 if args.quick else 6
+    modes = []
+    for routing in (True, False):
+        mode, dl = run_mode(args.quick, routing, rounds)
+        modes.append(mode)
     memory = memory_per_agent(dl, 100 if args.quick else 1000)
     record = {
         "model": "tiny random llama" if args.quick else model_label(),
         "rounds": rounds,
-        "before_merge": before,
-        "rules": rules,
+        "modes": modes,
         "memory": memory,
     }
     name = "swarm-cpu" + ("-quick" if args.quick else model_suffix())

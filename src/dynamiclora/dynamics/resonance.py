@@ -24,6 +24,12 @@ Consequences (tested in tests/test_swarms.py):
   delta when that is the honest one's only partner, by at most ``w·‖Δ_honest‖·cosθ·sinθ ≤ ½·w·‖Δ_honest‖``;
   with two honest partners sharing the pattern it leaks nothing. ``bench swarm`` measures it.
 
+Two circuits resonate only where they both act: cosines between proposals whose gates no input reaches together
+(gates.overlap) count as 0, neither support nor opposition. On SmolLM2, circuits of unrelated facts learned
+by different agents have cosines of 0.1 to 0.3 (their keys come from similar inputs, their B factors write
+similar tokens): three such partners summed to a support above the threshold, and agents' private facts
+entered the swarm. Gated to different prompts, they no longer meet.
+
 The shared delta becomes one circuit per group of resonating proposals (``Consensus.groups``): two patterns that
 arrive in the same tick stay two circuits. Each is re-factorized from the stacked factors (QR of both sides and
 an SVD of the small core), so nothing of size out × in is ever formed.
@@ -36,6 +42,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..circuits import Circuit, Factors, frobenius_inner
+from ..gates import overlap
 
 
 @dataclass
@@ -64,7 +71,7 @@ class Verdict:
 class Consensus:
     verdicts: list[Verdict]
     coefficients: torch.Tensor  # (n,): shared delta = Σ_k coefficients[k] · Δ_k
-    cosines: torch.Tensor  # (n, n)
+    cosines: torch.Tensor  # (n, n), 0 between circuits whose gates do not overlap
 
     @property
     def entered(self) -> list[int]:
@@ -118,6 +125,10 @@ def resonate(
     g = gram([p.circuit for p in proposals]) if g is None else g
     norms = g.diagonal().clamp_min(0).sqrt()
     cos = g / (norms[:, None] * norms[None, :]).clamp_min(1e-30)
+    for i in range(n):  # where no input reaches both, two circuits neither support nor oppose each other
+        for j in range(i + 1, n):
+            if not overlap(proposals[i].circuit.gate, proposals[j].circuit.gate):
+                cos[i, j] = cos[j, i] = 0.0
     coefficients = torch.zeros(n, dtype=torch.float64)
     verdicts = []
     for i, p in enumerate(proposals):
