@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from dynamiclora.cli import main
 from dynamiclora.demo import run_demo
 
@@ -99,14 +101,17 @@ def test_swarm_benchmark_quick_writes_its_records(tmp_path):
     assert record["memory"]["tensor_bytes_per_agent"] > 0 and (tmp_path / "swarm-cpu-quick.png").exists()
 
 
+@pytest.mark.slow  # five server processes
 def test_server_benchmark_quick_writes_its_records(tmp_path):
     from dynamiclora.bench import server
 
     checks = server.main(["--quick", "--out", str(tmp_path)])
     record = json.loads((tmp_path / "server-cpu-quick.json").read_text())
-    batched, unbatched = record["runs"]
-    assert batched["requests"] > 0 and unbatched["requests"] > 0 and checks["zero failed requests"]
-    assert batched["engine"]["rows"] > batched["engine"]["batches"]  # it did batch
+    runs = {(r["batching"], r["learning"]): r for r in record["runs"]}
+    assert all(r["requests"] > 0 for r in runs.values()) and checks["zero failed requests"]
+    continuous = runs[("continuous", True)]
+    assert continuous["engine"]["scheduler"]["peak_rows"] > 1 and continuous["learns"] > 0  # it did batch and learn
+    assert checks["every acknowledged learn survives SIGKILL"] and continuous["restart"]["acknowledged_learns"] > 0
     assert (tmp_path / "server-cpu-quick.png").exists()
 
 

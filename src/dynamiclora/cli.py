@@ -211,7 +211,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     state_dir = Path(args.state_dir)
     dl = open_state(state_dir, args.model)
-    app = create_app(dl, state_dir, max_queue=args.max_queue, max_batch=args.max_batch, batching=not args.no_batching)
+    app = create_app(
+        dl,
+        state_dir,
+        max_queue=args.max_queue,
+        max_batch=args.max_batch,
+        batching=args.batching,
+        use_cache=not args.no_cache,
+    )
     where = "$DYNAMICLORA_ADMIN_KEY" if os.environ.get("DYNAMICLORA_ADMIN_KEY") else state_dir / ADMIN_FILE
     Console(stderr=True).print(
         f"serving {state_dir} on http://{args.host}:{args.port}  (admin key: {where}; dashboard: /?key=<admin key>)"
@@ -255,9 +262,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting before 429")
-    p.add_argument("--max-batch", type=int, default=16, help="generation requests per batched forward")
-    p.add_argument("--no-batching", action="store_true", help="serve generation requests one at a time")
-    p.add_argument("--no-cache", action="store_true", help="do not serve single requests through WaveGen")
+    p.add_argument("--max-batch", type=int, default=16, help="rows of the running batch (generation requests)")
+    p.add_argument(
+        "--batching",
+        choices=("continuous", "static", "off"),
+        default="continuous",
+        help="continuous: requests join the running decode between steps (default); static: requests waiting "
+        "together run as one batch to its end; off: one request at a time",
+    )
+    p.add_argument("--no-cache", action="store_true", help="serve nothing through WaveGen")
     p.add_argument("--log-level", default="warning")
     p.set_defaults(func=cmd_serve)
     return parser

@@ -7,6 +7,11 @@ plan the caller activated around the whole loop.
 Decoding is split into :func:`prefill` (the prompt in one pass) and :func:`run` (one token per step
 from a :class:`DecodeState`), so that a caller can stop in between — WaveGen feeds a cached draft
 after the prefill, keeps the prefix the model accepts, and resumes the loop from there.
+
+:func:`join` and :func:`keep_rows` change a decode's rows between steps (continuous batching, see
+server.scheduler): rows prefilled later are left-padded to the running rows' length, finished rows
+leave, and columns no remaining row attends to are cut. A row's keys and values do not move relative to
+its own tokens, and its padding is masked, so its logits are those it has alone.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
+from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from .config import GenerationConfig
 
@@ -98,6 +105,57 @@ def feed(forward: ForwardFn, state: DecodeState, tokens: torch.Tensor, use_kv_ca
         state.logits, state.past = forward(tokens.unsqueeze(1), state.mask, positions(state.mask)[:, -1:], state.past)
     else:
         state.logits, _ = forward(state.ids, state.mask, positions(state.mask), None)
+
+
+def joinable(state: DecodeState) -> bool:
+    """Can this decode's rows join others' and leave one by one? Only a growing, full-length cache: a sliding
+    window keeps a different span at every length."""
+    layers = getattr(state.past, "layers", None)
+    return layers is not None and all(type(layer) is DynamicLayer and layer.is_initialized for layer in layers)
+
+
+def _cache(layers: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
+    return DynamicCache(ddp_cache_data=layers)
+
+
+def join(states: list[DecodeState], pad_id: int) -> DecodeState:
+    """The rows of several decodes as one, each left-padded to the longest with masked positions."""
+    if len(states) == 1:
+        return states[0]
+    width = max(s.ids.shape[1] for s in states)
+    gaps = [width - s.ids.shape[1] for s in states]
+    ids = torch.cat([F.pad(s.ids, (g, 0), value=pad_id) for s, g in zip(states, gaps)])
+    mask = torch.cat([F.pad(s.mask, (g, 0), value=0) for s, g in zip(states, gaps)])
+    layers = []
+    for i in range(len(states[0].past.layers)):
+        keys = torch.cat([F.pad(s.past.layers[i].keys, (0, 0, g, 0)) for s, g in zip(states, gaps)])
+        values = torch.cat([F.pad(s.past.layers[i].values, (0, 0, g, 0)) for s, g in zip(states, gaps)])
+        layers.append((keys, values))
+    return DecodeState(
+        ids,
+        mask,
+        _cache(layers),
+        torch.cat([s.logits for s in states]),
+        [o for s in states for o in s.out],
+        torch.cat([s.done for s in states]),
+    )
+
+
+def keep_rows(state: DecodeState, rows: list[int]) -> DecodeState:
+    """Only these rows, without the leading columns that none of them attends to."""
+    idx = torch.tensor(rows, dtype=torch.long, device=state.ids.device)
+    mask = state.mask[idx]
+    used = mask.any(0).nonzero()
+    first = int(used[0]) if len(used) else 0
+    layers = [(layer.keys[idx, :, first:], layer.values[idx, :, first:]) for layer in state.past.layers]
+    return DecodeState(
+        state.ids[idx, first:],
+        mask[:, first:],
+        _cache(layers),
+        state.logits[idx],
+        [state.out[i] for i in rows],
+        state.done[idx],
+    )
 
 
 @torch.no_grad()

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import re
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -30,6 +29,7 @@ from ..errors import DynamicLoRAError, PromptTooLongError, RegistrationError
 from . import dashboard
 from .engine import Busy, Completion, Engine, GenerateJob
 from .keys import KeyStore, Principal
+from .scheduler import prompt_logprobs
 from .schemas import ChatRequest, CompletionRequest, LearnRequest, RegisterRequest, Sampling
 
 log = logging.getLogger("dynamiclora.server")
@@ -125,8 +125,9 @@ def create_app(
             raise APIError(403, "this needs the admin key", "permission_error")
         return who
 
-    async def run(fn, durable: bool = False):
-        return await asyncio.wrap_future(engine.call(fn, durable))
+    async def run(fn, durable: bool = False, waits_for: frozenset[str] | None = frozenset()):
+        """``fn`` on the engine thread; ``waits_for``: whose running rows it must wait for (see Engine.call)."""
+        return await asyncio.wrap_future(engine.call(fn, durable, waits_for))
 
     def agent_for(model: str, who: Principal, param: str = "model") -> str:
         if model not in dl.hierarchy.agents:
@@ -146,9 +147,15 @@ def create_app(
         ]
         return {"object": "list", "data": data}
 
-    async def complete(
-        req: Sampling, prompt: str, who: Principal, max_tokens: int | None, prompt_ids: list[int] | None = None
-    ) -> Completion:
+    def job_for(
+        req: Sampling,
+        prompt: str | list[int],
+        who: Principal,
+        max_tokens: int | None,
+        logprobs: int | None = None,
+        param: str = "prompt",
+    ) -> GenerateJob:
+        """A generation job for one prompt (text or token ids), checked against the model's context."""
         if req.model == base:
             agent_id = who.agent or next(iter(sorted(dl.hierarchy.agents)), None)
             if agent_id is None:
@@ -156,13 +163,29 @@ def create_app(
             base_only = True
         else:
             agent_id, base_only = agent_for(req.model, who), False
-        tokens = max_tokens or DEFAULT_MAX_TOKENS
-        prompt_ids = dl.encode(prompt) if prompt_ids is None else prompt_ids
+        tokens = DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens
+        if isinstance(prompt, str):
+            text, prompt_ids = prompt, dl.encode(prompt)
+        else:
+            vocab = len(dl.tokenizer)
+            bad = next((t for t in prompt if t >= vocab), None)
+            if bad is not None:
+                message = f"{param}: token id {bad} is outside the vocabulary (0 to {vocab - 1})"
+                raise APIError(400, message, param=param)
+            text, prompt_ids = dl.tokenizer.decode(prompt), list(prompt)
+        if not prompt_ids:
+            raise APIError(400, f"{param}: empty after tokenization; give at least one token of text", param=param)
         try:
             dl.check_length(len(prompt_ids) + tokens, len(prompt_ids), tokens)
         except PromptTooLongError as e:
             raise APIError(400, str(e), param="max_tokens") from None
-        job = GenerateJob(agent_id, prompt, prompt_ids, tokens, req.temperature, req.top_p, base_only, req.stops())
+        return GenerateJob(
+            agent_id, text, prompt_ids, tokens, req.temperature, req.top_p, base_only, req.stops(), logprobs
+        )
+
+    async def finish(job: GenerateJob) -> Completion:
+        if job.max_tokens == 0:  # scoring only: nothing to generate
+            return Completion("", len(job.prompt_ids), 0, "length")
         return await asyncio.wrap_future(engine.submit(job))
 
     def usage(c: Completion) -> dict:
@@ -172,18 +195,58 @@ def create_app(
             "total_tokens": c.prompt_tokens + c.completion_tokens,
         }
 
+    def legacy_logprobs(entries: list[dict | None], offset: int) -> dict:
+        """OpenAI's legacy completions shape: parallel lists over the returned tokens."""
+        tokens, offsets = [], []
+        for e in entries:
+            offsets.append(offset)
+            tokens.append(e["token"] if e else "")
+            offset += len(tokens[-1])
+        return {
+            "tokens": tokens,
+            "token_logprobs": [e["logprob"] if e else None for e in entries],
+            "top_logprobs": [dict(e.get("top", [])) if e else None for e in entries],
+            "text_offset": offsets,
+        }
+
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, who: Principal = Depends(principal)):
-        c = await complete(req, req.text(), who, req.max_tokens)
+        prompts = req.prompts()
+        if req.max_tokens == 0 and not req.echo:
+            raise APIError(400, "max_tokens: 0 generates nothing; set echo to score the prompt", param="max_tokens")
+        if req.stream and (len(prompts) > 1 or req.echo):
+            raise APIError(400, "stream: give one prompt and no echo to stream", param="stream")
+        jobs = [
+            job_for(req, prompt, who, req.max_tokens, req.logprobs, f"prompt[{i}]" if len(prompts) > 1 else "prompt")
+            for i, prompt in enumerate(prompts)
+        ]
         rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-
-        def choice(text: str, reason: str | None) -> dict:
-            return {"index": 0, "text": text, "finish_reason": reason, "logprobs": None}
-
         head = {"id": rid, "object": "text_completion", "created": created, "model": req.model}
         if req.stream:
-            return _stream(head, c, lambda piece, reason: {"choices": [choice(piece, reason)]}, req)
-        return {**head, "choices": [choice(c.text, c.finish_reason)], "usage": usage(c), "cache": c.cache}
+
+            def piece(text: str, reason: str | None) -> dict:
+                return {"choices": [{"index": 0, "text": text, "finish_reason": reason, "logprobs": None}]}
+
+            return await stream(jobs[0], head, piece, req)
+        done = await asyncio.gather(*(finish(job) for job in jobs))
+        scored = []
+        if req.echo and req.logprobs is not None:
+            scored = await asyncio.gather(
+                *(
+                    run(lambda j=j: prompt_logprobs(dl.runtime, j.agent_id, j.prompt_ids, req.logprobs, j.base_only))
+                    for j in jobs
+                )
+            )
+        choices = []
+        for i, (job, c) in enumerate(zip(jobs, done)):
+            text = job.prompt + c.text if req.echo else c.text
+            logprobs = None
+            if req.logprobs is not None:
+                entries = (scored[i] if req.echo else []) + (c.logprobs or [])
+                logprobs = legacy_logprobs(entries, 0)
+            choices.append({"index": i, "text": text, "finish_reason": c.finish_reason, "logprobs": logprobs})
+        total = {k: sum(usage(c)[k] for c in done) for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
+        return {**head, "choices": choices, "usage": total, "cache": done[0].cache}
 
     def chat_ids(messages) -> list[int]:
         """The token ids the model reads for a conversation (the chat template, the assistant's turn opened)."""
@@ -194,13 +257,29 @@ def create_app(
         except Exception as e:  # noqa: BLE001 - a template may reject a message order
             raise APIError(400, f"the chat template rejected these messages: {e}", param="messages") from None
 
+    def chat_logprobs(entries: list[dict]) -> dict:
+        def one(token: str, logprob: float) -> dict:
+            return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+
+        return {
+            "content": [
+                {**one(e["token"], e["logprob"]), "top_logprobs": [one(t, lp) for t, lp in e.get("top", [])]}
+                for e in entries
+            ]
+        }
+
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest, who: Principal = Depends(principal)):
+        if req.top_logprobs is not None and not req.logprobs:
+            raise APIError(400, "top_logprobs: needs logprobs set to true", param="top_logprobs")
         template = getattr(dl.tokenizer, "chat_template", None)
         if not template:
             raise APIError(400, f"model {base!r} has no chat template; use /v1/completions", param="messages")
-        ids = chat_ids(req.messages)
-        c = await complete(req, dl.tokenizer.decode(ids), who, req.max_completion_tokens or req.max_tokens, ids)
+        max_tokens = req.max_completion_tokens or req.max_tokens
+        if max_tokens == 0:
+            raise APIError(400, "max_tokens: a reply needs at least one token", param="max_tokens")
+        top = (req.top_logprobs or 0) if req.logprobs else None
+        job = job_for(req, chat_ids(req.messages), who, max_tokens, top, "messages")
         rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         head = {"id": rid, "created": created, "model": req.model}
         if req.stream:
@@ -209,27 +288,48 @@ def create_app(
                 delta = {"content": piece} if piece else {}
                 return {
                     "object": "chat.completion.chunk",
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": reason}],
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": reason, "logprobs": None}],
                 }
 
-            return _stream(head, c, chunk, req)
+            return await stream(job, {**head}, chunk, req)
+        c = await finish(job)
         message = {"role": "assistant", "content": c.text}
+        logprobs = chat_logprobs(c.logprobs or []) if req.logprobs else None
         return {
             **head,
             "object": "chat.completion",
-            "choices": [{"index": 0, "message": message, "finish_reason": c.finish_reason}],
+            "choices": [{"index": 0, "message": message, "finish_reason": c.finish_reason, "logprobs": logprobs}],
             "usage": usage(c),
         }
 
-    def _stream(head: dict, c: Completion, chunk, req: Sampling) -> StreamingResponse:
+    async def stream(job: GenerateJob, head: dict, chunk, req: Sampling) -> StreamingResponse:
+        """Server-sent events, one per decoded piece as the engine produces it; the last carries the finish reason
+        (and usage when asked). A client that goes away cancels its row."""
+        loop = asyncio.get_running_loop()
+        pieces: asyncio.Queue = asyncio.Queue()
+        job.on_text = lambda piece: loop.call_soon_threadsafe(pieces.put_nowait, piece)
+        future = asyncio.wrap_future(engine.submit(job))  # a full queue answers 429 before the stream starts
+        future.add_done_callback(lambda _: pieces.put_nowait(None))
+
         async def events() -> AsyncIterator[str]:
-            for piece in re.findall(r"\s*\S+|\s+", c.text):
-                yield f"data: {json.dumps({**head, **chunk(piece, None)})}\n\n"
-            last = {**head, **chunk("", c.finish_reason)}
-            if (req.stream_options or {}).get("include_usage"):
-                last["usage"] = usage(c)
-            yield f"data: {json.dumps(last)}\n\n"
-            yield "data: [DONE]\n\n"
+            try:
+                while (piece := await pieces.get()) is not None:
+                    yield f"data: {json.dumps({**head, **chunk(piece, None)})}\n\n"
+                try:
+                    c = future.result()
+                except Exception as e:  # noqa: BLE001 - the stream has started: report it in the stream
+                    log.exception("generation failed during a stream")
+                    error = {"message": f"generation failed: {type(e).__name__}: {e}", "type": "server_error"}
+                    yield f"data: {json.dumps({'error': error})}\n\n"
+                    return
+                last = {**head, **chunk("", c.finish_reason)}
+                if (req.stream_options or {}).get("include_usage"):
+                    last["usage"] = usage(c)
+                yield f"data: {json.dumps(last)}\n\n"
+                yield "data: [DONE]\n\n"
+            finally:
+                if not future.done():
+                    job.cancelled.set()  # the client left: the row leaves the batch at the next step
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
@@ -256,7 +356,11 @@ def create_app(
         agent_id = agent_for(req.model, who)
         prompt = req.prompt if req.messages is None else chat_ids(req.messages)  # as the model reads it
         try:
-            r = await run(lambda: dl.agent(agent_id).learn(prompt, req.completion, req.critical), durable=True)
+            r = await run(
+                lambda: dl.agent(agent_id).learn(prompt, req.completion, req.critical),
+                durable=True,
+                waits_for=frozenset({agent_id}),
+            )
         except PromptTooLongError as e:
             raise APIError(400, str(e), param="prompt") from None
         return {
@@ -272,7 +376,7 @@ def create_app(
 
     @app.post("/v1/tick")
     async def tick(who: Principal = Depends(admin)):
-        report = await run(dl.tick, durable=True)
+        report = await run(dl.tick, durable=True, waits_for=None)
         return {
             "tick": report.tick,
             "transitions": len(report.transitions),
@@ -315,6 +419,7 @@ def create_app(
             "interactions": dl.interactions,
             "queue": engine.queue.qsize(),
             "engine": dict(engine.stats),
+            "batch": engine.live(),
         }
 
     # -- the dashboard --------------------------------------------------------------------------------

@@ -1,10 +1,16 @@
 """The engine: one worker thread owns the model; requests reach it through one bounded queue.
 
-Generation requests waiting together are run as one heterogeneous batch (rows of different agents in one
-forward, DESIGN 3), grouped by their sampling settings. Everything that changes state (learn, register,
-tick) runs alone and is saved to the state directory *before* its future resolves, so whatever a client was
-told succeeded survives a kill. A full queue raises :class:`Busy` at once (the server answers 429) instead of
-letting memory grow.
+``batching="continuous"`` (the default): generation requests join the running decode between steps and leave
+as they finish (server.scheduler), rows of different agents in one forward (DESIGN 3), WaveGen hits served in
+the same loop. ``"static"``: requests waiting together run as one batch to its end, grouped by their sampling
+settings, a batch of several bypassing WaveGen, without logprobs (the earlier behaviour, kept to compare).
+``"off"``: one request at a time (the continuous loop with one row).
+
+Everything that changes state (learn, register, tick) runs alone and is saved to the state directory *before*
+its future resolves, so whatever a client was told succeeded survives a kill. It runs between decode steps,
+and only once no running row reads what it changes: a learn into an agent waits for that agent's running rows
+(``waits_for``), a tick for every row, and requests behind it wait their turn (first come, first served). A
+full queue raises :class:`Busy` at once (the server answers 429) instead of letting memory grow.
 """
 
 from __future__ import annotations
@@ -21,6 +27,9 @@ from typing import Any
 
 from ..config import TIERS
 from ..core import DynamicLoRA
+from .scheduler import Completion, GenerateJob, Scheduler
+
+BATCHING = ("continuous", "static", "off")
 
 
 class Busy(Exception):
@@ -28,35 +37,10 @@ class Busy(Exception):
 
 
 @dataclass
-class Completion:
-    text: str
-    prompt_tokens: int
-    completion_tokens: int
-    finish_reason: str  # "stop" or "length"
-    cache: str = "off"
-
-
-@dataclass
-class GenerateJob:
-    agent_id: str
-    prompt: str
-    prompt_ids: list[int]  # tokenized once, where the request's length was checked
-    max_tokens: int
-    temperature: float = 0.0
-    top_p: float = 1.0
-    base_only: bool = False  # the base model alone (no tier of the agent's stack)
-    stop: tuple[str, ...] = ()
-    future: Future = field(default_factory=Future)
-
-    @property
-    def group(self) -> tuple:
-        return (self.base_only, self.temperature, self.top_p)
-
-
-@dataclass
 class CallJob:
     fn: Callable[[], Any]
     durable: bool
+    waits_for: frozenset[str] | None = None  # agents whose running rows it must wait for; None: every row
     future: Future = field(default_factory=Future)
 
 
@@ -68,17 +52,23 @@ class Engine:
         max_queue: int = 64,
         max_batch: int = 16,
         batch_wait_s: float = 0.01,
-        batching: bool = True,
+        batching: bool | str = "continuous",
         use_cache: bool = True,
     ) -> None:
-        self.dl, self.state_dir, self.use_cache = dl, state_dir, use_cache
-        self.max_batch = max_batch if batching else 1
-        self.batch_wait_s = batch_wait_s if batching else 0.0
+        batching = {True: "continuous", False: "off"}.get(batching, batching)  # type: ignore[arg-type]
+        if batching not in BATCHING:
+            raise ValueError(f"batching must be one of {BATCHING}, got {batching!r}")
+        self.dl, self.state_dir, self.use_cache, self.batching = dl, state_dir, use_cache, batching
+        self.max_batch = max_batch if batching != "off" else 1
+        self.batch_wait_s = batch_wait_s if batching == "static" else 0.0
         self.queue: queue.Queue = queue.Queue(maxsize=max_queue)
-        self.stats = {"batches": 0, "rows": 0, "saves": 0, "rejected_busy": 0}
-        self._held: deque = deque()  # jobs taken off the queue while gathering a batch, run next
+        self.stats = {"batches": 0, "rows": 0, "saves": 0, "rejected_busy": 0, "tokens": 0}
+        self._held: deque = deque()  # jobs taken off the queue and not yet run, in arrival order
+        self._pending_interactions = 0  # finished requests not yet counted (a due tick waits for a quiet batch)
+        self.scheduler = Scheduler(dl.runtime, dl.wavegen, use_cache, self._finished)
         self._thread = threading.Thread(target=self._run, name="dynamiclora-engine", daemon=True)
         self._stop = threading.Event()
+        self._started = time.monotonic()
 
     # -- submitting -----------------------------------------------------------------------------------
     def start(self) -> Engine:
@@ -97,8 +87,22 @@ class Engine:
             raise Busy(f"the request queue is full ({self.queue.maxsize} waiting); retry shortly") from None
         return job.future
 
-    def call(self, fn: Callable[[], Any], durable: bool = False) -> Future:
-        return self.submit(CallJob(fn, durable))
+    def call(self, fn: Callable[[], Any], durable: bool = False, waits_for: frozenset[str] | None = None) -> Future:
+        """Run ``fn`` on the engine thread. ``waits_for``: the agents whose running rows must finish first (a read
+        or a registration: none, ``frozenset()``); None (anything that may change shared state): every row."""
+        return self.submit(CallJob(fn, durable, waits_for))
+
+    def live(self) -> dict[str, Any]:
+        """The running batch, for /health and the dashboard."""
+        rows = list(self.scheduler.rows)
+        return {
+            "batching": self.batching,
+            "rows": len(rows),
+            "agents": sorted({r.job.agent_id for r in rows}),
+            "queued": self.queue.qsize() + len(self._held),
+            "tokens_per_s": self.stats["tokens"] / max(time.monotonic() - self._started, 1e-9),
+            "scheduler": dict(self.scheduler.stats),
+        }
 
     # -- the worker -----------------------------------------------------------------------------------
     def _next(self, timeout: float | None) -> GenerateJob | CallJob | None:
@@ -110,6 +114,12 @@ class Engine:
             return None
 
     def _run(self) -> None:
+        if self.batching != "static":  # "off" is the continuous loop with one row
+            self._run_continuous()
+        else:
+            self._run_static()
+
+    def _run_static(self) -> None:
         while not self._stop.is_set():
             job = self._next(timeout=0.1)
             if job is None:
@@ -128,6 +138,82 @@ class Engine:
                     break
                 batch.append(more)
             self._generate(batch)
+            self._count_interactions()
+
+    def _run_continuous(self) -> None:
+        sched = self.scheduler
+        while not self._stop.is_set():
+            self._pull(block=not sched.rows and not self._held)
+            admitted: list[GenerateJob] = []
+            while self._held:
+                job = self._held[0]
+                if isinstance(job, CallJob):
+                    if admitted or not self._clear(job.waits_for):
+                        break  # rows ahead of it are admitted first; it runs once nothing it changes is read
+                    self._call(self._held.popleft())
+                    continue
+                if self._tick_due() or len(sched.rows) + len(admitted) >= self.max_batch:
+                    break  # a due tick lets the batch drain; a full batch takes newcomers as rows leave
+                job = self._held.popleft()
+                if not job.future.set_running_or_notify_cancel():
+                    continue
+                if job.base_only:  # the base model alone: its own short batch
+                    self._generate_started([job])
+                else:
+                    admitted.append(job)
+            if admitted:
+                self._guard(admitted, lambda: sched.admit(admitted))
+            if sched.rows:
+                running = [r.job for r in sched.rows]
+                self._guard(running, sched.step)
+            self._count_interactions()
+
+    def _guard(self, jobs: list[GenerateJob], fn: Callable[[], None]) -> None:
+        """Run a scheduler call. If it fails, the batch's state is lost: its rows and ``jobs`` fail with the error
+        (the loop goes on with the next requests)."""
+        try:
+            fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the waiting requests
+            sched = self.scheduler
+            for job in jobs + [r.job for r in sched.rows]:
+                if not job.future.done():
+                    job.future.set_exception(e)
+            sched.rows, sched.state = [], None
+
+    def _pull(self, block: bool) -> None:
+        """Move what waits in the queue behind what is held (waiting up to 0.1 s for something when idle)."""
+        if block:
+            job = self._next(timeout=0.1)
+            if job is None:
+                return
+            self._held.append(job)
+        while True:
+            try:
+                self._held.append(self.queue.get_nowait())
+            except queue.Empty:
+                return
+
+    def _clear(self, waits_for: frozenset[str] | None) -> bool:
+        running = self.scheduler.agents
+        return not running if waits_for is None else not (running & waits_for)
+
+    def _finished(self, job: GenerateJob, completion: Completion) -> None:
+        self.stats["rows"] += 1
+        self.stats["tokens"] += completion.completion_tokens
+        self._pending_interactions += 1
+        if not job.future.done():
+            job.future.set_result(completion)
+
+    def _tick_due(self) -> bool:
+        """Would counting the finished requests run a tick? Then no new row starts until the batch is quiet."""
+        every = self.dl.config.dynamics.tick_interval
+        pending = self._pending_interactions
+        return bool(every and pending and (self.dl.interactions % every) + pending >= every)
+
+    def _count_interactions(self) -> None:
+        if self._pending_interactions and not self.scheduler.rows:
+            n, self._pending_interactions = self._pending_interactions, 0
+            self.dl.count_interactions(n)
 
     def _call(self, job: CallJob) -> None:
         if not job.future.set_running_or_notify_cancel():
@@ -145,24 +231,28 @@ class Engine:
         self.stats["saves"] += 1
 
     def _generate(self, batch: list[GenerateJob]) -> None:
+        self._generate_started([job for job in batch if job.future.set_running_or_notify_cancel()])
+
+    def _generate_started(self, jobs: list[GenerateJob]) -> None:
+        """Static batching: the jobs, grouped by sampling settings, each group decoded to its end."""
         groups: dict[tuple, list[GenerateJob]] = {}
-        for job in batch:
-            if job.future.set_running_or_notify_cancel():
-                groups.setdefault(job.group, []).append(job)
-        for jobs in groups.values():
+        for job in jobs:
+            groups.setdefault(job.group, []).append(job)
+        for group in groups.values():
             try:
-                results = self._generate_group(jobs)
+                results = self._generate_group(group)
             except BaseException as e:  # noqa: BLE001 - one failing group fails only its own requests
-                for job in jobs:
+                for job in group:
                     job.future.set_exception(e)
                 continue
-            for job, result in zip(jobs, results):
-                job.future.set_result(result)
+            for job, result in zip(group, results):
+                if job.on_text is not None and result.text:
+                    job.on_text(result.text)
+                self._finished(job, result)
 
     def _generate_group(self, jobs: list[GenerateJob]) -> list[Completion]:
         dl = self.dl
         self.stats["batches"] += 1
-        self.stats["rows"] += len(jobs)
         first = jobs[0]
         cfg = replace(
             dl.config.generation,
@@ -171,14 +261,16 @@ class Engine:
             top_p=first.top_p,
         )
         if len(jobs) == 1 and not first.base_only and self.use_cache:  # alone: through WaveGen, the agent's cache
-            r = dl.agent(first.agent_id).generate(
-                first.prompt_ids, max_new_tokens=first.max_tokens, temperature=first.temperature, top_p=first.top_p
-            )
+            r = dl.wavegen.generate_batch(
+                [(first.agent_id, first.prompt_ids)],
+                max_new_tokens=first.max_tokens,
+                temperature=first.temperature,
+                top_p=first.top_p,
+            )[0]
             return [self._finish(first, r.token_ids, r.finished, r.cache)]
         without = TIERS if first.base_only else ()
         agents, prompts = [j.agent_id for j in jobs], [j.prompt_ids for j in jobs]
         decoded, _, _ = dl.generate_ids(agents, prompts, cfg, without=without, interaction=True)
-        dl.count_interactions(len(jobs))
         return [
             self._finish(j, toks[: j.max_tokens], fin and len(toks) <= j.max_tokens)
             for j, toks, fin in zip(jobs, decoded.tokens, decoded.finished)
@@ -191,4 +283,4 @@ class Engine:
             cut = text.find(s)
             if cut >= 0:
                 text, reason = text[:cut], "stop"
-        return Completion(text, len(job.prompt_ids), len(tokens), reason, cache)
+        return Completion(text, len(job.prompt_ids), len(tokens), reason, cache, list(tokens))

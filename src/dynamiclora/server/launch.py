@@ -18,13 +18,17 @@ def free_port() -> int:
 
 def spawn(state_dir: Path, model: Path, port: int, admin_key: str, *options: str, timeout_s: float = 300):
     """``dynamiclora serve`` on ``port`` over ``state_dir`` (created on ``model`` if new); returns the process once
-    ``/health`` answers. Its stderr is a pipe (read it when it fails)."""
+    ``/health`` answers. Its stderr goes to ``<state_dir>.stderr.log`` (a pipe nobody reads would fill up and
+    block the server once it has logged 64 KiB)."""
     import httpx
 
     cmd = [sys.executable, "-m", "dynamiclora.cli", "serve", "--state-dir", str(state_dir), "--model", str(model),
            "--port", str(port), *options]  # fmt: skip
     env = {**os.environ, "DYNAMICLORA_ADMIN_KEY": admin_key}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log = Path(f"{state_dir}.stderr.log")
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as stderr:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
@@ -33,6 +37,7 @@ def spawn(state_dir: Path, model: Path, port: int, admin_key: str, *options: str
         except httpx.HTTPError:
             time.sleep(0.2)
         if proc.poll() is not None:
-            raise RuntimeError(f"dynamiclora serve exited with {proc.returncode}: {proc.stderr.read().decode()}")
+            tail = log.read_text(errors="replace")[-4000:]
+            raise RuntimeError(f"dynamiclora serve exited with {proc.returncode}: {tail}")
     proc.kill()
     raise RuntimeError(f"dynamiclora serve did not answer within {timeout_s:.0f} s")

@@ -27,9 +27,13 @@ class Body(BaseModel):
     model_config = ConfigDict(extra="ignore")  # the openai client sends fields we do not use
 
 
+MAX_PROMPTS = 16  # prompts in one /v1/completions request (one choice each)
+MAX_TOP_LOGPROBS = 20
+
+
 class Sampling(Body):
     model: str = Field(min_length=1, max_length=200)
-    max_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS)
+    max_tokens: int | None = Field(default=None, ge=0, le=MAX_TOKENS, description="0: score only (with echo)")
     temperature: float = Field(default=0.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     n: Literal[1] = 1
@@ -43,11 +47,28 @@ class Sampling(Body):
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop[:4])
 
 
-class CompletionRequest(Sampling):
-    prompt: Text | Annotated[list[Text], Field(min_length=1, max_length=1)]
+TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1, max_length=MAX_PROMPT_CHARS)]
 
-    def text(self) -> str:
-        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+class CompletionRequest(Sampling):
+    prompt: (
+        Text
+        | Annotated[list[Text], Field(min_length=1, max_length=MAX_PROMPTS)]
+        | TokenIds
+        | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)]
+    ) = Field(description="text, token ids, or a list of either (one choice each)")
+    logprobs: int | None = Field(
+        default=None, ge=0, le=MAX_TOP_LOGPROBS, description="log-probabilities of each token and this many top ones"
+    )
+    echo: bool = Field(default=False, description="return (and with logprobs, score) the prompt too")
+
+    def prompts(self) -> list[str | list[int]]:
+        """Each prompt, as text or as token ids."""
+        if isinstance(self.prompt, str):
+            return [self.prompt]
+        if self.prompt and isinstance(self.prompt[0], int):
+            return [list(self.prompt)]  # type: ignore[arg-type]
+        return list(self.prompt)  # type: ignore[arg-type]
 
 
 class Message(Body):
@@ -58,6 +79,8 @@ class Message(Body):
 class ChatRequest(Sampling):
     messages: list[Message] = Field(min_length=1, max_length=256)
     max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS)
+    logprobs: bool = Field(default=False, description="log-probabilities of the reply's tokens")
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS, description="needs logprobs")
 
 
 class LearnRequest(Body):

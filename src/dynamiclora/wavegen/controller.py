@@ -91,40 +91,69 @@ class WaveController:
         results: list[GenerationResult | None] = [None] * len(requests)
         batched: list[_Request] = []
         for row, (agent_id, prompt) in enumerate(requests):
-            started = time.perf_counter()
-            info = rt.hierarchy.agent(agent_id)
-            prompt, ids = rt.prompt_text_and_ids(prompt)
-            if not ids:
-                raise InvalidInputError("the prompt is empty after tokenization; give at least one token of text")
-            rt.check_length(len(ids) + cfg.max_new_tokens, len(ids), cfg.max_new_tokens)
-            snap = rt.snapshot(agent_id)
-            provs = {t: provenance(snap, t, sampling) for t in CACHE_TIERS}
-            key = prompt_key(ids)
-            self.cache.record_request(key, info)
-            req = _Request(
-                row,
-                agent_id,
-                info,
-                prompt,
-                ids,
-                snap,
-                provs,
-                key,
-                sampling,
-                self.cache.lookup(key, provs),
-                started,
-                self._fastest_acting(agent_id, ids),
-            )
-            if req.entry is not None and mode == "jump" and self._jumpable(req, cfg):
-                results[row] = self._jump(req, cfg)
-            elif req.entry is not None or (self.config.semantic_lookup and self.cache.has_semantic(provs)):
-                results[row] = self._speculate(req, cfg)
-            else:
+            req = self.open(row, agent_id, prompt, cfg, sampling)
+            results[row] = self.serve(req, cfg, mode)
+            if results[row] is None:
                 batched.append(req)
         if batched:
             for req, result in zip(batched, self._decode_misses(batched, cfg)):
                 results[req.row] = result
         return results  # type: ignore[return-value]
+
+    def open(self, row: int, agent_id: str, prompt: str | Sequence[int], cfg: GenerationConfig, sampling: str):
+        """A request's snapshot, provenances and exact lookup (it counts as a request of its prompt)."""
+        rt = self.rt
+        started = time.perf_counter()
+        info = rt.hierarchy.agent(agent_id)
+        prompt, ids = rt.prompt_text_and_ids(prompt)
+        if not ids:
+            raise InvalidInputError("the prompt is empty after tokenization; give at least one token of text")
+        rt.check_length(len(ids) + cfg.max_new_tokens, len(ids), cfg.max_new_tokens)
+        snap = rt.snapshot(agent_id)
+        provs = {t: provenance(snap, t, sampling) for t in CACHE_TIERS}
+        key = prompt_key(ids)
+        self.cache.record_request(key, info)
+        entry = self.cache.lookup(key, provs)
+        return _Request(
+            row,
+            agent_id,
+            info,
+            prompt,
+            ids,
+            snap,
+            provs,
+            key,
+            sampling,
+            entry,
+            started,
+            self._fastest_acting(agent_id, ids),
+        )
+
+    def serve(self, req: _Request, cfg: GenerationConfig, mode: str) -> GenerationResult | None:
+        """A hit (jumped, or verified as a draft) or a semantic candidate, served now; None for a plain miss, which
+        the caller decodes (in a batch) and closes with :meth:`close_miss`."""
+        if req.entry is not None and mode == "jump" and self._jumpable(req, cfg):
+            return self._jump(req, cfg)
+        if req.entry is not None or (self.config.semantic_lookup and self.cache.has_semantic(req.provenances)):
+            return self._speculate(req, cfg)
+        return None
+
+    def close_miss(
+        self,
+        req: _Request,
+        tokens: list[int],
+        traj: Trajectory,
+        vector: torch.Tensor,
+        touched: dict[str, float],
+        timings: dict[str, float],
+    ) -> GenerationResult:
+        """A decoded miss: its result, and its trajectory stored (and learned, if configured)."""
+        self.cache.miss()
+        result = self._result(
+            req, tokens, cache="miss", coherence=traj.coherence(), circuits_touched=touched, timings=dict(timings)
+        )
+        self._after_miss(req, tokens, traj, vector)
+        return result
 
     def _result(self, req: _Request, tokens: list[int], **fields: Any) -> GenerationResult:
         from ..agent import GenerationResult
@@ -271,22 +300,10 @@ class WaveController:
             [r.agent_id for r in reqs], [r.ids for r in reqs], cfg, observer=recorder, pooled=pooled, interaction=True
         )
         vectors = pooled[0].cpu()
-        out = []
-        for row, req in enumerate(reqs):
-            self.cache.miss()
-            traj = recorder.trajectories[row]
-            out.append(
-                self._result(
-                    req,
-                    decoded.tokens[row],
-                    cache="miss",
-                    coherence=traj.coherence(),
-                    circuits_touched=touched[row],
-                    timings=dict(timings),
-                )
-            )
-            self._after_miss(req, decoded.tokens[row], traj, vectors[row])
-        return out
+        return [
+            self.close_miss(req, decoded.tokens[row], recorder.trajectories[row], vectors[row], touched[row], timings)
+            for row, req in enumerate(reqs)
+        ]
 
     def _after_miss(self, req: _Request, tokens: list[int], traj: Trajectory, vector: torch.Tensor) -> None:
         """Store a coherent trajectory (tier by universality); learn it into the context tier if confident."""
