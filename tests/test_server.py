@@ -402,3 +402,14 @@ def test_learning_from_a_conversation_over_http(server, monkeypatch):
     assert r.status_code == 200 and r.json()["spawned"], r.text
     r = client.post("/v1/learn", json={**body, "prompt": "also text"}, headers=headers)
     assert r.status_code == 400 and "exactly one of" in r.json()["error"]["message"]
+
+
+def test_the_readmes_curl_command_works_as_written(server):
+    """curl -d sends a form content type by default; the body is JSON all the same."""
+    client, _, _ = server
+    body = '{"id": "ana", "swarm": "json-team"}'
+    form = {**ADMIN_HEADERS, "Content-Type": "application/x-www-form-urlencoded"}
+    r = client.post("/v1/agents", content=body, headers=form)
+    assert r.status_code == 201, r.text
+    r = client.post("/v1/agents", content=b"id=bob", headers=form)
+    assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]

@@ -47,6 +47,23 @@ def _error(status: int, message: str, kind: str, param: str | None = None, heade
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+class JSONBodies:
+    """Every body of this API is JSON: a request that names no content type, or curl's default form type for
+    ``-d``, is read as JSON (``curl … -d '{"id": "ana"}'`` works as written; a body that is not JSON is a 400)."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["method"] in ("POST", "PUT", "PATCH", "DELETE"):
+            headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+            given = dict(scope["headers"]).get(b"content-type", b"")
+            if not given or given.startswith(b"application/x-www-form-urlencoded"):
+                given = b"application/json"
+            scope = {**scope, "headers": [*headers, (b"content-type", given)]}
+        await self.app(scope, receive, send)
+
+
 def base_name(dl: DynamicLoRA) -> str:
     path = str(getattr(dl.model.config, "_name_or_path", "") or "")
     return Path(path).name or "base"
@@ -72,6 +89,7 @@ def create_app(
 
     app = FastAPI(title="DynamicLoRA", lifespan=lifespan)
     app.state.engine, app.state.keys, app.state.dl = engine, keys, dl
+    app.add_middleware(JSONBodies)
 
     # -- errors ---------------------------------------------------------------------------------------
     @app.exception_handler(APIError)
@@ -435,7 +453,7 @@ def create_app(
 
     @app.get("/dashboard/data", dependencies=[Depends(dashboard_key)])
     async def dashboard_data():
-        return await run(lambda: dashboard.data(dl))
+        return await run(lambda: {**dashboard.data(dl), "batch": engine.live()})
 
     @app.get("/dashboard/plot/{name}.png", dependencies=[Depends(dashboard_key)])
     async def dashboard_plot(name: str):

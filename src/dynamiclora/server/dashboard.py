@@ -128,6 +128,7 @@ PAGE = """<!doctype html>
 <body>
 <h1>DynamicLoRA</h1>
 <p id="summary">loading…</p>
+<p id="batch"></p>
 <div class="plots">
  <img id="plot-tiers" alt="circuits per tier"><img id="plot-migrations" alt="migrations over time">
  <img id="plot-cache" alt="cache hit rates"><img id="plot-timescales" alt="time scales">
@@ -152,6 +153,11 @@ async function refresh() {
       `tick ${d.tick} · ${d.interactions} interactions · ${d.agents.length} agents · ` +
       `${d.circuits.length} circuits · ${d.migrations.length} migrations · cache hit rate ` +
       (d.cache.hit_rate * 100).toFixed(1) + "%";
+    if (d.batch) {
+      document.getElementById("batch").textContent =
+        `live batch (${d.batch.batching}): ${d.batch.rows} rows of ${d.batch.agents.length} agents · ` +
+        `${d.batch.queued} waiting · ${d.batch.tokens_per_s.toFixed(1)} tokens/s since start`;
+    }
     const body = document.getElementById("circuits");
     body.replaceChildren();
     for (const c of d.circuits.slice(0, 200)) {
