@@ -247,6 +247,8 @@ def test_fuzzing_every_endpoint_never_gives_a_5xx(server):
         "logprobs",
         "top_logprobs",
         "echo",
+        "accepted",
+        "correction",
     ]
     plausible = {
         "model": st.sampled_from(["alice", "base", "bob", ""]) | values,
@@ -258,6 +260,7 @@ def test_fuzzing_every_endpoint_never_gives_a_5xx(server):
         ("post", "/v1/completions"),
         ("post", "/v1/chat/completions"),
         ("post", "/v1/learn"),
+        ("post", "/v1/feedback"),
         ("post", "/v1/agents"),
         ("post", "/v1/tick"),
         ("get", "/v1/models"),
@@ -267,6 +270,11 @@ def test_fuzzing_every_endpoint_never_gives_a_5xx(server):
         ("get", "/v1/cache"),
     ]
     keys = st.sampled_from([agent, ADMIN_HEADERS, {}, {"Authorization": "Bearer wrong"}, {"Authorization": "x"}])
+    documented = {
+        (method, path): set(operation["responses"])
+        for path, operations in client.get("/openapi.json").json()["paths"].items()
+        for method, operation in operations.items()
+    }
 
     @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
     @given(
@@ -284,9 +292,52 @@ def test_fuzzing_every_endpoint_never_gives_a_5xx(server):
             content = raw if use_raw else json.dumps(payload)
             r = client.post(path, content=content, headers={**headers, "Content-Type": "application/json"})
         assert r.status_code < 500, (method, path, payload, r.status_code, r.text)
+        assert str(r.status_code) in documented[(method, path)], (method, path, r.status_code, r.text)  # as served
 
     fuzz()
     assert client.get("/health").json()["status"] == "ok"
+
+
+def reload(state: Path) -> DynamicLoRA:
+    """The saved state on a fresh copy of the fixture's tiny model (the same weights: make_dl's seed)."""
+    from dynamiclora.testing import tiny_model
+
+    model, tokenizer = tiny_model("llama")
+    return DynamicLoRA.load(state, model=model, tokenizer=tokenizer)
+
+
+# -- feedback ------------------------------------------------------------------------------------------------
+def test_feedback_learns_a_confirmed_or_corrected_completion_into_its_agent_only(server):
+    client, dl, state = server
+    alice, bob = register(client, "alice"), register(client, "bob")
+    ask = {"model": "alice", "prompt": "def version():", "max_tokens": 8}
+    first = client.post("/v1/completions", json=ask, headers=alice).json()
+    bob_before = dl.generate_batch([("bob", "def version():")], max_new_tokens=8)[0].text
+    # another agent's key, an unknown id, no verdict: 4xx naming the field, nothing learned
+    for body, headers, code in (
+        ({"id": first["id"], "correction": " return 1"}, bob, 403),
+        ({"id": "cmpl-nope", "accepted": True}, alice, 404),
+        ({"id": first["id"]}, alice, 400),
+        ({"id": first["id"], "accepted": True, "correction": " return 1"}, alice, 400),
+        ({"id": first["id"], "accepted": False}, alice, 400),
+    ):
+        r = client.post("/v1/feedback", json=body, headers=headers)
+        assert r.status_code == code and r.json()["error"]["param"] in ("id", "accepted", "body"), r.text
+    assert not dl.circuits(agent="alice") or all(c["tier"] != "context" for c in dl.circuits(agent="alice"))
+    corrected = None
+    for _ in range(12):  # corrected until alice gives the right reply herself
+        r = client.post("/v1/feedback", json={"id": first["id"], "correction": " return '2.1'"}, headers=alice)
+        assert r.status_code == 200 and r.json()["feedback"] == "corrected" and r.json()["saved"]
+        corrected = client.post("/v1/completions", json=ask, headers=alice).json()["choices"][0]["text"]
+        if corrected.startswith(" return '2.1'"):
+            break
+    assert corrected.startswith(" return '2.1'")
+    assert dl.generate_batch([("bob", "def version():")], max_new_tokens=8)[0].text == bob_before  # alice's only
+    assert r.json()["circuit"] in {c["id"] for c in reload(state).circuits(agent="alice")}  # durable
+    # accepting a reply learns it as it was given
+    again = client.post("/v1/completions", json=ask, headers=alice).json()
+    r = client.post("/v1/feedback", json={"id": again["id"], "accepted": True}, headers=alice)
+    assert r.status_code == 200 and r.json()["feedback"] == "accepted"
 
 
 # -- durability ----------------------------------------------------------------------------------------------
@@ -294,7 +345,7 @@ def _start(state: Path, model_dir: Path, port: int) -> subprocess.Popen:
     return spawn(state, model_dir, port, ADMIN, timeout_s=120)
 
 
-def test_sigkill_during_learning_loses_nothing_acknowledged(tmp_path):
+def test_sigkill_during_learning_and_feedback_loses_nothing_acknowledged(tmp_path):
     from dynamiclora.testing import save_tiny_model
 
     model_dir = save_tiny_model(tmp_path / "model")
@@ -307,12 +358,18 @@ def test_sigkill_during_learning_loses_nothing_acknowledged(tmp_path):
             headers = register(http, "alice")
             stop = threading.Event()
 
-            def learner():
+            def learner():  # learns and feedback (a correction of a completion), alternately
                 i = 0
                 while not stop.is_set():
                     body = {"model": "alice", "prompt": f"def f{i}(x):", "completion": f" return x + {i}"}
                     try:
-                        r = http.post("/v1/learn", json=body, headers=headers)
+                        if i % 2:
+                            prompt = {"model": "alice", "prompt": body["prompt"], "max_tokens": 2}
+                            done = http.post("/v1/completions", json=prompt, headers=headers).json()
+                            fix = {"id": done["id"], "correction": body["completion"]}
+                            r = http.post("/v1/feedback", json=fix, headers=headers)
+                        else:
+                            r = http.post("/v1/learn", json=body, headers=headers)
                     except httpx.HTTPError:
                         return  # killed mid-request: not acknowledged
                     if r.status_code == 200:
@@ -335,6 +392,7 @@ def test_sigkill_during_learning_loses_nothing_acknowledged(tmp_path):
     assert again.interactions >= max(a["interaction"] for a in acknowledged)
     kept = {c["id"] for c in again.circuits(agent="alice")}
     assert {a["circuit"] for a in acknowledged} <= kept
+    assert any(a.get("feedback") == "corrected" for a in acknowledged)
     proc = _start(state, model_dir, port)  # and the server resumes from it
     try:
         health = httpx.get(f"{url}/health").json()
@@ -346,6 +404,29 @@ def test_sigkill_during_learning_loses_nothing_acknowledged(tmp_path):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_an_acknowledged_deletion_survives_sigkill(tmp_path):
+    from dynamiclora.testing import save_tiny_model
+
+    model_dir = save_tiny_model(tmp_path / "model")
+    state, port = tmp_path / "state", free_port()
+    proc = _start(state, model_dir, port)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:
+            keys = {a: register(http, a) for a in ("alice", "bob")}
+            for a, headers in keys.items():
+                body = {"model": a, "prompt": "def owner():", "completion": f" return '{a}'"}
+                assert http.post("/v1/learn", json=body, headers=headers).status_code == 200
+            assert http.delete("/v1/agents/alice", headers=keys["alice"]).status_code == 200
+            proc.send_signal(signal.SIGKILL)  # at once after the answer
+            proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    again = DynamicLoRA.load(state)
+    assert "alice" not in again.hierarchy.agents and again.circuits(scope="context:bob")
+    assert not [k for k in again.hierarchy.scopes if k.name == "alice"]
 
 
 # -- the dashboard ----------------------------------------------------------------------------------------------
@@ -413,3 +494,51 @@ def test_the_readmes_curl_command_works_as_written(server):
     assert r.status_code == 201, r.text
     r = client.post("/v1/agents", content=b"id=bob", headers=form)
     assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
+
+
+# -- forgetting on request ---------------------------------------------------------------------------------------
+def test_a_deleted_agent_leaves_no_key_tier_cache_entry_or_completion_behind(server):
+    client, dl, state = server
+    dl.config.wavegen.min_coherence = 0.0  # every miss is stored, however unsure the tiny model is
+    alice, bob = register(client, "alice"), register(client, "bob")
+    for who, headers in (("alice", alice), ("bob", bob)):
+        body = {"model": who, "prompt": "def owner():", "completion": f" return '{who}'"}
+        assert client.post("/v1/learn", json=body, headers=headers).status_code == 200
+        for _ in range(2):  # a miss stored, then a hit: each agent has a cache entry
+            client.post("/v1/completions", json={"model": who, "prompt": "x =", "max_tokens": 4}, headers=headers)
+    assert any(e.agent == "alice" for e in dl.wavegen.cache.entries())
+    bob_before = dl.generate_batch([("bob", "def owner():")], max_new_tokens=6)[0].text
+    assert client.delete("/v1/agents/alice", headers=bob).status_code == 403  # another agent's key
+    r = client.delete("/v1/agents/alice", headers=alice)
+    assert r.status_code == 200 and r.json()["deleted"] and r.json()["circuits"] >= 1, r.text
+    assert client.get("/v1/models", headers=alice).status_code == 401  # its key is gone
+    assert "alice" not in dl.hierarchy.agents and not client.app.state.keys.has_key("alice")
+    assert not [k for k in dl.hierarchy.scopes if k.name == "alice" and k.tier in ("agent", "context")]
+    assert not [e for e in dl.wavegen.cache.entries() if e.agent == "alice"]
+    assert all("alice" not in [w[0] for w in who] for who in dl.wavegen.cache.requesters.values())
+    assert dl.generate_batch([("bob", "def owner():")], max_new_tokens=6)[0].text == bob_before  # bob unchanged
+    again = reload(state)  # durable: the saved state has forgotten her too
+    assert "alice" not in again.hierarchy.agents
+    assert not [e for e in again.wavegen.cache.entries() if e.agent == "alice"]
+    assert "bob" in again.hierarchy.agents and again.circuits(agent="bob")
+    assert client.delete("/v1/agents/alice", headers=ADMIN_HEADERS).status_code == 404
+    # registering the id again starts from nothing
+    fresh = register(client, "alice")
+    assert client.get("/v1/circuits", headers=fresh).json()["data"] == []
+
+
+def test_an_agent_removes_one_of_its_circuits_but_not_a_shared_one(server):
+    client, dl, _ = server
+    alice = register(client, "alice")
+    body = {"model": "alice", "prompt": "def owner():", "completion": " return 'alice'"}
+    circuit = client.post("/v1/learn", json=body, headers=alice).json()["circuit"]
+    import torch
+
+    from .conftest import random_circuit
+
+    shared = dl.add_circuit("swarm:team", random_circuit(dl, 2, torch.Generator().manual_seed(0)))
+    assert client.delete(f"/v1/circuits/{shared.id}", headers=alice).status_code == 403
+    assert client.delete("/v1/circuits/nope", headers=alice).status_code == 404
+    r = client.delete(f"/v1/circuits/{circuit}", headers=alice)
+    assert r.status_code == 200 and r.json()["scope"] == "context:alice"
+    assert circuit not in {c["id"] for c in dl.circuits(agent="alice")}

@@ -151,7 +151,8 @@ def test_gram_matches_dense_inner_products(base):
 
 
 def team(config: DynamicsConfig | None = None):
-    dl = make_dl(config=DynamicLoRAConfig(dynamics=config or DynamicsConfig(tick_interval=0)))
+    """Agents a, b, c of swarm team and x of another, with the gain law amplifying (γ = GAIN; the default is 0)."""
+    dl = make_dl(config=DynamicLoRAConfig(dynamics=config or DynamicsConfig(tick_interval=0, resonance_gain=GAIN)))
     for name, swarm in (("a", "team"), ("b", "team"), ("c", "team"), ("x", "other")):
         dl.agent(name, swarm=swarm, domain="python")
     return dl
@@ -278,8 +279,10 @@ def test_a_circuit_must_reside_a_window_in_its_tier_before_it_moves_up():
 
 
 def test_shared_scopes_climb_to_domain_and_foundation():
-    """Two swarms' resonating swarm circuits → their domain; two domains' → the foundation."""
-    dl = make_dl(config=DynamicLoRAConfig(dynamics=DynamicsConfig(tick_interval=0)))
+    """Two swarms' resonating swarm circuits → their domain; two domains' → the foundation. (With the gain law
+    amplifying, as the test was written: at γ = 0 the swarms keep no residual, and within these few ticks the
+    domain window stays at window_min.)"""
+    dl = make_dl(config=DynamicLoRAConfig(dynamics=DynamicsConfig(tick_interval=0, resonance_gain=GAIN)))
     for name, swarm, domain in (("a", "s1", "d1"), ("b", "s2", "d1"), ("c", "s3", "d2"), ("d", "s4", "d2")):
         dl.agent(name, swarm=swarm, domain=domain)
     delta = random_circuit(dl, 4, torch.Generator().manual_seed(5))

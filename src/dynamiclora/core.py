@@ -185,6 +185,35 @@ class DynamicLoRA:
         self.learner.forget(circuit_id)
         return circuit.record()
 
+    def delete_agent(self, agent_id: str) -> dict:
+        """Forget an agent: its agent and context tiers (circuits, residuals, optimizer state), its cache entries, its
+        part in who asked for each prompt, and its share of pending cache proposals. Shared circuits it contributed
+        to by consensus are one delta with their other contributors' and cannot be taken apart: they are listed
+        under ``not_separable`` and left as they are. Save to make it durable."""
+        info = self.hierarchy.agent(agent_id)
+        own = [k for k in info.stack() if k.tier in ("agent", "context") and k in self.hierarchy.scopes]
+        circuits = [c for k in own for c in self.hierarchy.scopes[k].circuits.values()]
+        for c in circuits:
+            self.learner.forget(c.id)
+        for k in own:
+            del self.hierarchy.scopes[k]
+        del self.hierarchy.agents[agent_id]
+        entries = self.wavegen.cache.forget_agent(agent_id)
+        sharing = self.memory.sharing
+        pending = [p for p in sharing.pending if p.circuit.origin_agents == [agent_id]]
+        sharing.pending = [p for p in sharing.pending if p not in pending]
+        for p in sharing.pending:  # a consolidation several agents asked for keeps its other contributors
+            p.contributors = frozenset(p.contributors - {agent_id})
+        shared = [c.id for c in self.hierarchy.all_circuits() if agent_id in c.origin_agents]
+        self.planner.clear()  # cached plans name the agent
+        return {
+            "agent": agent_id,
+            "circuits": len(circuits),
+            "cache_entries": entries,
+            "pending_proposals": len(pending),
+            "not_separable": shared,
+        }
+
     def circuits(self, tier: str | None = None, scope: str | None = None, agent: str | None = None) -> list[dict]:
         """Records (no tensors) of circuits, filtered by tier, scope ('tier:name') or an agent's stack."""
         if tier is not None and tier not in TIERS:

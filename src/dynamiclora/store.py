@@ -245,6 +245,8 @@ class Writer:
                 "wavegen": json.dumps(cache.state(), sort_keys=True),
                 "log_totals": json.dumps({t: log.total for t, log in logs.items()}, sort_keys=True),
             }
+            removed = [k for k in self.scopes if k not in dl.hierarchy.scopes]  # a deleted agent's tiers
+            departed = sorted(self.agents - set(dl.hierarchy.agents))
             entries, gone = cache.take_changes(everything=full)
             prompts, dropped = cache.take_request_changes(everything=full)
             con.execute("BEGIN IMMEDIATE")
@@ -275,8 +277,11 @@ class Writer:
                     "INSERT OR REPLACE INTO agents VALUES (?, ?, ?)",
                     [(a.id, a.swarm, a.domain) for a in dl.hierarchy.agents.values() if a.id not in self.agents],
                 )
+                con.executemany("DELETE FROM agents WHERE id = ?", [(a,) for a in departed])
+                con.executemany("DELETE FROM scopes WHERE tier = ? AND name = ?", [(k.tier, k.name) for k in removed])
                 con.executemany(  # first every changed scope's rows: a circuit may have moved between them
-                    "DELETE FROM circuits WHERE tier = ? AND scope = ?", [(k.tier, k.name) for k in changed]
+                    "DELETE FROM circuits WHERE tier = ? AND scope = ?",
+                    [(k.tier, k.name) for k in [*changed, *removed]],
                 )
                 for key, scope in changed.items():
                     con.executemany(
@@ -296,6 +301,10 @@ class Writer:
                     self.__init__()
                 raise
         replaced = set()
+        for key in removed:
+            _, file, optimizer = self.scopes.pop(key)
+            replaced |= {file, optimizer}
+        self.agents -= set(departed)
         for key, scope in changed.items():
             old = self.scopes.get(key)
             if old is not None:

@@ -14,7 +14,8 @@ cosine); all of it when its support is its own (a proposal several contributors 
 weight ``w_i = min(G_max, 1 + γ·S_i) / (1 + S_ext_i + O_i)``; the shared delta is ``Σ w_i E_i``.
 Consequences (tested in tests/test_swarms.py):
 
-* gain law — N contributors of the same delta Δ give ``min(G_max, 1 + γ(N − 1))·Δ``: at least one contribution,
+* gain law — N contributors of the same delta Δ give ``min(G_max, 1 + γ(N − 1))·Δ`` (γ = 0 by default: exactly
+  Δ; see docs/swarms.md): at least one contribution,
   amplified by γ per extra contributor, capped at ``G_max``;
 * opposed deltas cancel: a lone Δ against a lone −Δ has no resonance, so nothing enters; opposition to a
   resonating group divides its weight (two agents for Δ against one for −Δ give ``2·G(2)/3·Δ``);

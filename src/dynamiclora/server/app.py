@@ -28,9 +28,10 @@ from ..core import DynamicLoRA
 from ..errors import DynamicLoRAError, PromptTooLongError, RegistrationError
 from . import dashboard
 from .engine import Busy, Completion, Engine, GenerateJob
+from .feedback import KEEP, CompletionLog, Exchange
 from .keys import KeyStore, Principal
 from .scheduler import prompt_logprobs
-from .schemas import ChatRequest, CompletionRequest, LearnRequest, RegisterRequest, Sampling
+from .schemas import ChatRequest, CompletionRequest, FeedbackRequest, LearnRequest, RegisterRequest, Sampling
 
 log = logging.getLogger("dynamiclora.server")
 DEFAULT_MAX_TOKENS = 64
@@ -78,6 +79,7 @@ def create_app(
     """The app around ``dl``, saving to ``state_dir`` (``engine_options``: see server.engine.Engine)."""
     state_dir = Path(state_dir)
     keys = KeyStore(state_dir, admin_key)
+    given = CompletionLog(state_dir)  # what was answered, for feedback
     engine = Engine(dl, state_dir, **engine_options)
     base = base_name(dl)
 
@@ -257,6 +259,8 @@ def create_app(
             )
         choices = []
         for i, (job, c) in enumerate(zip(jobs, done)):
+            if job.max_tokens:
+                given.record(Exchange(rid if len(jobs) == 1 else f"{rid}/{i}", job.agent_id, job.prompt_ids, c.text))
             text = job.prompt + c.text if req.echo else c.text
             logprobs = None
             if req.logprobs is not None:
@@ -311,6 +315,7 @@ def create_app(
 
             return await stream(job, {**head}, chunk, req)
         c = await finish(job)
+        given.record(Exchange(rid, job.agent_id, job.prompt_ids, c.text))
         message = {"role": "assistant", "content": c.text}
         logprobs = chat_logprobs(c.logprobs or []) if req.logprobs else None
         return {
@@ -340,6 +345,8 @@ def create_app(
                     error = {"message": f"generation failed: {type(e).__name__}: {e}", "type": "server_error"}
                     yield f"data: {json.dumps({'error': error})}\n\n"
                     return
+                if c.finish_reason != "cancelled":
+                    given.record(Exchange(head["id"], job.agent_id, job.prompt_ids, c.text))
                 last = {**head, **chunk("", c.finish_reason)}
                 if (req.stream_options or {}).get("include_usage"):
                     last["usage"] = usage(c)
@@ -369,6 +376,41 @@ def create_app(
             kind = "conflict_error" if e.conflict else "invalid_request_error"
             raise APIError(409 if e.conflict else 400, str(e), kind, e.field) from None
 
+    @app.delete("/v1/agents/{agent_id}")
+    async def delete_agent(agent_id: str, who: Principal = Depends(principal)):
+        """Forget an agent (the admin key, or the agent's own): its key first, then its tiers, cache entries and
+        requests, saved before the answer. What it gave shared scopes by consensus is listed, not removed."""
+        agent_for(agent_id, who, "agent_id")
+
+        def forget() -> dict:
+            if agent_id not in dl.hierarchy.agents:  # deleted by a request just before this one
+                raise APIError(404, f"unknown agent {agent_id!r}", "not_found_error", "agent_id")
+            keys.revoke(agent_id)  # first: a crash before the save leaves an agent without a key, never a stray key
+            report = dl.delete_agent(agent_id)
+            report["completions_forgotten"] = given.forget_agent(agent_id)
+            return report
+
+        report = await run(forget, durable=True, waits_for=frozenset({agent_id}))
+        return {**report, "deleted": True, "saved": True}
+
+    @app.delete("/v1/circuits/{circuit_id}")
+    async def delete_circuit(circuit_id: str, who: Principal = Depends(principal)):
+        """Remove one learned circuit: an agent's key may remove those of its own agent and context tiers, the admin
+        key any (a shared one changes every member's stack)."""
+
+        def remove() -> dict:
+            try:
+                scope, _ = dl.hierarchy.find_circuit(circuit_id)
+            except KeyError:
+                raise APIError(404, f"no circuit has id {circuit_id!r}", "not_found_error", "circuit_id") from None
+            if not who.admin and not (scope.key.tier in ("agent", "context") and scope.key.name == who.agent):
+                message = f"circuit {circuit_id!r} is in {scope.key}, not in this key's agent or context tier"
+                raise APIError(403, message, "permission_error", "circuit_id")
+            return dl.remove_circuit(circuit_id)
+
+        record = await run(remove, durable=True, waits_for=None)
+        return {"removed": record["id"], "scope": f"{record['tier']}:{record['scope']}", "saved": True}
+
     @app.post("/v1/learn")
     async def learn(req: LearnRequest, who: Principal = Depends(principal)):
         agent_id = agent_for(req.model, who)
@@ -381,6 +423,9 @@ def create_app(
             )
         except PromptTooLongError as e:
             raise APIError(400, str(e), param="prompt") from None
+        return learned(agent_id, r)
+
+    def learned(agent_id: str, r) -> dict:
         return {
             "agent": agent_id,
             "circuit": r.circuit_id,
@@ -391,6 +436,33 @@ def create_app(
             "interaction": dl.interactions,
             "saved": True,
         }
+
+    @app.post("/v1/feedback")
+    async def feedback(req: FeedbackRequest, who: Principal = Depends(principal)):
+        """Confirm (``accepted: true``) or correct a completion by its id: the exchange is learned into that
+        agent's context tier, as the model read the prompt; answered once saved."""
+        exchange = given.find(req.id)
+        if exchange is None:
+            message = f"unknown completion id {req.id!r} (the server keeps its latest {KEEP:,} completions)"
+            raise APIError(404, message, "not_found_error", "id")
+        if not who.may_act_as(exchange.agent):
+            raise APIError(
+                403, f"completion {req.id!r} was {exchange.agent!r}'s, not this key's", "permission_error", "id"
+            )
+        if exchange.agent not in dl.hierarchy.agents:
+            raise APIError(404, f"agent {exchange.agent!r} no longer exists", "not_found_error", "id")
+        completion = exchange.text if req.accepted else req.correction
+        if not completion or not completion.strip():
+            raise APIError(
+                400, "accepted: the reply was empty, there is nothing to learn; send a correction", param="accepted"
+            )
+        agent_id = exchange.agent
+        r = await run(
+            lambda: dl.agent(agent_id).learn(exchange.prompt_ids, completion),
+            durable=True,
+            waits_for=frozenset({agent_id}),
+        )
+        return {**learned(agent_id, r), "id": req.id, "feedback": "accepted" if req.accepted else "corrected"}
 
     @app.post("/v1/tick")
     async def tick(who: Principal = Depends(admin)):
@@ -463,7 +535,56 @@ def create_app(
         png = await asyncio.to_thread(dashboard.PLOTS[name], snapshot)
         return Response(png, media_type="image/png", headers={"Cache-Control": "no-store"})
 
+    app.openapi = lambda: document_errors(app)  # type: ignore[method-assign]
     return app
+
+
+ERRORS = {
+    "400": "invalid request: the field is named in error.param and in the message",
+    "401": "missing or invalid API key",
+    "403": "this key may not act as this agent, or the call needs the admin key",
+    "404": "unknown agent (or plot)",
+    "409": "the agent exists, or its swarm lives in another domain",
+    "429": "the request queue is full: retry after Retry-After seconds",
+}
+
+
+def document_errors(app: FastAPI) -> dict:
+    """The OpenAPI document with the status codes the API really answers: bad bodies are 400, not FastAPI's 422,
+    and every /v1 route lists the errors it can give, in the OpenAI error shape."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    from fastapi.openapi.utils import get_openapi
+
+    schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+    schema.setdefault("components", {}).setdefault("schemas", {})["Error"] = {
+        "type": "object",
+        "required": ["error"],
+        "properties": {
+            "error": {
+                "type": "object",
+                "required": ["message", "type"],
+                "properties": {
+                    "message": {"type": "string"},
+                    "type": {"type": "string"},
+                    "param": {"type": ["string", "null"]},
+                    "code": {"type": ["integer", "null"]},
+                },
+            }
+        },
+    }
+    error = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+    for path, operations in schema.get("paths", {}).items():
+        for operation in operations.values():
+            responses = operation.setdefault("responses", {})
+            responses.pop("422", None)
+            codes = ERRORS if path.startswith("/v1/") or path.startswith("/dashboard/") else {"400": ERRORS["400"]}
+            for code, description in codes.items():
+                responses.setdefault(code, {"description": description, **error})
+    schema["components"]["schemas"].pop("HTTPValidationError", None)
+    schema["components"]["schemas"].pop("ValidationError", None)
+    app.openapi_schema = schema
+    return schema
 
 
 def open_state(state_dir: Path, model: str | None = None) -> DynamicLoRA:

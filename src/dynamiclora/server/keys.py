@@ -64,6 +64,11 @@ class KeyStore:
             self._con.execute("INSERT INTO keys (digest, agent) VALUES (?, ?)", (digest(key), agent_id))
         return key
 
+    def revoke(self, agent_id: str) -> bool:
+        """Delete the agent's key (durable before it returns); whether it had one."""
+        with self._lock, self._con:
+            return self._con.execute("DELETE FROM keys WHERE agent = ?", (agent_id,)).rowcount > 0
+
     def has_key(self, agent_id: str) -> bool:
         with self._lock:
             return self._con.execute("SELECT 1 FROM keys WHERE agent = ?", (agent_id,)).fetchone() is not None

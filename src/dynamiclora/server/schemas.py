@@ -103,3 +103,15 @@ class RegisterRequest(Body):
     id: str = Field(pattern=NAME)
     swarm: str | None = Field(default=None, pattern=NAME)
     domain: str | None = Field(default=None, pattern=NAME)
+
+
+class FeedbackRequest(Body):
+    id: str = Field(min_length=1, max_length=100, description="the id of a completion this server gave")
+    accepted: bool | None = Field(default=None, description="true: learn the reply as it was given")
+    correction: Text | None = Field(default=None, description="the reply the agent should have given")
+
+    @model_validator(mode="after")
+    def one_verdict(self) -> FeedbackRequest:
+        if (self.accepted is True) == (self.correction is not None):
+            raise ValueError("give exactly one of accepted: true (learn the reply) or correction (the right reply)")
+        return self

@@ -323,6 +323,24 @@ class TieredCache:
         self.mark(e)
         return evicted
 
+    def forget_agent(self, agent_id: str) -> int:
+        """Evict the agent's entries and take its name out of who asked for each prompt; returns the entries."""
+        mine = [e for e in self.entries() if e.agent == agent_id]
+        for e in mine:
+            self.evict(e)
+        for key, who in list(self.requesters.items()):
+            kept = [w for w in who if w[0] != agent_id]
+            if len(kept) == len(who):
+                continue
+            if kept:
+                self.requesters[key] = kept
+                self._asked[key] = None
+            else:
+                del self.requesters[key]
+                self._asked.pop(key, None)
+                self._dropped.add(key)
+        return len(mine)
+
     def evict(self, e: CacheEntry) -> None:
         self._forget_dependents(self.tiers[e.tier].remove(e.id))
         self._mark_gone(e)
