@@ -181,6 +181,10 @@ class Scheduler:
         for job in jobs:
             cfg = job.config(rt.config.generation)
             row = Row(job, cfg, frozenset(), Recorder([job.prompt_ids], 5), TextStream(self._decode, job.stop))
+            if job.cancelled.is_set():  # its client left while it waited
+                self.stats["cancelled"] += 1
+                self._finish(row, "off", cancelled=True)
+                continue
             if self.use_cache and job.logprobs is None:  # a cached answer has no logprobs to give
                 row.request = self.wavegen.open(0, job.agent_id, job.prompt_ids, cfg, sampling_key(cfg))
                 served = self.wavegen.serve(row.request, cfg, self.wavegen.config.mode)
