@@ -249,6 +249,7 @@ def test_fuzzing_every_endpoint_never_gives_a_5xx(server):
         "echo",
         "accepted",
         "correction",
+        "seed",
     ]
     plausible = {
         "model": st.sampled_from(["alice", "base", "bob", ""]) | values,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import threading
+from dataclasses import replace
 
 import httpx
 import pytest
@@ -61,6 +62,33 @@ def test_rows_that_join_a_running_decode_get_exactly_their_tokens_alone():
     for agent, completion in done.items():
         assert completion.token_ids == expected[agent], agent
         assert completion.finish_reason == "length" and completion.completion_tokens == lengths[agent]
+
+
+def test_a_seeded_sampled_row_draws_the_same_tokens_alone_or_beside_other_sampled_rows():
+    """Sampling is per row: a batch-mate's draws never move a row's tokens (exactness: nothing outside the
+    request and the content its snapshot names)."""
+    dl = team()
+    dl.config.generation.stop_at_eos = False
+
+    def sampled(agent: str, seed: int) -> GenerateJob:
+        return replace(job(dl, agent, 10), temperature=1.0, seed=seed)
+
+    def decode(jobs: list[GenerateJob], joining_at: int | None = None) -> dict[str, list[int]]:
+        done: dict[str, list[int]] = {}
+        sched = Scheduler(dl.runtime, dl.wavegen, False, lambda j, c: done.setdefault(j.agent_id, c.token_ids))
+        sched.admit(jobs[:1])
+        for step in range(40):
+            if step == joining_at:
+                sched.admit(jobs[1:])
+            if not sched.rows:
+                break
+            sched.step()
+        return done
+
+    alone = decode([sampled("a", 7)])["a"]
+    assert decode([sampled("a", 7), sampled("b", 8)], joining_at=2)["a"] == alone
+    assert decode([sampled("b", 8), sampled("a", 7)], joining_at=0)["a"] == alone  # started beside b
+    assert decode([sampled("a", 9)])["a"] != alone  # the seed does decide
 
 
 def test_a_learn_waits_for_its_agents_running_rows(tmp_path):

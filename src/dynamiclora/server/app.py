@@ -200,7 +200,7 @@ def create_app(
         except PromptTooLongError as e:
             raise APIError(400, str(e), param="max_tokens") from None
         return GenerateJob(
-            agent_id, text, prompt_ids, tokens, req.temperature, req.top_p, base_only, req.stops(), logprobs
+            agent_id, text, prompt_ids, tokens, req.temperature, req.top_p, base_only, req.stops(), logprobs, req.seed
         )
 
     async def finish(job: GenerateJob) -> Completion:

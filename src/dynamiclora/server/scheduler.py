@@ -59,6 +59,7 @@ class GenerateJob:
     base_only: bool = False  # the base model alone (no tier of the agent's stack)
     stop: tuple[str, ...] = ()
     logprobs: int | None = None  # top alternatives per generated token (0: the chosen token only); None: none
+    seed: int | None = None  # a sampled row draws from its own generator: seeded, its tokens depend on nothing else
     on_text: Callable[[str], None] | None = None  # streaming: called on the engine thread with each new piece
     cancelled: threading.Event = field(default_factory=threading.Event)
     future: Future = field(default_factory=Future)
@@ -145,6 +146,7 @@ class Row:
     tokens: list[int] = field(default_factory=list)
     logprobs: list[dict] = field(default_factory=list)
     started: float = field(default_factory=time.perf_counter)
+    generator: torch.Generator | None = None  # this row's own draws (sampled rows)
 
 
 class Scheduler:
@@ -181,6 +183,9 @@ class Scheduler:
         for job in jobs:
             cfg = job.config(rt.config.generation)
             row = Row(job, cfg, frozenset(), Recorder([job.prompt_ids], 5), TextStream(self._decode, job.stop))
+            if not cfg.greedy:  # its own draws: a batch-mate's sampling never moves them
+                seed = job.seed if job.seed is not None else int(torch.randint(2**62, (), generator=rt.generator))
+                row.generator = torch.Generator().manual_seed(seed)
             if job.cancelled.is_set():  # its client left while it waited
                 self.stats["cancelled"] += 1
                 self._finish(row, "off", cancelled=True)
@@ -256,7 +261,7 @@ class Scheduler:
         chosen = []
         for i, r in enumerate(self.rows):
             logits = state.logits[i : i + 1]
-            token = int(sample_next(logits, r.cfg, rt.generator)[0])
+            token = int(sample_next(logits, r.cfg, r.generator)[0])
             chosen.append(token)
             self._observe(r, state.logits[i], token)
         keep = []

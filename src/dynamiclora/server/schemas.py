@@ -40,6 +40,7 @@ class Sampling(Body):
     stream: bool = False
     stop: Stop | list[Stop] | None = Field(default=None)
     stream_options: dict | None = None
+    seed: int | None = Field(default=None, ge=0, le=2**62, description="sampling: the same seed, the same tokens")
 
     def stops(self) -> tuple[str, ...]:
         if self.stop is None:
