@@ -359,3 +359,16 @@ def test_consensus_state_survives_save_and_load(tmp_path):
     [residual] = again.hierarchy.scope("agent:a").circuits.values()
     assert residual.residual_of == "swarm:team"
     assert again.memory.sharing.log == dl.memory.sharing.log
+
+
+def test_deleting_an_agent_drops_its_own_pending_proposals_and_its_share_of_others():
+    dl = team()
+    g = torch.Generator().manual_seed(3)
+    mine, ours = random_circuit(dl, 2, g), random_circuit(dl, 2, g)
+    mine.origin_agents, ours.origin_agents = ["a"], ["a", "b"]
+    dl.memory.sharing.propose(Proposal(mine, frozenset({"a"}), "", 0.9, False, "swarm:team"))
+    dl.memory.sharing.propose(Proposal(ours, frozenset({"a", "b"}), "", 0.9, False, "swarm:team"))
+    report = dl.delete_agent("a")
+    assert report["pending_proposals"] == 1
+    [left] = dl.memory.sharing.pending
+    assert left.circuit is ours and left.contributors == frozenset({"b"})

@@ -200,17 +200,21 @@ class DynamicLoRA:
         del self.hierarchy.agents[agent_id]
         entries = self.wavegen.cache.forget_agent(agent_id)
         sharing = self.memory.sharing
-        pending = [p for p in sharing.pending if p.circuit.origin_agents == [agent_id]]
-        sharing.pending = [p for p in sharing.pending if p not in pending]
-        for p in sharing.pending:  # a consolidation several agents asked for keeps its other contributors
-            p.contributors = frozenset(p.contributors - {agent_id})
+        kept, dropped = [], 0
+        for p in sharing.pending:  # (by origin, never by ==: a Proposal compares its circuit's tensors)
+            if p.circuit.origin_agents == [agent_id]:
+                dropped += 1
+                continue
+            p.contributors = frozenset(p.contributors - {agent_id})  # several asked for it: the others stay
+            kept.append(p)
+        sharing.pending = kept
         shared = [c.id for c in self.hierarchy.all_circuits() if agent_id in c.origin_agents]
         self.planner.clear()  # cached plans name the agent
         return {
             "agent": agent_id,
             "circuits": len(circuits),
             "cache_entries": entries,
-            "pending_proposals": len(pending),
+            "pending_proposals": dropped,
             "not_separable": shared,
         }
 
