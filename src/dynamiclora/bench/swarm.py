@@ -112,7 +112,7 @@ def totals(circuits: dict[str, list[Circuit]]) -> dict[str, dict[str, torch.Tens
 def consensus(dl: DynamicLoRA, circuits: dict[str, list[Circuit]]) -> tuple[list[Circuit], dict[str, list]]:
     """The library's consensus of every agent's circuits into ``swarm:team``: the shared circuits it adds, and
     what each contributor keeps (its residuals and the circuits that did not enter)."""
-    install(dl, [], {a: cs for a, cs in circuits.items()}, sorted(circuits))
+    install(dl, [], circuits, sorted(circuits))
     proposals = [
         Proposal(c, frozenset({a}), f"context:{a}", 0.0, False, "swarm:team") for a, cs in circuits.items() for c in cs
     ]

@@ -22,12 +22,13 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from ..config import TIERS
 from ..core import DynamicLoRA
-from .scheduler import Completion, GenerateJob, Scheduler
+from .scheduler import Completion, GenerateJob, Scheduler, TextStream
 
 BATCHING = ("continuous", "static", "off")
 
@@ -277,10 +278,7 @@ class Engine:
         ]
 
     def _finish(self, job: GenerateJob, tokens: list[int], finished: bool, cache: str = "off") -> Completion:
-        text = self.dl.tokenizer.decode(tokens, skip_special_tokens=True)
-        reason = "stop" if finished else "length"
-        for s in job.stop:
-            cut = text.find(s)
-            if cut >= 0:
-                text, reason = text[:cut], "stop"
+        decode = partial(self.dl.tokenizer.decode, skip_special_tokens=True)
+        text, stopped = TextStream(decode, job.stop).update(tokens)
+        reason = "stop" if finished or stopped else "length"
         return Completion(text, len(job.prompt_ids), len(tokens), reason, cache, list(tokens))

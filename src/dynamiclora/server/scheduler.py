@@ -27,14 +27,12 @@ from typing import Any
 
 import torch
 
-from ..config import GenerationConfig
+from ..config import TIERS, GenerationConfig
 from ..generation import DecodeState, feed, join, joinable, keep_rows, prefill, run, sample_next
 from ..runtime import Runtime
 from ..wavegen.controller import WaveController
 from ..wavegen.observe import Recorder
 from ..wavegen.signature import sampling_key
-
-MAX_TOP_LOGPROBS = 20
 
 
 @dataclass
@@ -63,7 +61,6 @@ class GenerateJob:
     on_text: Callable[[str], None] | None = None  # streaming: called on the engine thread with each new piece
     cancelled: threading.Event = field(default_factory=threading.Event)
     future: Future = field(default_factory=Future)
-    submitted: float = field(default_factory=time.monotonic)
 
     @property
     def group(self) -> tuple:
@@ -83,7 +80,7 @@ def token_text(tokenizer: Any, token_id: int) -> str:
 def token_logprobs(logits: torch.Tensor, chosen: int, top: int, tokenizer: Any) -> dict:
     """The chosen token's log-probability under the model (temperature 1) and the ``top`` most likely ones."""
     logp = logits.float().log_softmax(-1)
-    out: dict[str, Any] = {"token": token_text(tokenizer, chosen), "token_id": chosen, "logprob": float(logp[chosen])}
+    out: dict[str, Any] = {"token": token_text(tokenizer, chosen), "logprob": float(logp[chosen])}
     if top:
         values, ids = logp.topk(min(top, logp.shape[-1]))
         out["top"] = [(token_text(tokenizer, int(i)), float(v)) for v, i in zip(values, ids)]
@@ -96,8 +93,6 @@ def prompt_logprobs(
 ) -> list[dict | None]:
     """Each prompt token's log-probability given the tokens before it (None for the first), under the agent's
     stack routed by the whole prompt, as generating after it would be (or the base model alone)."""
-    from ..config import TIERS
-
     plan = rt.planner.plan([agent_id], without=TIERS if base_only else (), skip=rt.route([agent_id], [ids]))
     with rt.activate(plan, rt.new_session(plan, observe=False)):
         logits = rt.model(input_ids=torch.tensor([ids], device=rt.device), use_cache=False).logits[0]
@@ -138,9 +133,9 @@ class Row:
     job: GenerateJob
     cfg: GenerationConfig
     skip: frozenset[str]
-    recorder: Recorder
     stream: TextStream
     request: Any = None  # the WaveGen request of a miss (None: cache off, or the base model)
+    recorder: Recorder | None = None  # the trajectory a miss is stored with (only rows with a request)
     vector: torch.Tensor | None = None
     touched: dict[str, float] = field(default_factory=dict)
     tokens: list[int] = field(default_factory=list)
@@ -182,7 +177,7 @@ class Scheduler:
         misses: list[Row] = []
         for job in jobs:
             cfg = job.config(rt.config.generation)
-            row = Row(job, cfg, frozenset(), Recorder([job.prompt_ids], 5), TextStream(self._decode, job.stop))
+            row = Row(job, cfg, frozenset(), TextStream(self._decode, job.stop))
             if not cfg.greedy:  # its own draws: a batch-mate's sampling never moves them
                 seed = job.seed if job.seed is not None else int(torch.randint(2**62, (), generator=rt.generator))
                 row.generator = torch.Generator().manual_seed(seed)
@@ -198,6 +193,7 @@ class Scheduler:
                     row.tokens = list(served.token_ids)
                     self._finish(row, served.cache)
                     continue
+                row.recorder = Recorder([job.prompt_ids], self.wavegen.config.observe_top_k)
             misses.append(row)
         if misses:
             self._prefill(misses)
@@ -255,23 +251,17 @@ class Scheduler:
     def step(self) -> None:
         """One token for every running row; finished rows leave; the rest are fed in one forward."""
         rt, state = self.rt, self.state
-        eos = rt.tokenizer.eos_token_id
         self.stats["steps"] += 1
         self.stats["peak_rows"] = max(self.stats["peak_rows"], len(self.rows))
-        chosen = []
+        chosen = state.logits.argmax(-1).tolist()  # greedy rows: one argmax for the batch
         for i, r in enumerate(self.rows):
-            logits = state.logits[i : i + 1]
-            token = int(sample_next(logits, r.cfg, r.generator)[0])
-            chosen.append(token)
-            self._observe(r, state.logits[i], token)
+            if r.generator is not None:
+                chosen[i] = int(sample_next(state.logits[i : i + 1], r.cfg, r.generator)[0])
+            self._observe(r, state.logits[i], chosen[i])
         keep = []
         for i, r in enumerate(self.rows):
-            text, stopped = r.stream.update(r.tokens)
-            done = (
-                stopped
-                or (r.cfg.stop_at_eos and eos is not None and r.tokens[-1] == eos)
-                or len(r.tokens) >= r.cfg.max_new_tokens
-            )
+            text, ended = self._ended(r, r.tokens)
+            done = ended or len(r.tokens) >= r.cfg.max_new_tokens
             if r.job.cancelled.is_set():
                 self.stats["cancelled"] += 1
                 self._finish(r, "off", cancelled=True)
@@ -299,15 +289,20 @@ class Scheduler:
 
     def _observe(self, r: Row, logits: torch.Tensor, token: int) -> None:
         r.tokens.append(token)
-        r.recorder(logits[None], torch.tensor([token], device=logits.device), torch.ones(1, dtype=torch.bool))
+        if r.recorder is not None:
+            r.recorder(logits[None], torch.tensor([token], device=logits.device), torch.ones(1, dtype=torch.bool))
         if r.job.logprobs is not None:
             r.logprobs.append(token_logprobs(logits, token, r.job.logprobs, self.rt.tokenizer))
 
-    def _finish(self, r: Row, cache: str, cancelled: bool = False) -> None:
+    def _ended(self, r: Row, tokens: list[int]) -> tuple[str, bool]:
+        """The row's text (cut at a stop string) and whether it stopped: a stop string, or EOS."""
         eos = self.rt.tokenizer.eos_token_id
-        tokens = r.tokens[: r.cfg.max_new_tokens]
         text, stopped = r.stream.update(tokens)
-        ended = stopped or bool(r.cfg.stop_at_eos and eos is not None and tokens and tokens[-1] == eos)
+        return text, stopped or bool(r.cfg.stop_at_eos and eos is not None and tokens and tokens[-1] == eos)
+
+    def _finish(self, r: Row, cache: str, cancelled: bool = False) -> None:
+        tokens = r.tokens[: r.cfg.max_new_tokens]
+        text, ended = self._ended(r, tokens)
         reason = "cancelled" if cancelled else "stop" if ended else "length"
         if r.job.on_text is not None and not cancelled:
             piece = r.stream.ready(text, final=True)
