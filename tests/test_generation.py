@@ -91,6 +91,16 @@ def test_top_p_keeps_only_the_nucleus():
     assert seen == {0, 1}
 
 
+def test_a_vanishing_top_p_or_temperature_still_keeps_the_likeliest_token():
+    from dynamiclora.config import GenerationConfig
+    from dynamiclora.generation import probabilities
+
+    logits = torch.log(torch.tensor([[0.2, 0.5, 0.3]]))
+    for top_p, temperature in ((2.2e-313, 1.0), (1.0, 8e-156), (1e-45, 2.2e-308)):  # 0 in float32
+        probs = probabilities(logits, GenerationConfig(temperature=temperature, top_p=top_p))
+        assert torch.equal(probs, torch.tensor([[0.0, 1.0, 0.0]])), probs
+
+
 def test_prompt_too_long_names_the_numbers(dl):
     dl.agent("alice", swarm="s", domain="d")
     limit = dl.runtime.max_positions

@@ -166,6 +166,7 @@ def test_a_full_queue_answers_429_and_the_server_recovers(tmp_path):
 
 
 # -- bad input ---------------------------------------------------------------------------------------------
+TURN = {"role": "user", "content": "x"}
 BAD = [
     ("/v1/completions", b"{not json", None),
     ("/v1/completions", b'{"model": "alice", "prompt": "\xff\xfe"}', None),
@@ -185,7 +186,9 @@ BAD = [
     ("/v1/learn", '{"model": "alice", "prompt": "x", "completion": 7}', "completion"),
     ("/v1/completions", '{"model": "alice", "prompt": "x", "logprobs": 21}', "logprobs"),
     ("/v1/completions", '{"model": "alice", "prompt": "x", "logprobs": -1}', "logprobs"),
-    ("/v1/completions", '{"model": "alice", "prompt": "x", "max_tokens": 0}', "max_tokens"),
+    ("/v1/chat/completions", json.dumps({"model": "alice", "messages": [TURN], "max_tokens": 0}), "max_tokens"),
+    ("/v1/learn", '{"model": "alice", "prompt": null, "completion": "y"}', "prompt"),  # absent, or text
+    ("/v1/learn", json.dumps({"model": "alice", "prompt": "x", "messages": [TURN], "completion": "y"}), "body"),
     ("/v1/completions", '{"model": "alice", "prompt": "x", "echo": true, "stream": true}', "stream"),
     ("/v1/completions", '{"model": "alice", "prompt": [5, 99999999]}', "prompt"),
     ("/v1/completions", '{"model": "alice", "prompt": [[5], [99999999]]}', "prompt"),

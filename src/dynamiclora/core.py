@@ -23,7 +23,7 @@ from .config import TIERS, DynamicLoRAConfig, GenerationConfig
 from .dynamics import Memory, TickReport
 from .dynamics.distributed import SwarmGroup, open_group
 from .errors import ConfigError, InvalidInputError, UnknownCircuitError
-from .hierarchy import Clock, Hierarchy, ScopeKey
+from .hierarchy import DEFAULT_DOMAIN, DEFAULT_SWARM, Clock, Hierarchy, ScopeKey
 from .learning import ContextLearner
 from .runtime import Runtime
 from .store import Parts, Writer, read_state, restore_state
@@ -158,7 +158,7 @@ class DynamicLoRA:
         if swarm is None and domain is None:
             self.hierarchy.agent(agent_id)
         else:
-            self.hierarchy.register(agent_id, swarm or "default", domain or "general")
+            self.hierarchy.register(agent_id, swarm or DEFAULT_SWARM, domain or DEFAULT_DOMAIN)
         return Agent(self, agent_id)
 
     @property

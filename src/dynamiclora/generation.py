@@ -65,7 +65,10 @@ def positions(mask: torch.Tensor) -> torch.Tensor:
 
 def probabilities(logits: torch.Tensor, cfg: GenerationConfig) -> torch.Tensor:
     """The sampling distribution (…, V) that ``cfg`` defines on these logits: temperature, then top-k, then top-p."""
-    logits = logits.float() / cfg.temperature
+    logits = logits.float()
+    # the best logit becomes 0 before dividing, so that no temperature overflows it; below float32's range
+    # (1e-30 here) every temperature is the same distribution: the likeliest tokens
+    logits = (logits - logits.amax(-1, keepdim=True)) / max(cfg.temperature, 1e-30)
     if cfg.top_k:
         kth = torch.topk(logits, min(cfg.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -73,6 +76,7 @@ def probabilities(logits: torch.Tensor, cfg: GenerationConfig) -> torch.Tensor:
         sorted_logits, order = logits.sort(-1, descending=True)
         sorted_probs = sorted_logits.softmax(-1)
         drop = sorted_probs.cumsum(-1) - sorted_probs >= cfg.top_p  # keep the smallest prefix reaching top_p
+        drop[..., 0] = False  # and always the likeliest token (a top_p that rounds to 0 in float32 kept none)
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     return logits.softmax(-1)

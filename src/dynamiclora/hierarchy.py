@@ -17,6 +17,7 @@ from .config import TIERS
 from .errors import RegistrationError, UnknownAgentError, UnknownScopeError
 
 SHARED_TIERS = ("foundation", "domain", "swarm")
+DEFAULT_SWARM, DEFAULT_DOMAIN = "default", "general"  # where an agent registered without them belongs
 _versions = itertools.count(1)  # one counter for all scopes: a version never repeats, even across objects
 
 

@@ -95,9 +95,12 @@ def tiny_chat_model(arch: Arch = "llama", seed: int = 0, **config_kwargs: Any):
     return model, tokenizer
 
 
-def save_tiny_model(directory: str | Path, arch: Arch = "llama", seed: int = 0, **config_kwargs: Any) -> Path:
-    """Write a tiny model + tokenizer in Hugging Face format (for from_pretrained and PEFT round trips)."""
-    model, tokenizer = tiny_model(arch, seed, **config_kwargs)
+def save_tiny_model(
+    directory: str | Path, arch: Arch = "llama", seed: int = 0, chat: bool = False, **config_kwargs: Any
+) -> Path:
+    """Write a tiny model + tokenizer in Hugging Face format (for from_pretrained and PEFT round trips); with
+    ``chat``, the tokenizer carries :data:`CHAT_TEMPLATE`."""
+    model, tokenizer = (tiny_chat_model if chat else tiny_model)(arch, seed, **config_kwargs)
     directory = Path(directory)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)

@@ -32,7 +32,7 @@ from .protocol import (
     APIError,
     JSONBodies,
     chat_logprobs,
-    document_errors,
+    document_api,
     install_error_handlers,
     legacy_logprobs,
     usage,
@@ -42,6 +42,8 @@ from .schemas import ChatRequest, CompletionRequest, FeedbackRequest, LearnReque
 
 log = logging.getLogger("dynamiclora.server")
 DEFAULT_MAX_TOKENS = 64
+STREAMED = {200: {"content": {"application/json": {}, "text/event-stream": {}}, "description": "JSON, or with "
+                  "stream: true server-sent events, each `data: <a chunk as JSON>`, then `data: [DONE]`"}}  # fmt: skip
 
 
 def base_name(dl: DynamicLoRA) -> str:
@@ -152,13 +154,11 @@ def create_app(
             return Completion("", len(job.prompt_ids), 0, "length")
         return await asyncio.wrap_future(engine.submit(job))
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=STREAMED)
     async def completions(req: CompletionRequest, who: Principal = Depends(principal)):
         prompts = req.prompts()
-        if req.max_tokens == 0 and not req.echo:
-            raise APIError(400, "max_tokens: 0 generates nothing; set echo to score the prompt", param="max_tokens")
-        if req.stream and (len(prompts) > 1 or req.echo):
-            raise APIError(400, "stream: give one prompt and no echo to stream", param="stream")
+        if req.stream and (len(prompts) > 1 or req.echo or req.logprobs is not None):
+            raise APIError(400, "stream: give one prompt, no echo and no logprobs to stream", param="stream")
         jobs = [
             job_for(req, prompt, who, req.max_tokens, req.logprobs, f"prompt[{i}]" if len(prompts) > 1 else "prompt")
             for i, prompt in enumerate(prompts)
@@ -202,16 +202,16 @@ def create_app(
         except Exception as e:  # noqa: BLE001 - a template may reject a message order
             raise APIError(400, f"the chat template rejected these messages: {e}", param="messages") from None
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=STREAMED)
     async def chat(req: ChatRequest, who: Principal = Depends(principal)):
+        if req.stream and req.logprobs:
+            raise APIError(400, "stream: logprobs are given only without streaming", param="stream")
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError(400, "top_logprobs: needs logprobs set to true", param="top_logprobs")
         template = getattr(dl.tokenizer, "chat_template", None)
         if not template:
             raise APIError(400, f"model {base!r} has no chat template; use /v1/completions", param="messages")
         max_tokens = req.max_completion_tokens or req.max_tokens
-        if max_tokens == 0:
-            raise APIError(400, "max_tokens: a reply needs at least one token", param="max_tokens")
         top = (req.top_logprobs or 0) if req.logprobs else None
         job = job_for(req, chat_ids(req.messages), who, max_tokens, top, "messages")
         rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
@@ -447,7 +447,9 @@ def create_app(
         png = await asyncio.to_thread(dashboard.PLOTS[name], snapshot)
         return Response(png, media_type="image/png", headers={"Cache-Control": "no-store"})
 
-    app.openapi = lambda: document_errors(app)  # type: ignore[method-assign]
+    context = dl.runtime.max_positions
+    limits = {"vocabulary": len(dl.tokenizer) - 1, "context": None if context is None else context - 1}
+    app.openapi = lambda: document_api(app, limits)  # type: ignore[method-assign]
     return app
 
 

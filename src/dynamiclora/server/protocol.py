@@ -74,7 +74,7 @@ def install_error_handlers(app: FastAPI) -> None:
         detail = str(e.detail)
         if detail == "There was an error parsing the body":
             detail = "the body could not be parsed: send JSON encoded as UTF-8"
-        return error_response(e.status_code, detail, kind)
+        return error_response(e.status_code, detail, kind, headers=e.headers)  # a 405 keeps its Allow
 
     @app.exception_handler(Busy)
     async def busy(request: Request, e: Busy):
@@ -84,6 +84,18 @@ def install_error_handlers(app: FastAPI) -> None:
     async def crashed(request: Request, e: Exception):
         log.exception("unexpected error on %s", request.url.path)
         return error_response(500, f"internal error: {type(e).__name__}: {e}", "server_error")
+
+
+def _state_limits(node, limits: dict[str, int | None]) -> None:
+    if isinstance(node, dict):
+        name = node.pop("x-model-limit", None)
+        if name is not None and limits.get(name) is not None:
+            node["maximum"] = min(node.get("maximum", limits[name]), limits[name])
+        for value in node.values():
+            _state_limits(value, limits)
+    elif isinstance(node, list):
+        for value in node:
+            _state_limits(value, limits)
 
 
 def usage(c: Completion) -> dict:
@@ -131,14 +143,16 @@ ERRORS = {
 }
 
 
-def document_errors(app: FastAPI) -> dict:
-    """The OpenAPI document with the status codes the API really answers: bad bodies are 400, not FastAPI's 422,
-    and every /v1 route lists the errors it can give, in the OpenAI error shape."""
+def document_api(app: FastAPI, limits: dict[str, int | None]) -> dict:
+    """The OpenAPI document as the API is served: bad bodies are 400, not FastAPI's 422; every /v1 route lists the
+    errors it can give, in the OpenAI error shape; and bounds that depend on the served model (``limits``: the
+    largest value of each ``x-model-limit`` field, e.g. ``{"context": 255, "vocabulary": 49151}``) are stated."""
     if app.openapi_schema:
         return app.openapi_schema
     from fastapi.openapi.utils import get_openapi
 
     schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+    _state_limits(schema, limits)
     schema.setdefault("components", {}).setdefault("schemas", {})["Error"] = {
         "type": "object",
         "required": ["error"],
@@ -163,7 +177,7 @@ def document_errors(app: FastAPI) -> dict:
             codes = ERRORS if path.startswith("/v1/") or path.startswith("/dashboard/") else {"400": ERRORS["400"]}
             for code, description in codes.items():
                 responses.setdefault(code, {"description": description, **error})
-    schema["components"]["schemas"].pop("HTTPValidationError", None)
+    schema["components"]["schemas"].pop("HTTPValidationError", None)  # FastAPI's 422 body, never answered
     schema["components"]["schemas"].pop("ValidationError", None)
     app.openapi_schema = schema
     return schema
