@@ -245,3 +245,26 @@ def test_logprobs_are_the_models_on_the_same_tokens(tmp_path):
             "/v1/completions", json={"model": "alice", "prompt": [ids, ids[:3]], "max_tokens": 2}, headers=headers
         )
         assert [c["index"] for c in r.json()["choices"]] == [0, 1]
+
+
+def test_a_prompt_the_cache_has_only_a_semantic_candidate_for_is_served_once_and_right():
+    """With entries cached, a new prompt goes through semantic lookup (WaveGen serves it, verified or decoded
+    itself, even when no candidate is near enough); the scheduler must take that result as it is, not close it
+    again as a miss of its own (lm-evaluation-harness found this: a 500)."""
+    from dynamiclora import DynamicLoRAConfig
+    from dynamiclora.wavegen.signature import sampling_key
+
+    wavegen = {"min_coherence": 0.0, "learn_from_generations": False}
+    dl = make_dl(config=DynamicLoRAConfig(wavegen=wavegen, dynamics={"tick_interval": 0}))
+    dl.agent("a", swarm="s1", domain="d1")
+    dl.agent("a").generate(PROMPTS["a"], max_new_tokens=6)  # a cached entry: semantic lookup has candidates
+    cfg = replace(dl.config.generation, max_new_tokens=6)
+    request = dl.wavegen.open(0, "a", dl.encode(PROMPTS["b"]), cfg, sampling_key(cfg))
+    assert request.entry is None and dl.wavegen.cache.has_semantic(request.provenances)
+    expected = dl.agent("a").generate(PROMPTS["b"], max_new_tokens=6, use_cache=False).token_ids
+    done: list[Completion] = []
+    sched = Scheduler(dl.runtime, dl.wavegen, use_cache=True, on_finished=lambda j, c: done.append(c))
+    sched.admit([GenerateJob("a", PROMPTS["b"], dl.encode(PROMPTS["b"]), 6)])
+    while sched.rows:
+        sched.step()
+    assert len(done) == 1 and done[0].token_ids == expected

@@ -308,7 +308,7 @@ class Scheduler:
             piece = r.stream.ready(text, final=True)
             if piece:
                 r.job.on_text(piece)
-        if cache == "miss" and not cancelled:
+        if r.recorder is not None and not cancelled:  # decoded here: close the miss (WaveGen closed what it served)
             timings = {"total_s": time.perf_counter() - r.started}
             traj = r.recorder.trajectories[0]
             self.wavegen.close_miss(r.request, tokens, traj, r.vector, r.touched, timings)
