@@ -546,3 +546,29 @@ def test_an_agent_removes_one_of_its_circuits_but_not_a_shared_one(server):
     r = client.delete(f"/v1/circuits/{circuit}", headers=alice)
     assert r.status_code == 200 and r.json()["scope"] == "context:alice"
     assert circuit not in {c["id"] for c in dl.circuits(agent="alice")}
+
+
+def test_learn_exchanges_learns_a_reply_finished_by_itself_before_answering(tmp_path):
+    dl = make_dl()
+    state = tmp_path / "state"
+    app = create_app(dl, state, admin_key=ADMIN, batch_wait_s=0.01, learn_exchanges=True)
+    with TestClient(app) as client:
+        alice = register(client, "alice")
+        ask = {"model": "alice", "prompt": "def version():", "max_tokens": 6}
+        sampled = {**ask, "temperature": 1.0, "seed": 3}
+        first = client.post("/v1/completions", json=sampled, headers=alice).json()
+        assert first["choices"][0]["finish_reason"] == "length" and first["learned"] == [None]  # cut short: not
+        assert not dl.circuits(agent="alice")
+        text = first["choices"][0]["text"]
+        stop = text[-2:]
+        reply = text[: text.index(stop)]
+        assert reply.strip(), text
+        greedy = client.post("/v1/completions", json=ask, headers=alice).json()["choices"][0]["text"]
+        assert not greedy.startswith(reply), (greedy, reply)  # what it learns is new to it
+        done = client.post("/v1/completions", json={**sampled, "stop": [stop]}, headers=alice).json()
+        assert done["choices"][0] == {"index": 0, "text": reply, "finish_reason": "stop", "logprobs": None}
+        learned = done["learned"][0]
+        assert learned["agent"] == "alice" and learned["trained"] and learned["saved"]
+        again = client.post("/v1/completions", json=ask, headers=alice).json()["choices"][0]["text"]
+        assert again.startswith(reply), (again, reply)  # the agent now says what it said
+    assert learned["circuit"] in {c["id"] for c in reload(state).circuits(agent="alice")}  # saved before the answer

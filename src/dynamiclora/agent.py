@@ -66,20 +66,22 @@ class Agent:
     def learn(
         self,
         prompt: str | list[int] | None = None,
-        completion: str = "",
+        completion: str | list[int] = "",
         critical: bool = False,
         *,
         messages: list[dict[str, str]] | None = None,
     ) -> LearnResult:
         """Gradient steps of the completion's next-token loss into this agent's context circuits only. The prompt
         is text, token ids, or (``messages=``) a conversation, learned as the model reads it through the chat
-        template; ``completion`` is the reply the agent should have given."""
+        template; ``completion`` is the reply the agent should have given (text, or its token ids)."""
         dl = self.dl
         dl.hierarchy.agent(self.id)
         if (prompt is None) == (messages is None):
             raise InvalidInputError("learn needs exactly one of prompt= (text or token ids) or messages=")
         prompt_ids = dl.runtime.chat_ids(messages) if messages is not None else dl.runtime.prompt_ids(prompt)
-        completion_ids = dl.encode(completion, special=False)
+        completion_ids = (
+            dl.encode(completion, special=False) if isinstance(completion, str) else dl.runtime.prompt_ids(completion)
+        )
         if not completion_ids:
             raise InvalidInputError("the completion is empty after tokenization; give the text the agent should learn")
         if dl.tokenizer.eos_token_id is not None:

@@ -218,6 +218,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_batch=args.max_batch,
         batching=args.batching,
         use_cache=not args.no_cache,
+        learn_exchanges=args.learn_exchanges,
     )
     where = "$DYNAMICLORA_ADMIN_KEY" if os.environ.get("DYNAMICLORA_ADMIN_KEY") else state_dir / ADMIN_FILE
     Console(stderr=True).print(
@@ -271,6 +272,11 @@ def build_parser() -> argparse.ArgumentParser:
         "together run as one batch to its end; off: one request at a time",
     )
     p.add_argument("--no-cache", action="store_true", help="serve nothing through WaveGen")
+    p.add_argument(
+        "--learn-exchanges",
+        action="store_true",
+        help="learn every reply an agent finishes by itself into its context tier (saved before the answer)",
+    )
     p.add_argument("--log-level", default="warning")
     p.set_defaults(func=cmd_serve)
     return parser

@@ -55,9 +55,13 @@ def create_app(
     dl: DynamicLoRA,
     state_dir: str | Path,
     admin_key: str | None = None,
+    learn_exchanges: bool = False,
     **engine_options: Any,
 ) -> FastAPI:
-    """The app around ``dl``, saving to ``state_dir`` (``engine_options``: see server.engine.Engine)."""
+    """The app around ``dl``, saving to ``state_dir`` (``engine_options``: see server.engine.Engine).
+
+    ``learn_exchanges``: every reply an agent finishes by itself (``finish_reason: "stop"``) is learned into its
+    context tier, as the model read the prompt, before the answer is sent (as accepted feedback would)."""
     state_dir = Path(state_dir)
     keys = KeyStore(state_dir, admin_key)
     given = CompletionLog(state_dir)  # what was answered, for feedback
@@ -149,6 +153,21 @@ def create_app(
             agent_id, text, prompt_ids, tokens, req.temperature, req.top_p, base_only, req.stops(), logprobs, req.seed
         )
 
+    async def answered(exchange_id: str, job: GenerateJob, c: Completion) -> dict | None:
+        """Keep an exchange for feedback; with ``learn_exchanges``, learn a reply the agent finished by itself
+        (saved before the answer). Returns what was learned, or None."""
+        exchange = Exchange(exchange_id, job.agent_id, job.prompt_ids, c.text, c.reply_ids)
+        given.record(exchange)
+        if not (learn_exchanges and not job.base_only and c.finish_reason == "stop" and c.text.strip()):
+            return None
+        agent_id = job.agent_id
+        r = await run(
+            lambda: dl.agent(agent_id).learn(job.prompt_ids, exchange.reply),
+            durable=True,
+            waits_for=frozenset({agent_id}),
+        )
+        return learned(agent_id, r)
+
     async def finish(job: GenerateJob) -> Completion:
         if job.max_tokens == 0:  # scoring only: nothing to generate
             return Completion("", len(job.prompt_ids), 0, "length")
@@ -180,10 +199,10 @@ def create_app(
                     for j in jobs
                 )
             )
-        choices = []
+        choices, kept = [], []
         for i, (job, c) in enumerate(zip(jobs, done)):
             if job.max_tokens:
-                given.record(Exchange(rid if len(jobs) == 1 else f"{rid}/{i}", job.agent_id, job.prompt_ids, c.text))
+                kept.append(await answered(rid if len(jobs) == 1 else f"{rid}/{i}", job, c))
             text = job.prompt + c.text if req.echo else c.text
             logprobs = None
             if req.logprobs is not None:
@@ -191,7 +210,10 @@ def create_app(
                 logprobs = legacy_logprobs(entries, 0)
             choices.append({"index": i, "text": text, "finish_reason": c.finish_reason, "logprobs": logprobs})
         total = {k: sum(usage(c)[k] for c in done) for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
-        return {**head, "choices": choices, "usage": total, "cache": done[0].cache}
+        body = {**head, "choices": choices, "usage": total, "cache": done[0].cache}
+        if learn_exchanges:
+            body["learned"] = kept  # per choice: what was learned, or None
+        return body
 
     def chat_ids(messages) -> list[int]:
         """The token ids the model reads for a conversation (the chat template, the assistant's turn opened)."""
@@ -227,15 +249,18 @@ def create_app(
 
             return await stream(job, {**head}, chunk, req)
         c = await finish(job)
-        given.record(Exchange(rid, job.agent_id, job.prompt_ids, c.text))
+        kept = await answered(rid, job, c)
         message = {"role": "assistant", "content": c.text}
         logprobs = chat_logprobs(c.logprobs or []) if req.logprobs else None
-        return {
+        body = {
             **head,
             "object": "chat.completion",
             "choices": [{"index": 0, "message": message, "finish_reason": c.finish_reason, "logprobs": logprobs}],
             "usage": usage(c),
         }
+        if learn_exchanges:
+            body["learned"] = [kept]
+        return body
 
     async def stream(job: GenerateJob, head: dict, chunk, req: Sampling) -> StreamingResponse:
         """Server-sent events, one per decoded piece as the engine produces it; the last carries the finish reason
@@ -257,9 +282,10 @@ def create_app(
                     error = {"message": f"generation failed: {type(e).__name__}: {e}", "type": "server_error"}
                     yield f"data: {json.dumps({'error': error})}\n\n"
                     return
-                if c.finish_reason != "cancelled":
-                    given.record(Exchange(head["id"], job.agent_id, job.prompt_ids, c.text))
+                kept = await answered(head["id"], job, c) if c.finish_reason != "cancelled" else None
                 last = {**head, **chunk("", c.finish_reason)}
+                if learn_exchanges:
+                    last["learned"] = [kept]
                 if (req.stream_options or {}).get("include_usage"):
                     last["usage"] = usage(c)
                 yield f"data: {json.dumps(last)}\n\n"
@@ -363,10 +389,14 @@ def create_app(
             )
         if exchange.agent not in dl.hierarchy.agents:
             raise APIError(404, f"agent {exchange.agent!r} no longer exists", "not_found_error", "id")
-        completion = exchange.text if req.accepted else req.correction
-        if not completion or not completion.strip():
+        completion = exchange.reply if req.accepted else req.correction
+        if req.accepted and not exchange.text.strip():
             raise APIError(
                 400, "accepted: the reply was empty, there is nothing to learn; send a correction", param="accepted"
+            )
+        if not req.accepted and not req.correction.strip():
+            raise APIError(
+                400, "correction: only white space; give the reply the agent should have given", param="correction"
             )
         agent_id = exchange.agent
         r = await run(

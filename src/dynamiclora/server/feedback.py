@@ -25,6 +25,13 @@ class Exchange:
     agent: str
     prompt_ids: list[int]
     text: str
+    reply_ids: list[int] | None = None  # the tokens the text was decoded from (None: cut at a stop string)
+
+    @property
+    def reply(self) -> str | list[int]:
+        """What to learn when the reply is accepted: its own tokens where the text is exactly their decoding
+        (text re-encoded is not always the same tokens: a piece of a character decodes to U+FFFD)."""
+        return self.reply_ids if self.reply_ids else self.text
 
 
 class CompletionLog:
@@ -36,23 +43,36 @@ class CompletionLog:
         with self._lock, self._con:
             self._con.execute(
                 "CREATE TABLE IF NOT EXISTS completions (seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT UNIQUE, "
-                "agent TEXT NOT NULL, prompt_ids TEXT NOT NULL, text TEXT NOT NULL, created REAL NOT NULL)"
+                "agent TEXT NOT NULL, prompt_ids TEXT NOT NULL, text TEXT NOT NULL, created REAL NOT NULL, "
+                "reply_ids TEXT)"
             )
+            columns = {row[1] for row in self._con.execute("PRAGMA table_info(completions)")}
+            if "reply_ids" not in columns:  # a log written before replies kept their tokens
+                self._con.execute("ALTER TABLE completions ADD COLUMN reply_ids TEXT")
 
     def record(self, exchange: Exchange) -> None:
         with self._lock, self._con:
             self._con.execute(
-                "INSERT INTO completions (id, agent, prompt_ids, text, created) VALUES (?, ?, ?, ?, ?)",
-                (exchange.id, exchange.agent, json.dumps(exchange.prompt_ids), exchange.text, time.time()),
+                "INSERT INTO completions (id, agent, prompt_ids, text, created, reply_ids) VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    exchange.id,
+                    exchange.agent,
+                    json.dumps(exchange.prompt_ids),
+                    exchange.text,
+                    time.time(),
+                    None if exchange.reply_ids is None else json.dumps(exchange.reply_ids),
+                ),
             )
             self._con.execute("DELETE FROM completions WHERE seq <= (SELECT MAX(seq) FROM completions) - ?", (KEEP,))
 
     def find(self, completion_id: str) -> Exchange | None:
         with self._lock:
             row = self._con.execute(
-                "SELECT id, agent, prompt_ids, text FROM completions WHERE id = ?", (completion_id,)
+                "SELECT id, agent, prompt_ids, text, reply_ids FROM completions WHERE id = ?", (completion_id,)
             ).fetchone()
-        return None if row is None else Exchange(row[0], row[1], json.loads(row[2]), row[3])
+        if row is None:
+            return None
+        return Exchange(row[0], row[1], json.loads(row[2]), row[3], None if row[4] is None else json.loads(row[4]))
 
     def forget_agent(self, agent_id: str) -> int:
         with self._lock, self._con:

@@ -44,6 +44,7 @@ class Completion:
     cache: str = "off"
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[dict] | None = None  # per generated token: {"token", "logprob", "top": [(token, logprob)]}
+    reply_ids: list[int] | None = None  # the tokens ``text`` decodes from, EOS left out (None: cut at a stop)
 
 
 @dataclass
@@ -300,6 +301,19 @@ class Scheduler:
         text, stopped = r.stream.update(tokens)
         return text, stopped or bool(r.cfg.stop_at_eos and eos is not None and tokens and tokens[-1] == eos)
 
+    def _reply_ids(self, tokens: list[int], text: str) -> list[int] | None:
+        """The tokens ``text`` is exactly the decoding of: all but a final EOS, or fewer where a stop string cut
+        the text (searched back from the end, where the cut is); None where no prefix decodes to it."""
+        eos = self.rt.tokenizer.eos_token_id
+        ids = tokens[:-1] if tokens and tokens[-1] == eos else list(tokens)
+        for k in range(len(ids), -1, -1):
+            decoded = self._decode(ids[:k])
+            if decoded == text:
+                return ids[:k]
+            if len(decoded) < len(text):
+                return None
+        return None
+
     def _finish(self, r: Row, cache: str, cancelled: bool = False) -> None:
         tokens = r.tokens[: r.cfg.max_new_tokens]
         text, ended = self._ended(r, tokens)
@@ -313,5 +327,7 @@ class Scheduler:
             traj = r.recorder.trajectories[0]
             self.wavegen.close_miss(r.request, tokens, traj, r.vector, r.touched, timings)
         logprobs = r.logprobs if r.job.logprobs is not None else None
-        completion = Completion(text, len(r.job.prompt_ids), len(tokens), reason, cache, tokens, logprobs)
+        completion = Completion(
+            text, len(r.job.prompt_ids), len(tokens), reason, cache, tokens, logprobs, self._reply_ids(tokens, text)
+        )
         self.on_finished(r.job, completion)
