@@ -265,6 +265,7 @@ def test_fuzzing_every_endpoint_never_gives_a_5xx(server):
         ("post", "/v1/chat/completions"),
         ("post", "/v1/learn"),
         ("post", "/v1/feedback"),
+        ("post", "/v1/forget"),
         ("post", "/v1/agents"),
         ("post", "/v1/tick"),
         ("get", "/v1/models"),
@@ -423,6 +424,10 @@ def test_an_acknowledged_deletion_survives_sigkill(tmp_path):
                 body = {"model": a, "prompt": "def owner():", "completion": f" return '{a}'"}
                 assert http.post("/v1/learn", json=body, headers=headers).status_code == 200
             assert http.delete("/v1/agents/alice", headers=keys["alice"]).status_code == 200
+            body = {"model": "bob", "prompt": "class Owner:", "completion": " name = 'bob'"}
+            assert http.post("/v1/learn", json=body, headers=keys["bob"]).status_code == 200
+            forgot = http.post("/v1/forget", json={"model": "bob", "prompt": "class Owner:"}, headers=keys["bob"])
+            assert forgot.status_code == 200 and forgot.json()["keys_removed"] >= 1, forgot.text
             proc.send_signal(signal.SIGKILL)  # at once after the answer
             proc.wait()
     finally:
@@ -431,6 +436,8 @@ def test_an_acknowledged_deletion_survives_sigkill(tmp_path):
     again = DynamicLoRA.load(state)
     assert "alice" not in again.hierarchy.agents and again.circuits(scope="context:bob")
     assert not [k for k in again.hierarchy.scopes if k.name == "alice"]
+    feature = again.router.features([again.encode("class Owner:")])[0]  # bob's forgetting was kept too
+    assert not [c for c in again.hierarchy.all_circuits() if c.gate is not None and c.gate.distance(feature) <= 1]
 
 
 # -- the dashboard ----------------------------------------------------------------------------------------------
@@ -572,3 +579,22 @@ def test_learn_exchanges_learns_a_reply_finished_by_itself_before_answering(tmp_
         again = client.post("/v1/completions", json=ask, headers=alice).json()["choices"][0]["text"]
         assert again.startswith(reply), (again, reply)  # the agent now says what it said
     assert learned["circuit"] in {c["id"] for c in reload(state).circuits(agent="alice")}  # saved before the answer
+
+
+def test_forgetting_a_prompt_over_http_reverts_the_agent_on_it(server):
+    client, dl, state = server
+    alice, bob = register(client, "alice"), register(client, "bob")
+    ask = {"model": "alice", "prompt": "def alpha_port():", "max_tokens": 6}
+    before = client.post("/v1/completions", json=ask, headers=alice).json()["choices"][0]["text"]
+    for _ in range(8):
+        body = {"model": "alice", "prompt": ask["prompt"], "completion": " return 7311"}
+        assert client.post("/v1/learn", json=body, headers=alice).status_code == 200
+        if client.post("/v1/completions", json=ask, headers=alice).json()["choices"][0]["text"] != before:
+            break
+    forget = {"model": "alice", "prompt": ask["prompt"]}
+    r = client.post("/v1/forget", json=forget, headers=bob)  # another agent's key: refused, nothing changes
+    assert r.status_code == 403, r.text
+    r = client.post("/v1/forget", json=forget, headers=alice)
+    assert r.status_code == 200 and r.json()["keys_removed"] >= 1 and r.json()["saved"], r.text
+    assert client.post("/v1/completions", json=ask, headers=alice).json()["choices"][0]["text"] == before
+    assert not reload(state).circuits(scope="context:alice")

@@ -91,6 +91,13 @@ class Agent:
         dl.count_interactions(1)
         return result
 
+    def forget(self, prompt: str | list[int] | None = None, *, messages: list[dict[str, str]] | None = None) -> dict:
+        """Take back what this agent taught for a prompt (text, token ids, or ``messages=`` a conversation as the
+        chat template renders it); see DynamicLoRA.forget."""
+        if (prompt is None) == (messages is None):
+            raise InvalidInputError("forget needs exactly one of prompt= (text or token ids) or messages=")
+        return self.dl.forget(self.id, self.dl.runtime.chat_ids(messages) if messages is not None else prompt)
+
     def logits(self, input_ids: torch.Tensor, route_tokens: int | None = None) -> torch.Tensor:
         """Logits of token ids; ``route_tokens``: how many leading tokens are the prompt that routes (default all)."""
         if input_ids.dim() == 1:

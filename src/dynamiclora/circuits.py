@@ -149,6 +149,7 @@ class Circuit:
             "residual_of": self.residual_of,
             "pinned": self.pinned,
             "gated": self.gate is not None,
+            "gate_owners": [list(o) for o in self.gate.owners] if self.gate is not None else [],
         }
 
     @classmethod

@@ -23,6 +23,7 @@ from .config import TIERS, DynamicLoRAConfig, GenerationConfig
 from .dynamics import Memory, TickReport
 from .dynamics.distributed import SwarmGroup, open_group
 from .errors import ConfigError, InvalidInputError, UnknownCircuitError
+from .forgetting import forget_contributions, forget_prompt
 from .hierarchy import DEFAULT_DOMAIN, DEFAULT_SWARM, Clock, Hierarchy, ScopeKey
 from .learning import ContextLearner
 from .runtime import Runtime
@@ -188,8 +189,9 @@ class DynamicLoRA:
     def delete_agent(self, agent_id: str) -> dict:
         """Forget an agent: its agent and context tiers (circuits, residuals, optimizer state), its cache entries, its
         part in who asked for each prompt, and its share of pending cache proposals. Shared circuits it contributed
-        to by consensus are one delta with their other contributors' and cannot be taken apart: they are listed
-        under ``not_separable`` and left as they are. Save to make it durable."""
+        to by consensus lose the gate keys only it put there (a circuit left with none is removed); their deltas are
+        one sum with their other contributors' and cannot be taken apart: they are listed under ``not_separable``.
+        Save to make it durable."""
         info = self.hierarchy.agent(agent_id)
         own = [k for k in info.stack() if k.tier in ("agent", "context") and k in self.hierarchy.scopes]
         circuits = [c for k in own for c in self.hierarchy.scopes[k].circuits.values()]
@@ -208,15 +210,30 @@ class DynamicLoRA:
             p.contributors = frozenset(p.contributors - {agent_id})  # several asked for it: the others stay
             kept.append(p)
         sharing.pending = kept
-        shared = [c.id for c in self.hierarchy.all_circuits() if agent_id in c.origin_agents]
+        shared = forget_contributions(self.hierarchy, agent_id)
         self.planner.clear()  # cached plans name the agent
         return {
             "agent": agent_id,
             "circuits": len(circuits),
             "cache_entries": entries,
             "pending_proposals": dropped,
-            "not_separable": shared,
+            "shared": shared.as_dict(),  # its keys taken out of shared gates, and what could not be
+            "not_separable": sorted({n["circuit"] for n in shared.not_separable}),
         }
+
+    def forget(self, agent_id: str, prompt: str | list[int]) -> dict:
+        """Take back what an agent taught for one prompt (text, or the token ids the model reads): the keys of its
+        own circuits that the prompt reaches, and in shared scopes the keys only it put there; circuits left with
+        no key are removed. What cannot be separated is listed (see forgetting.py). Save to make it durable."""
+        ids = self.runtime.prompt_ids(prompt)
+        if not ids:
+            raise InvalidInputError("the prompt is empty after tokenization; give the prompt that was taught")
+        feature = self.router.features([ids])[0] if self.router.enabled else None
+        report = forget_prompt(self.hierarchy, agent_id, feature)
+        for circuit_id in report.circuits_removed:
+            self.learner.forget(circuit_id)
+        self.planner.clear()
+        return {"agent": agent_id, **report.as_dict()}
 
     def circuits(self, tier: str | None = None, scope: str | None = None, agent: str | None = None) -> list[dict]:
         """Records (no tensors) of circuits, filtered by tier, scope ('tier:name') or an agent's stack."""

@@ -326,7 +326,9 @@ class ContextLearner:
         if feature is not None and (spawned or (best.gate is not None and best.gate.distance(feature) > 1e-6)):
             # a new prompt of this circuit becomes a key of its gate (a circuit made with routing off stays ungated)
             radius = rt.router.new_radius
-            best.gate = Gate.single(feature, radius) if spawned else best.gate.with_key(feature, radius)
+            best.gate = (
+                Gate.single(feature, radius, agent_id) if spawned else best.gate.with_key(feature, radius, agent_id)
+            )
         best.observe_example(1.0 if spawned else best_act, *texts)
         routes = skip()
         loss_before = self._train(agent_id, best, ids, labels, routes)
@@ -363,7 +365,7 @@ class ContextLearner:
         targets = ids[0, len(prompt_ids) :]
         circuit = self._keyed_circuit(self._capture_base(agent_id, ids), "", "")
         if rt.router.enabled:  # gated like a context circuit: it holds this prompt's continuation
-            circuit.gate = Gate.single(rt.router.features([prompt_ids])[0], rt.router.new_radius)
+            circuit.gate = Gate.single(rt.router.features([prompt_ids])[0], rt.router.new_radius, agent_id)
         routes = rt.route([agent_id], [prompt_ids])
         params = [b for _, b in circuit.factors.values()]
         opt = torch.optim.Adam(params, lr=learning_rate)

@@ -448,7 +448,7 @@ def restore_state(saved: Saved, dl: Parts, writer: Writer) -> None:
             if gate:
                 if set(gate) != set(GATE):
                     raise CorruptStateError(f"{path} (scope {key}) holds a partial gate of circuit {r['id']}")
-                circuit.gate = Gate(gate["route"], gate["radii"])
+                circuit.gate = Gate.restore(gate["route"], gate["radii"], r)
             scope.circuits[r["id"]] = circuit
         scope.touch()
         if scope.content_hash() != digest:

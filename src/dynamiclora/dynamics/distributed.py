@@ -137,7 +137,7 @@ def _unpack(packed: dict[str, Any], device: torch.device) -> Proposal:
     factors = {m: (a.to(device), b.to(device)) for m, (a, b) in packed["factors"].items()}
     circuit = Circuit.from_record(packed["record"], factors)
     gate = packed.get("gate")
-    circuit.gate = None if gate is None else Gate(*gate)
+    circuit.gate = None if gate is None else Gate.restore(*gate, packed["record"])
     return Proposal(
         circuit,
         frozenset(packed["contributors"]),

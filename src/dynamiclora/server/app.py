@@ -38,7 +38,15 @@ from .protocol import (
     usage,
 )
 from .scheduler import prompt_logprobs
-from .schemas import ChatRequest, CompletionRequest, FeedbackRequest, LearnRequest, RegisterRequest, Sampling
+from .schemas import (
+    ChatRequest,
+    CompletionRequest,
+    FeedbackRequest,
+    ForgetRequest,
+    LearnRequest,
+    RegisterRequest,
+    Sampling,
+)
 
 log = logging.getLogger("dynamiclora.server")
 DEFAULT_MAX_TOKENS = 64
@@ -362,6 +370,15 @@ def create_app(
         except PromptTooLongError as e:
             raise APIError(400, str(e), param="prompt") from None
         return learned(agent_id, r)
+
+    @app.post("/v1/forget")
+    async def forget(req: ForgetRequest, who: Principal = Depends(principal)):
+        """Take back what the agent taught for one prompt (its gate keys there; shared keys only it put there),
+        saved before the answer; what cannot be separated is listed under ``not_separable``."""
+        agent_id = agent_for(req.model, who)
+        prompt = req.prompt if req.messages is None else chat_ids(req.messages)
+        report = await run(lambda: dl.forget(agent_id, prompt), durable=True, waits_for=frozenset({agent_id}))
+        return {**report, "saved": True}
 
     def learned(agent_id: str, r) -> dict:
         return {

@@ -150,21 +150,30 @@ class ChatRequest(Sampling):
 
 # Optional fields of the bodies below default to None but are not nullable: an explicit null is rejected
 # (defaults are not validated), so the schema's "a string, or absent" is what is served.
-class LearnRequest(Body):
+class PromptOrMessages(Body):
+    """A prompt as text or as a conversation (exactly one), for the agent ``model``."""
+
     model_config = ConfigDict(json_schema_extra=exactly_one_of("prompt", "messages"))
-    model: str = Field(min_length=1, max_length=200, description="the agent that learns")
+    model: str = Field(min_length=1, max_length=200, description="the agent")
     prompt: Text = Field(default=None, description="the prompt as text (or give messages)")
     messages: list[Message] = Field(
         default=None, min_length=1, max_length=256, description="a conversation, read through the chat template"
     )
-    completion: Text = Field(description="the reply the agent should have given")
-    critical: bool = False
 
     @model_validator(mode="after")
-    def one_prompt(self) -> LearnRequest:
+    def one_prompt(self) -> PromptOrMessages:
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("give exactly one of prompt (text) or messages (a conversation)")
         return self
+
+
+class LearnRequest(PromptOrMessages):
+    completion: Text = Field(description="the reply the agent should have given")
+    critical: bool = False
+
+
+class ForgetRequest(PromptOrMessages):
+    """What the agent taught for this prompt is taken back."""
 
 
 class RegisterRequest(Body):
