@@ -434,3 +434,27 @@ def test_changes_made_before_a_restart_invalidate_on_load(tmp_path):
 def test_every_tier_depends_on_itself_and_the_slower_ones():
     assert depends_on("foundation") == ("foundation",)
     assert depends_on("agent") == ("foundation", "domain", "swarm", "agent")
+
+
+def test_a_seed_names_the_sampled_tokens_alone_in_a_batch_and_through_the_cache():
+    """Sampling with a seed: a row draws from its own generator, so its tokens are the same alone, beside other
+    rows, served from the cache (jump or verified draft) or decoded, and another seed is never served its entry."""
+    dl = wavegen_dl(semantic_threshold=0.0)
+    sampled = {"temperature": 1.0, "max_new_tokens": 10, "stop_at_eos": False}
+    alone = {
+        seed: dl.generate_batch([("a1", "def parse(text):")], seed=seed, **sampled)[0].token_ids for seed in (5, 6)
+    }
+    assert alone[5] != alone[6]
+    batch = dl.generate_batch([("b1", "import os"), ("a1", "def parse(text):"), ("c1", "x = [")], seed=5, **sampled)
+    assert batch[1].token_ids == alone[5]  # batch-mates do not move a row's draws
+    a = dl.agent("a1")
+    first = a.generate("def parse(text):", seed=5, **sampled)
+    assert first.cache == "miss" and first.token_ids == alone[5]
+    for mode in ("jump", "verify"):
+        again = a.generate("def parse(text):", seed=5, mode=mode, **sampled)
+        assert again.cache != "miss" and again.token_ids == alone[5], (mode, again.cache)
+    other = a.generate("def parse(text):", seed=6, mode="jump", **sampled)
+    assert other.token_ids == alone[6]  # not seed 5's entry
+    near = a.generate("def parse(text): ", seed=5, mode="verify", **sampled)  # a semantic draft: seed 5's entry
+    uncached = a.generate("def parse(text): ", seed=5, use_cache=False, **sampled)
+    assert near.cache.startswith("semantic") and near.token_ids == uncached.token_ids, near.cache

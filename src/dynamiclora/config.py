@@ -197,10 +197,18 @@ class GenerationConfig:
     top_k: int = field(default=0, metadata=_help("Sample among the k most likely tokens; 0 disables."))
     top_p: float = field(default=1.0, metadata=_help("Nucleus sampling mass in (0, 1]; 1 disables."))
     stop_at_eos: bool = field(default=True, metadata=_help("Stop a row when it emits the tokenizer's EOS token."))
+    seed: int | None = field(
+        default=None,
+        metadata=_help(
+            "Sampling: each row draws from its own generator seeded with this, so a seed names its tokens (alone, "
+            "in any batch, cached or not); None: a fresh seed per row from the library's generator."
+        ),
+    )
 
     def __post_init__(self) -> None:
         _check_types(self)
         _check(self.max_new_tokens >= 1, f"GenerationConfig.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        _check(self.seed is None or self.seed >= 0, f"GenerationConfig.seed must be None or >= 0, got {self.seed}")
         _check(self.temperature >= 0, f"GenerationConfig.temperature must be >= 0, got {self.temperature}")
         _check(self.top_k >= 0, f"GenerationConfig.top_k must be >= 0, got {self.top_k}")
         _check(0 < self.top_p <= 1, f"GenerationConfig.top_p must lie in (0, 1], got {self.top_p}")

@@ -16,7 +16,7 @@ its own tokens, and its padding is masked, so its logits are those it has alone.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -82,12 +82,29 @@ def probabilities(logits: torch.Tensor, cfg: GenerationConfig) -> torch.Tensor:
     return logits.softmax(-1)
 
 
-def sample_next(logits: torch.Tensor, cfg: GenerationConfig, generator: torch.Generator | None) -> torch.Tensor:
-    """Next token per row from last-position logits (B, V)."""
+Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
+def row_generators(cfg: GenerationConfig, rows: int, source: torch.Generator) -> list[torch.Generator] | None:
+    """One generator per row for sampling (None for greedy): seeded with ``cfg.seed``, or each with a fresh seed
+    drawn from ``source``. A row's draws then depend on its own seed only, never on its batch-mates."""
+    if cfg.greedy:
+        return None
+    seeds = [
+        cfg.seed if cfg.seed is not None else int(torch.randint(2**62, (), generator=source)) for _ in range(rows)
+    ]
+    return [torch.Generator().manual_seed(s) for s in seeds]
+
+
+def sample_next(logits: torch.Tensor, cfg: GenerationConfig, generator: Generators) -> torch.Tensor:
+    """Next token per row from last-position logits (B, V); ``generator``: one for the batch, or one per row."""
     if cfg.greedy:
         return logits.argmax(-1)
-    probs = probabilities(logits, cfg)
-    return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
+    probs = probabilities(logits, cfg).cpu()
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1).to(logits.device)
+    drawn = [torch.multinomial(probs[i : i + 1], 1, generator=g) for i, g in enumerate(generator)]
+    return torch.cat(drawn).squeeze(-1).to(logits.device)
 
 
 def prefill(forward: ForwardFn, prompts: list[list[int]], *, pad_id: int, device: torch.device) -> DecodeState:
@@ -170,7 +187,7 @@ def run(
     *,
     pad_id: int,
     eos_id: int | None,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     use_kv_cache: bool = True,
     observer: Observer | None = None,
 ) -> Decoded:
@@ -202,7 +219,7 @@ def decode(
     pad_id: int,
     eos_id: int | None,
     device: torch.device,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     use_kv_cache: bool = True,
     on_prefill_done: Callable[[], None] | None = None,
     observer: Observer | None = None,

@@ -21,7 +21,7 @@ from .circuits import Circuit
 from .config import DynamicLoRAConfig, GenerationConfig
 from .errors import ConfigError, InvalidInputError, PromptTooLongError
 from .fingerprint import model_fingerprint, tokenizer_fingerprint
-from .generation import Decoded, ForwardFn, Observer, decode
+from .generation import Decoded, ForwardFn, Observer, decode, row_generators
 from .hierarchy import Clock, Hierarchy, ScopeKey, Snapshot
 from .planner import BatchPlan, Planner
 from .routing import Router
@@ -326,7 +326,7 @@ class Runtime:
                 pad_id=self.pad_id,
                 eos_id=self.tokenizer.eos_token_id,
                 device=self.device,
-                generator=self.generator,
+                generator=row_generators(cfg, len(prompts), self.generator),
                 use_kv_cache=use_kv_cache,
                 on_prefill_done=prefill_done,
                 observer=observer,

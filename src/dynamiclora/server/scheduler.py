@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from ..config import TIERS, GenerationConfig
-from ..generation import DecodeState, feed, join, joinable, keep_rows, prefill, run, sample_next
+from ..generation import DecodeState, feed, join, joinable, keep_rows, prefill, row_generators, run, sample_next
 from ..runtime import Runtime
 from ..wavegen.controller import WaveController
 from ..wavegen.observe import Recorder
@@ -68,7 +68,9 @@ class GenerateJob:
         return (self.base_only, self.temperature, self.top_p)
 
     def config(self, base: GenerationConfig) -> GenerationConfig:
-        return replace(base, max_new_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p)
+        return replace(
+            base, max_new_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p, seed=self.seed
+        )
 
 
 def token_text(tokenizer: Any, token_id: int) -> str:
@@ -180,8 +182,7 @@ class Scheduler:
             cfg = job.config(rt.config.generation)
             row = Row(job, cfg, frozenset(), TextStream(self._decode, job.stop))
             if not cfg.greedy:  # its own draws: a batch-mate's sampling never moves them
-                seed = job.seed if job.seed is not None else int(torch.randint(2**62, (), generator=rt.generator))
-                row.generator = torch.Generator().manual_seed(seed)
+                row.generator = row_generators(cfg, 1, rt.generator)[0]
             if job.cancelled.is_set():  # its client left while it waited
                 self.stats["cancelled"] += 1
                 self._finish(row, "off", cancelled=True)

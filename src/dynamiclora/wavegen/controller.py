@@ -28,7 +28,7 @@ from ..config import CACHE_TIERS, TIERS, GenerationConfig
 from ..dynamics.resonance import Proposal
 from ..errors import ConfigError, InvalidInputError
 from ..eventlog import EventLog
-from ..generation import DecodeState, feed, positions, prefill, run
+from ..generation import DecodeState, feed, positions, prefill, row_generators, run
 from ..hierarchy import AgentInfo, ScopeKey, Snapshot
 from .cache import CacheEntry, TieredCache
 from .extraction import ExtractedCircuit, default_chain, extract
@@ -212,6 +212,8 @@ class WaveController:
         forward = rt.decoder_forward(session, True, pooled)
         entry, served = req.entry, "miss"
         drafted = accepted = 0
+        generators = row_generators(cfg, 1, rt.generator)
+        generator = generators[0] if generators else None
         with torch.no_grad(), rt.activate(plan, session):
             state = prefill(forward, [req.ids], pad_id=rt.pad_id, device=rt.device)
             vector = pooled[0][0].cpu()
@@ -225,7 +227,7 @@ class WaveController:
             if entry is not None:
                 served = entry.tier if req.entry is not None else f"semantic:{entry.tier}"
                 draft = entry.tokens[: cfg.max_new_tokens]
-                drafted, accepted = len(draft), self._verify(forward, state, draft, cfg, recorder)
+                drafted, accepted = len(draft), self._verify(forward, state, draft, cfg, recorder, generator)
                 self.cache.served_draft(entry, drafted, accepted, semantic=req.entry is None)
             if not bool(state.done.all()):
                 run(
@@ -234,7 +236,7 @@ class WaveController:
                     cfg,
                     pad_id=rt.pad_id,
                     eos_id=rt.tokenizer.eos_token_id,
-                    generator=rt.generator,
+                    generator=generator,
                     observer=recorder,
                 )
         acts = rt.record_usage(plan, session)
@@ -262,9 +264,11 @@ class WaveController:
             self._after_miss(req, tokens, traj, vector)
         return result
 
-    def _verify(self, forward, state: DecodeState, draft: list[int], cfg: GenerationConfig, recorder: Recorder) -> int:
+    def _verify(
+        self, forward, state: DecodeState, draft: list[int], cfg: GenerationConfig, recorder: Recorder, generator
+    ) -> int:
         """Score the draft in one pass, keep the accepted prefix (+ the model's next token); returns accepted."""
-        rt, eos = self.rt, self.rt.tokenizer.eos_token_id
+        eos = self.rt.tokenizer.eos_token_id
         n = len(draft)
         if n == 0:
             return 0
@@ -272,7 +276,7 @@ class WaveController:
         d = torch.tensor([draft], device=state.ids.device)
         logits, past = forward(d, mask, positions(mask)[:, -n:], state.past, keep=n)
         rows = torch.cat([state.logits, logits.reshape(n, -1)], 0)  # (n + 1, V)
-        k, nxt = accept(rows, draft, cfg, rt.generator)
+        k, nxt = accept(rows, draft, cfg, generator)
         tokens = draft if k == n and n >= cfg.max_new_tokens else draft[:k] + [nxt]
         if cfg.stop_at_eos and eos is not None and eos in tokens:
             tokens = tokens[: tokens.index(eos) + 1]

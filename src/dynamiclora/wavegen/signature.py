@@ -38,7 +38,10 @@ def depends_on(cache_tier: str) -> tuple[str, ...]:
 
 def sampling_key(cfg: GenerationConfig) -> str:
     """The parameters that decide which continuation is drawn (not how long it may grow)."""
-    return json.dumps({k: v for k, v in asdict(cfg).items() if k != "max_new_tokens"}, sort_keys=True)
+    fields = {k: v for k, v in asdict(cfg).items() if k != "max_new_tokens"}
+    if fields.get("seed") is None:  # unseeded: the keys of states saved before seeds existed stay valid
+        fields.pop("seed", None)
+    return json.dumps(fields, sort_keys=True)
 
 
 def provenance(snapshot: Snapshot, cache_tier: str, sampling: str) -> str:

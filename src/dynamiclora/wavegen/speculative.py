@@ -6,7 +6,9 @@ draft). Greedy: accept while the argmax equals the draft token; the first disagr
 argmax, so the result is exactly greedy decoding. Sampling: the draft is a point mass q = δ(x), so the
 speculative-sampling rule (Leviathan et al. 2023; Chen et al. 2023) accepts x with probability
 min(1, p(x)/q(x)) = p(x) and on rejection samples from the residual max(0, p − q) ∝ p without x, which
-leaves every token's distribution exactly p.
+leaves every token's distribution exactly p. Seeded sampling (``cfg.seed``): the row's own generator draws one
+token per position, as seeded decoding does, and the draft is accepted while it agrees, so the result is exactly
+the seeded decode (like greedy, and unlike the rule above, which keeps only the distribution).
 """
 
 from __future__ import annotations
@@ -32,6 +34,11 @@ def accept(
                 return i, best[i]
         return len(draft), best[len(draft)]
     probs = probabilities(logits, cfg).cpu()
+    if cfg.seed is not None:  # a seed names the tokens: accept exactly what seeded decoding draws, one per step
+        for i in range(len(draft) + 1):
+            token = int(torch.multinomial(probs[i : i + 1], 1, generator=generator))
+            if i == len(draft) or token != draft[i]:
+                return i, token
     for i, token in enumerate(draft):
         p = probs[i]
         if float(torch.rand((), generator=generator)) < float(p[token]):
