@@ -168,14 +168,29 @@ class LearningConfig:
     route_module: str | None = field(
         default=None,
         metadata=_help(
-            "Adapted module whose base-model input, averaged over the prompt, is the route feature. None: the first "
-            "adapted module (normalized token embeddings: no transformer block runs)."
+            "Adapted module whose base-model input is the route feature (averaged over the prompt when pooled). "
+            "None: pooled, the first adapted module (normalized token embeddings: no transformer block runs); "
+            "tokens, the first adapted module one seventh of the way into the model."
         ),
     )
+    route_match: str = field(
+        default="pooled",
+        metadata=_help(
+            "How a gate matches an input (see gates.py): 'pooled' (the prompt's mean feature within a radius of a "
+            "key) or 'tokens' (the taught prompt's most distinctive token states matched among the input's "
+            "tokens, with a threshold calibrated on the learner's own variants of the prompt)."
+        ),
+    )
+    route_keys: int = field(default=3, metadata=_help("Token gates: distinctive token states per prototype."))
 
     def __post_init__(self) -> None:
         _check_types(self)
         _check(self.route_radius > 0, f"LearningConfig.route_radius must be > 0, got {self.route_radius}")
+        _check(
+            self.route_match in ("pooled", "tokens"),
+            f"LearningConfig.route_match must be 'pooled' or 'tokens', got {self.route_match!r}",
+        )
+        _check(self.route_keys >= 1, f"LearningConfig.route_keys must be >= 1, got {self.route_keys}")
         _check(self.learning_rate > 0, f"LearningConfig.learning_rate must be > 0, got {self.learning_rate}")
         _check(self.steps_per_learn >= 1, f"LearningConfig.steps_per_learn must be >= 1, got {self.steps_per_learn}")
         _check(self.max_grad_norm >= 0, f"LearningConfig.max_grad_norm must be >= 0, got {self.max_grad_norm}")

@@ -1,9 +1,21 @@
 """Gates: where a learned circuit acts. Pure data, part of the circuit's content.
 
-A gate is a set of keys (route features of the prompts a circuit learned from) and, per key, a radius in the
-features' own units. An input reaches the gate when its feature lies within a key's radius of that key. Both
-are fixed numbers stored with the circuit and hashed with it: nothing outside the circuit (no statistic of other
+A gate is a set of keys (route features of the prompts a circuit learned from) and, per key, a radius. Both are
+fixed numbers stored with the circuit and hashed with it: nothing outside the circuit (no statistic of other
 agents, no configuration read later) decides where it acts, so a circuit acts the same wherever it goes.
+
+Two kinds, one per routing mode (``LearningConfig.route_match``):
+
+- *pooled* (``groups`` None): a key is a prompt's pooled route feature, and an input reaches it when its own
+  pooled feature lies within the key's radius (Euclidean, in the features' units). Rewording a fact moves the
+  pooled feature as far as the same template about another entity does, so a pooled gate either misses the
+  paraphrases or reaches the neighbours.
+- *token* (``groups`` given): a prototype is the few token states of a taught prompt most unlike every token of
+  fixed background prompts (a fictional name, a rare identifier: what the fact is about), unit-norm; an input's
+  feature is its own token states. Each key is matched by its best cosine over the input's tokens, and the input
+  reaches the prototype when the keys' mean match is at least the prototype's threshold (kept in ``radii``, the
+  same for every key of a prototype). Rewording, a line before, a chat template or other spacing keep the fact's
+  distinctive tokens; a neighbour (the template about another entity) and unrelated inputs lack them.
 """
 
 from __future__ import annotations
@@ -16,19 +28,18 @@ import torch
 from .circuits import tensor_digest
 from .errors import InvalidInputError
 
-MAX_KEYS = 16  # per gate; a circuit attributed more distinct prompts keeps the most recent ones
-
-
+MAX_KEYS = 16  # per gate (token gates: prototypes); a circuit attributed more prompts keeps the most recent ones
 Owners = tuple[tuple[str, ...], ...]
 
 
 @dataclass(frozen=True)
 class Gate:
-    keys: torch.Tensor  # (k, d) float32 route features
-    radii: torch.Tensor  # (k,) float32, in the features' units
+    keys: torch.Tensor  # (k, d) float32 route features (token gates: unit-norm token states)
+    radii: torch.Tensor  # (k,) float32 radii in the features' units (token gates: each key's prototype threshold)
     # per key, the agents whose prompts put it there (empty: not recorded, as in states saved before owners were);
     # it decides what forgetting an agent or a prompt may remove, never where the gate acts, so it is not hashed
     owners: Owners = ()
+    groups: torch.Tensor | None = None  # (k,) int64: token gates, each key's prototype; None: a pooled gate
 
     def __post_init__(self) -> None:
         if self.keys.dim() != 2 or self.radii.shape != (self.keys.shape[0],):
@@ -37,19 +48,50 @@ class Gate:
             )
         if self.owners and len(self.owners) != self.keys.shape[0]:
             raise InvalidInputError(f"a gate of {self.keys.shape[0]} keys has {len(self.owners)} owner entries")
+        if self.groups is not None and self.groups.shape != (self.keys.shape[0],):
+            raise InvalidInputError(f"a token gate of {self.keys.shape[0]} keys has groups {tuple(self.groups.shape)}")
+
+    @property
+    def tokens(self) -> bool:
+        return self.groups is not None
 
     @classmethod
     def single(cls, feature: torch.Tensor, radius: float, owner: str | None = None) -> Gate:
+        """A pooled gate of one key."""
         owners = ((owner,),) if owner is not None else ()
         return cls(feature.reshape(1, -1).float().cpu(), torch.tensor([float(radius)]), owners)
+
+    @classmethod
+    def prototype(cls, keys: torch.Tensor, threshold: float, owner: str | None = None) -> Gate:
+        """A token gate of one prototype: ``keys`` (k, d) unit-norm token states, reached at mean match at least
+        ``threshold``."""
+        k = keys.shape[0]
+        owners = ((owner,),) * k if owner is not None else ()
+        return cls(keys.float().cpu(), torch.full((k,), float(threshold)), owners, torch.zeros(k, dtype=torch.long))
 
     def owner_of(self, i: int) -> tuple[str, ...]:
         return self.owners[i] if self.owners else ()
 
+    def _distances(self, feature: torch.Tensor) -> torch.Tensor:
+        """(k,) each key's distance to this input in units of its radius (token gates: its prototype's)."""
+        if not self.tokens:
+            return (self.keys - feature.reshape(1, -1).float()).norm(dim=-1) / self.radii.clamp_min(1e-12)
+        best = (self.keys @ feature.float().T).max(dim=1).values  # each key's best match among the input's tokens
+        ids, index = torch.unique(self.groups, return_inverse=True)
+        count = torch.zeros(len(ids)).index_add_(0, index, torch.ones_like(best))
+        score = torch.zeros(len(ids)).index_add_(0, index, best) / count
+        threshold = torch.zeros(len(ids)).scatter_reduce(0, index, self.radii, reduce="amin", include_self=False)
+        per_group = (1.0 - score).clamp_min(0.0) / (1.0 - threshold).clamp_min(1e-6)
+        return per_group[index]
+
+    def distance(self, feature: torch.Tensor) -> float:
+        """Distance to the nearest key (token gates: prototype) in units of its radius: ≤ 1 means the input
+        reaches the gate. ``feature``: the input's pooled feature (d,), or for token gates its token states (T, d)."""
+        return float(self._distances(feature).min())
+
     def reached_by(self, feature: torch.Tensor) -> torch.Tensor:
-        """(k,) bool: which keys this input reaches."""
-        gaps = (self.keys - feature.reshape(1, -1).float()).norm(dim=-1) / self.radii.clamp_min(1e-12)
-        return gaps <= 1.0
+        """(k,) bool: which keys this input reaches (token gates: every key of each prototype it reaches)."""
+        return self._distances(feature) <= 1.0
 
     def keeping(self, keep: torch.Tensor, owners: Owners | None = None) -> Gate | None:
         """This gate with only the keys where ``keep`` (k,) is true (and ``owners`` for them, if given); None when
@@ -58,42 +100,61 @@ class Gate:
             return None
         index = keep.nonzero().flatten().tolist()
         kept = owners if owners is not None else tuple(self.owners[i] for i in index) if self.owners else ()
-        return Gate(self.keys[keep], self.radii[keep], kept)
-
-    def distance(self, feature: torch.Tensor) -> float:
-        """Distance to the nearest key in units of that key's radius: ≤ 1 means the input reaches the gate."""
-        gaps = (self.keys - feature.reshape(1, -1).float()).norm(dim=-1) / self.radii.clamp_min(1e-12)
-        return float(gaps.min())
+        groups = None if self.groups is None else torch.unique(self.groups[keep], return_inverse=True)[1]
+        return Gate(self.keys[keep], self.radii[keep], kept, groups)
 
     def with_key(self, feature: torch.Tensor, radius: float, owner: str | None = None) -> Gate:
-        """This gate plus one key (the oldest goes beyond ``MAX_KEYS``)."""
-        keys = torch.cat([self.keys, feature.reshape(1, -1).float().cpu()])[-MAX_KEYS:]
-        radii = torch.cat([self.radii, torch.tensor([float(radius)])])[-MAX_KEYS:]
-        owners = ()
+        """This gate plus one key at ``radius`` (token gates: one prototype, ``feature`` its keys (k, d) and
+        ``radius`` its threshold); the oldest go beyond ``MAX_KEYS`` keys (token gates: prototypes)."""
+        new = feature.reshape(-1, self.keys.shape[1]).float().cpu()
+        keys = torch.cat([self.keys, new])
+        radii = torch.cat([self.radii, torch.full((new.shape[0],), float(radius))])
+        owners: Owners = ()
         if owner is not None:
             known = self.owners or tuple(() for _ in range(self.keys.shape[0]))
-            owners = (*known, (owner,))[-MAX_KEYS:]
-        return Gate(keys, radii, owners)
+            owners = (*known, *(((owner,),) * new.shape[0]))
+        groups = None
+        if self.groups is not None:
+            groups = torch.cat([self.groups, torch.full((new.shape[0],), int(self.groups.max()) + 1)])
+            alive = groups > int(groups.max()) - MAX_KEYS  # the newest MAX_KEYS prototypes
+        else:
+            alive = torch.arange(keys.shape[0]) >= keys.shape[0] - MAX_KEYS
+        gate = Gate(keys, radii, owners, groups)
+        return gate if bool(alive.all()) else gate.keeping(alive)
 
     def covers(self, other: Gate) -> bool:
         """Does this gate reach every input ``other`` reaches? (Sufficient test: each of other's keys is one of
-        ours with at least its radius.)"""
+        ours with at least its reach: a radius as wide, a threshold as low.)"""
+        if self.tokens != other.tokens:
+            return False
         gaps = torch.cdist(other.keys, self.keys)  # (k_other, k_self)
         same = gaps <= 1e-6 * other.keys.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        wide = self.radii.unsqueeze(0) >= other.radii.unsqueeze(1) * (1 - 1e-6)
+        if self.tokens:
+            wide = self.radii.unsqueeze(0) <= other.radii.unsqueeze(1) + 1e-6
+        else:
+            wide = self.radii.unsqueeze(0) >= other.radii.unsqueeze(1) * (1 - 1e-6)
         return bool((same & wide).any(dim=1).all())
 
     def digest(self, hasher: Any) -> None:
         tensor_digest(hasher, self.keys)
         tensor_digest(hasher, self.radii)
+        if self.groups is not None:  # a token gate: its keys mean something else
+            hasher.update(b"tokens")
+            tensor_digest(hasher, self.groups)
 
     @classmethod
-    def restore(cls, keys: torch.Tensor, radii: torch.Tensor, record: dict[str, Any]) -> Gate:
+    def restore(
+        cls, keys: torch.Tensor, radii: torch.Tensor, record: dict[str, Any], groups: torch.Tensor | None = None
+    ) -> Gate:
         """A gate from its stored tensors and its circuit's record (which holds the owners)."""
-        return cls(keys, radii, tuple(tuple(o) for o in record.get("gate_owners", [])))
+        owners = tuple(tuple(o) for o in record.get("gate_owners", []))
+        return cls(keys, radii, owners, None if groups is None else groups.long())
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
-        return {"route": self.keys.contiguous(), "radii": self.radii.contiguous()}
+        out = {"route": self.keys.contiguous(), "radii": self.radii.contiguous()}
+        if self.groups is not None:
+            out["groups"] = self.groups.contiguous()
+        return out
 
 
 def covers(outer: Gate | None, inner: Gate | None) -> bool:
@@ -105,9 +166,17 @@ def covers(outer: Gate | None, inner: Gate | None) -> bool:
 
 
 def overlap(a: Gate | None, b: Gate | None) -> bool:
-    """Is there an input that reaches both gates? (Some pair of keys whose balls meet; ungated reaches all.)"""
-    if a is None or b is None:
-        return True
+    """Is there an input that reaches both gates? (Pooled: some pair of keys whose balls meet. Token gates: a
+    prototype of each that reaches the other's keys read as an input's tokens. Ungated reaches all.)"""
+    if a is None or b is None or a.tokens != b.tokens:
+        return True  # (different feature spaces: assume they may meet)
+    if a.tokens:
+        groups_a, groups_b = a.groups.unique().tolist(), b.groups.unique().tolist()
+        return any(
+            a.distance(b.keys[b.groups == g]) <= 1.0 and b.distance(a.keys[a.groups == h]) <= 1.0
+            for g in groups_b
+            for h in groups_a
+        )
     gaps = torch.cdist(a.keys, b.keys)
     return bool((gaps <= a.radii.unsqueeze(1) + b.radii.unsqueeze(0)).any())
 
@@ -117,6 +186,8 @@ def union(gates: list[Gate | None]) -> Gate | None:
     (ungated, acts everywhere) if any of them is ungated. Equal keys keep the widest radius."""
     if not gates or any(g is None for g in gates):
         return None
+    if any(g.tokens for g in gates):
+        return _token_union(gates)
     keys = torch.cat([g.keys for g in gates])
     radii = torch.cat([g.radii for g in gates])
     unique, inverse = torch.unique(keys, dim=0, return_inverse=True)
@@ -127,3 +198,28 @@ def union(gates: list[Gate | None]) -> Gate | None:
         owners[j].update(who)
     recorded = any(g.owners for g in gates)
     return Gate(unique, widest, tuple(tuple(sorted(o)) for o in owners) if recorded else ())
+
+
+def _token_union(gates: list[Gate]) -> Gate:
+    """Token gates' union: every distinct prototype once (equal keys: the lowest threshold, the owners merged)."""
+    if not all(g.tokens for g in gates):
+        raise InvalidInputError("cannot merge token gates with pooled ones; both sides must route the same way")
+    seen: dict[bytes, int] = {}
+    protos: list[list] = []  # [keys, threshold, owners]
+    for g in gates:
+        for group in g.groups.unique().tolist():
+            rows = (g.groups == group).nonzero().flatten().tolist()
+            keys, who = g.keys[rows], set().union(*(g.owner_of(i) for i in rows))
+            sig = keys.numpy().tobytes()
+            if sig in seen:
+                p = protos[seen[sig]]
+                p[1], p[2] = min(p[1], float(g.radii[rows[0]])), p[2] | who
+            else:
+                seen[sig] = len(protos)
+                protos.append([keys, float(g.radii[rows[0]]), who])
+    keys = torch.cat([p[0] for p in protos])
+    radii = torch.cat([torch.full((p[0].shape[0],), p[1]) for p in protos])
+    groups = torch.cat([torch.full((p[0].shape[0],), i, dtype=torch.long) for i, p in enumerate(protos)])
+    recorded = any(g.owners for g in gates)
+    owners = tuple(tuple(sorted(p[2])) for p in protos for _ in range(p[0].shape[0])) if recorded else ()
+    return Gate(keys, radii, owners, groups)

@@ -21,7 +21,6 @@ import torch
 
 from .circuits import Circuit
 from .config import TIERS
-from .gates import Gate
 
 if TYPE_CHECKING:
     from .runtime import Runtime
@@ -325,9 +324,11 @@ class ContextLearner:
             self.on_use(best)
         if feature is not None and (spawned or (best.gate is not None and best.gate.distance(feature) > 1e-6)):
             # a new prompt of this circuit becomes a key of its gate (a circuit made with routing off stays ungated)
-            radius = rt.router.new_radius
+            router = rt.router
             best.gate = (
-                Gate.single(feature, radius, agent_id) if spawned else best.gate.with_key(feature, radius, agent_id)
+                router.new_gate(feature, prompt_ids, agent_id)
+                if spawned
+                else router.extend_gate(best.gate, feature, prompt_ids, agent_id)
             )
         best.observe_example(1.0 if spawned else best_act, *texts)
         routes = skip()
@@ -365,7 +366,7 @@ class ContextLearner:
         targets = ids[0, len(prompt_ids) :]
         circuit = self._keyed_circuit(self._capture_base(agent_id, ids), "", "")
         if rt.router.enabled:  # gated like a context circuit: it holds this prompt's continuation
-            circuit.gate = Gate.single(rt.router.features([prompt_ids])[0], rt.router.new_radius, agent_id)
+            circuit.gate = rt.router.new_gate(rt.router.features([prompt_ids])[0], prompt_ids, agent_id)
         routes = rt.route([agent_id], [prompt_ids])
         params = [b for _, b in circuit.factors.values()]
         opt = torch.optim.Adam(params, lr=learning_rate)

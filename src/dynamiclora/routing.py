@@ -24,6 +24,7 @@ from torch import nn
 from .chat import ChatFormat
 from .circuits import Circuit
 from .config import LearningConfig
+from .gates import Gate
 
 # Fixed, varied prompts (code and prose) whose features' spread is the unit of route distances.
 REFERENCE_PROMPTS = (
@@ -76,6 +77,7 @@ class Router:
     chat: ChatFormat  # where a conversation's content lies among its tokens
     config: LearningConfig
     _unit: float | None = None
+    _background: torch.Tensor | None = None
     _memo: OrderedDict[tuple[int, ...], torch.Tensor] = field(default_factory=OrderedDict)
 
     @property
@@ -84,8 +86,9 @@ class Router:
 
     # -- features ---------------------------------------------------------------------------------
     @torch.no_grad()
-    def features(self, prompts: list[list[int]]) -> torch.Tensor:
-        """(B, d) route features: each prompt's mean base-model input to the route module (float32, CPU).
+    def features(self, prompts: list[list[int]]) -> torch.Tensor | list[torch.Tensor]:
+        """(B, d) route features: each prompt's mean base-model input to the route module (float32, CPU); token
+        routing: a list of each prompt's (n, d) token states (see :meth:`feature_of`).
 
         Runs the base model only up to the route module, once per distinct prompt: a feature depends on the base
         model and the prompt alone, so the most recent ones are kept (a request's lookup and its decoding route
@@ -116,14 +119,76 @@ class Router:
                 out.append(self._memo[key])
         finally:
             handle.remove()
-        return torch.stack(out)
+        return out if self.tokens else torch.stack(out)
+
+    @property
+    def tokens(self) -> bool:
+        return self.config.route_match == "tokens"
 
     def feature_of(self, base_inputs: dict[str, torch.Tensor], prompt_ids: list[int]) -> torch.Tensor:
-        """(d,) the route feature of a prompt from base-model module inputs ``(1, T, in)`` of a sequence that
-        starts with it: the route module's input averaged over the prompt's content tokens (causal: later tokens do
-        not change it)."""
+        """The route feature of a prompt from base-model module inputs ``(1, T, in)`` of a sequence that starts with
+        it (causal: later tokens do not change it). Pooled: (d,) the route module's input averaged over the
+        prompt's content tokens. Tokens: (n, d) those inputs, unit-norm, without the sequence's first token (whose
+        state is an attention sink, alike for every prompt)."""
         start, end = self.chat.content_span(prompt_ids)
-        return base_inputs[self.module][0, start:end].float().mean(0).cpu()
+        states = base_inputs[self.module][0, start:end].float()
+        if not self.tokens:
+            return states.mean(0).cpu()
+        if start == 0 and states.shape[0] > 1:
+            states = states[1:]
+        return torch.nn.functional.normalize(states, dim=-1).cpu()
+
+    # -- token gates ----------------------------------------------------------------------------------
+    @property
+    def background(self) -> torch.Tensor:
+        """(N, d) unit-norm token states of the reference prompts: what every prompt's tokens look like (computed
+        once; a constant of the base model)."""
+        if self._background is None:
+            ids = [list(self.tokenizer(p)["input_ids"]) or [0] for p in REFERENCE_PROMPTS]
+            self._background = torch.cat(list(self.features(ids)))
+        return self._background
+
+    def new_gate(self, feature: torch.Tensor, prompt_ids: list[int], owner: str) -> Gate:
+        """The gate of a new circuit for this prompt (its feature as :meth:`feature_of` gives it)."""
+        if not self.tokens:
+            return Gate.single(feature, self.new_radius, owner)
+        keys, threshold = self._prototype(feature, prompt_ids)
+        return Gate.prototype(keys, threshold, owner)
+
+    def extend_gate(self, gate: Gate, feature: torch.Tensor, prompt_ids: list[int], owner: str) -> Gate:
+        """``gate`` reaching this prompt too."""
+        if not self.tokens:
+            return gate.with_key(feature, self.new_radius, owner)
+        keys, threshold = self._prototype(feature, prompt_ids)
+        return gate.with_key(keys, threshold, owner)
+
+    def _prototype(self, feature: torch.Tensor, prompt_ids: list[int]) -> tuple[torch.Tensor, float]:
+        """The prompt's most distinctive token states (least like any background token), and the threshold: 0.9 of
+        the worst match among the learner's own variants of the prompt (a line before it, doubled spaces, lower
+        case), never as low as the best match any background prompt gets (+0.02)."""
+        background = self.background
+        novelty = 1.0 - (feature @ background.T).max(dim=1).values
+        keys = feature[novelty.topk(min(self.config.route_keys, feature.shape[0])).indices]
+        probe = Gate.prototype(keys, 0.0)
+
+        def match(states: torch.Tensor) -> float:
+            return 1.0 - probe.distance(states)  # at threshold 0: the mean best cosine
+
+        floor = max(match(f) for f in self._reference_features()) + 0.02
+        start, end = self.chat.content_span(prompt_ids)
+        variants = []
+        if (start, end) == (0, len(prompt_ids)):  # plain text: the learner's own variants of it
+            text = self.tokenizer.decode(prompt_ids, skip_special_tokens=True)
+            for variant in ("# note\n" + text, text.replace(" ", "  "), text.lower()):
+                ids = list(self.tokenizer(variant)["input_ids"])
+                if ids and ids != list(prompt_ids):
+                    variants.append(ids)
+        worst = min((match(f) for f in self.features(variants)), default=0.95) if variants else 0.95
+        return keys, float(min(max(0.9 * worst, floor), 0.995))
+
+    def _reference_features(self) -> list[torch.Tensor]:
+        ids = [list(self.tokenizer(p)["input_ids"]) or [0] for p in REFERENCE_PROMPTS]
+        return list(self.features(ids))
 
     @property
     def unit(self) -> float:

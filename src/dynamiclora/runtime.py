@@ -52,7 +52,8 @@ class Runtime:
         self.layers: dict[str, StackedLinear]
         self.layers, self.binding = inject(self.model, names)
         self.planner = Planner(self.layers, hierarchy, config.adapter, probe_input_groups(self.model, self.layers))
-        route_module = config.learning.route_module or names[0]
+        tokens = config.learning.route_match == "tokens"
+        route_module = config.learning.route_module or names[len(names) // 7 if tokens else 0]
         if route_module not in self.layers:
             raise ConfigError(
                 f"LearningConfig.route_module {route_module!r} is not an adapted module; choose one of {names[:4]} …"

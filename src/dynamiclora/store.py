@@ -120,6 +120,7 @@ def atomic_write(path: Path, write: Any) -> None:
 
 
 GATE = ("route", "radii")  # a gate's keys and radii, stored beside the factors as "<id>//route", "<id>//radii"
+TOKEN_GATE = ("groups",)  # and a token gate's prototype of each key, "<id>//groups"
 
 
 def _tensor_key(circuit_id: str, module: str, which: str) -> str:
@@ -435,7 +436,7 @@ def restore_state(saved: Saved, dl: Parts, writer: Writer) -> None:
             for k, t in tensors.items():
                 if k.startswith(prefix):
                     module, which = k[len(prefix) :].rsplit("/", 1)
-                    if which in GATE:
+                    if which in GATE or which in TOKEN_GATE:
                         gate[which] = t.cpu()
                     else:
                         factors.setdefault(module, [None, None])[0 if which == "A" else 1] = t
@@ -446,9 +447,9 @@ def restore_state(saved: Saved, dl: Parts, writer: Writer) -> None:
                 )
             circuit = Circuit.from_record(r, {m: (ab[0], ab[1]) for m, ab in factors.items()})
             if gate:
-                if set(gate) != set(GATE):
+                if set(gate) - set(TOKEN_GATE) != set(GATE):
                     raise CorruptStateError(f"{path} (scope {key}) holds a partial gate of circuit {r['id']}")
-                circuit.gate = Gate.restore(gate["route"], gate["radii"], r)
+                circuit.gate = Gate.restore(gate["route"], gate["radii"], r, gate.get("groups"))
             scope.circuits[r["id"]] = circuit
         scope.touch()
         if scope.content_hash() != digest:

@@ -134,13 +134,15 @@ def model_label() -> str:
     return "stdlib model (4.3M)" if model == "stdlib" else PACKAGED[model].name if model in PACKAGED else model
 
 
-def arguments(description: str | None, argv: list[str] | None) -> argparse.Namespace:
+def arguments(description: str | None, argv: list[str] | None, extra=None) -> argparse.Namespace:
     """The options every benchmark takes: ``--out`` (results directory), ``--quick`` (tiny model, fewer repeats)
-    and ``--model`` (what to measure when not quick)."""
+    and ``--model`` (what to measure when not quick); ``extra(parser)`` adds a benchmark's own."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--quick", action="store_true")
     add_model_argument(parser)
+    if extra is not None:
+        extra(parser)
     args = parser.parse_args(argv)
     select_model(args.model)
     return args

@@ -16,7 +16,6 @@ import torch
 from ..circuits import Circuit
 from ..config import CACHE_TIERS, DynamicLoRAConfig
 from ..core import DynamicLoRA
-from ..gates import Gate
 from ..wavegen.cache import CacheEntry
 from ..wavegen.signature import prompt_key, provenance, sampling_key
 from .record import arguments, model_label, model_suffix, model_under_test, time_interleaved, write
@@ -220,7 +219,8 @@ def personal_workload(quick: bool, strength_step: float) -> dict:
             tier="",
             scope="",
         )
-        idle.gate = Gate.single(dl.router.features([dl.encode(f"# unused {agent.id}")])[0], dl.router.new_radius)
+        unused = dl.encode(f"# unused {agent.id}")
+        idle.gate = dl.router.new_gate(dl.router.features([unused])[0], unused, agent.id)
         dl.add_circuit(f"agent:{agent.id}", idle, pinned=False)
     rng = random.Random(1)
     weights = [1 / (k + 1) ** 1.1 for k in range(4)]

@@ -97,6 +97,8 @@ class DynamicLoRAMethod(Method):
         routing: bool = True,
         capacity: int = 32,
         radius: float | None = None,
+        route_module: str | None = None,
+        route_match: str = "pooled",
     ) -> None:
         # capacity: the longest stream holds 20 facts of one agent; the default 16 would drop the oldest ones
         cfg = DynamicLoRAConfig(
@@ -106,6 +108,8 @@ class DynamicLoRAMethod(Method):
                 routing=routing,
                 context_capacity=capacity,
                 **({} if radius is None else {"route_radius": radius}),
+                route_module=route_module,
+                route_match=route_match,
             ),
         )
         self.dl = DynamicLoRA(model, tokenizer, cfg)
@@ -114,6 +118,8 @@ class DynamicLoRAMethod(Method):
         details = (
             ([] if routing else ["no routing"])
             + ([f"route radius {radius:g}"] if radius is not None else [])
+            + ([f"routed at {route_module}"] if route_module is not None else [])
+            + (["token gates"] if route_match == "tokens" else [])
             + ([f"tick every {tick_interval}"] if tick_interval != 100 else [])
         )
         if details:

@@ -1,0 +1,212 @@
+"""Knowledge editing, measured as model editors measure it (EasyEdit, WISE): sequential edits by one agent, then
+reliability (the taught prompts), generalization (held-out paraphrases of four kinds), locality (neighbours: the
+same relation for entities never taught; general: real facts, code, chat: the base model's own continuation must
+not move), learn time per edit, request overhead, and bytes per fact, at T = 1, 10, 100 (… 1,000) edits.
+
+Each metric is EasyEdit's token accuracy under teacher forcing: the fraction of target tokens that are the
+model's argmax (reliability, generalization), or of the base model's own next tokens that still are (locality).
+Data: ``editing_data.py`` (fictional facts the base model cannot know). Methods: DynamicLoRA with the prototype
+gate of the token embeddings (the default), DynamicLoRA with the gate on a middle layer's hidden state, and
+sequential PEFT LoRA. Each edit is learned until the taught prompt reproduces its target (at most
+``MAX_TRIES`` learn calls), as an editor applies each edit.
+
+Run: ``python benchmarks/editing.py`` (SmolLM2, T up to 100; ``--quick``: a tiny random model, T up to 10).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from ..continual.methods import DynamicLoRAMethod, Method, SequentialLoRA, encode
+from .editing_data import GENERAL, GENERAL_CHAT, PARAPHRASE_KINDS, Fact, facts
+from .record import arguments, model_path, model_suffix, selected_model, write
+
+MAX_TRIES = 4  # learn calls per edit, stopping once the taught prompt reproduces the target
+LOCAL_TOKENS = 4  # the base model's own next tokens that locality checks
+
+
+def chat_prompt(tokenizer, question: str) -> list[int]:
+    return list(tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                              tokenize=True, return_dict=False))  # fmt: skip
+
+
+class Probe:
+    """The token ids of every evaluation prompt and target, and the base model's own continuations (locality)."""
+
+    def __init__(self, tokenizer, model, edits: list[Fact]) -> None:
+        self.edits = [encode(tokenizer, f.prompt, f.target) for f in edits]
+        self.paraphrases = {kind: [] for kind in PARAPHRASE_KINDS}
+        for f in edits:
+            for kind in PARAPHRASE_KINDS:
+                if kind == "chat":
+                    prompt = chat_prompt(tokenizer, f.paraphrases[kind])
+                    target = list(tokenizer(f.target.strip(), add_special_tokens=False)["input_ids"])
+                    self.paraphrases[kind].append((prompt, target))
+                else:
+                    p, c = encode(tokenizer, f.paraphrases[kind], f.target)
+                    self.paraphrases[kind].append((p, c[:-1]))  # EOS is not part of what a paraphrase must give
+        self.edits = [(p, c[:-1]) for p, c in self.edits]
+        self.neighbours = [self._own(model, list(tokenizer(f.neighbour)["input_ids"])) for f in edits]
+        general = [list(tokenizer(p)["input_ids"]) for p in GENERAL] + [
+            chat_prompt(tokenizer, q) for q in GENERAL_CHAT
+        ]
+        self.general = [self._own(model, p) for p in general]
+
+    @staticmethod
+    @torch.no_grad()
+    def _own(model, prompt: list[int]) -> tuple[list[int], list[int]]:
+        ids = list(prompt)
+        for _ in range(LOCAL_TOKENS):
+            ids.append(int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
+        return prompt, ids[len(prompt) :]
+
+
+@torch.no_grad()
+def token_accuracy(method: Method, agent: str, pairs: list[tuple[list[int], list[int]]]) -> float:
+    hits = total = 0
+    for p, c in pairs:
+        logits = method.logits(agent, torch.tensor([p + c]), len(p))
+        predicted = logits[0, len(p) - 1 : len(p) - 1 + len(c)].argmax(-1).cpu()
+        hits += int((predicted == torch.tensor(c)).sum())
+        total += len(c)
+    return hits / max(total, 1)
+
+
+def reproduces(method: Method, agent: str, pair: tuple[list[int], list[int]]) -> bool:
+    return token_accuracy(method, agent, [pair]) == 1.0
+
+
+def bytes_of(method: Method) -> int:
+    if isinstance(method, DynamicLoRAMethod):
+        total = 0
+        for key, scope in method.dl.hierarchy.scopes.items():
+            for c in scope.circuits.values():
+                total += 4 * sum(a.numel() + b.numel() for a, b in c.factors.values())
+                if c.gate is not None:
+                    total += 4 * (c.gate.keys.numel() + c.gate.radii.numel())
+        return total
+    return 4 * method.trainable_parameters()
+
+
+def evaluate(method: Method, agent: str, probe: Probe, t: int) -> dict:
+    out = {
+        "reliability": token_accuracy(method, agent, probe.edits[:t]),
+        "generalization": {k: token_accuracy(method, agent, v[:t]) for k, v in probe.paraphrases.items()},
+        "locality_neighbour": token_accuracy(method, agent, probe.neighbours[:t]),
+        "locality_general": token_accuracy(method, agent, probe.general),
+    }
+    out["generalization_mean"] = statistics.mean(out["generalization"].values())
+    return out
+
+
+def run(make, probe: Probe, steps: list[int], agent: str = "editor") -> dict:
+    """Edit facts one by one with a fresh method; evaluate after the T-th edit for every T in ``steps``."""
+    method = make()
+    rows, learn_s, tries = [], [], []
+    for i, pair in enumerate(probe.edits[: max(steps)]):
+        t0 = time.perf_counter()
+        n = 0
+        for n in range(1, MAX_TRIES + 1):
+            method.learn(agent, (pair[0], pair[1] + probe_eos(method)))
+            if reproduces(method, agent, pair):
+                break
+        learn_s.append(time.perf_counter() - t0)
+        tries.append(n)
+        if i + 1 in steps:
+            t = i + 1
+            r = evaluate(method, agent, probe, t)
+            recent = learn_s[-max(1, t // 10) :]
+            r.update(
+                edits=t,
+                learn_s_per_edit=statistics.mean(learn_s),
+                learn_s_recent=statistics.mean(recent),
+                learn_calls_per_edit=statistics.mean(tries),
+                bytes_per_fact=bytes_of(method) / t,
+            )
+            rows.append(r)
+            print(f"  {method.name} T={t}: rel {r['reliability']:.2f} gen {r['generalization_mean']:.2f} "
+                  f"loc {r['locality_neighbour']:.2f}/{r['locality_general']:.2f}", flush=True)  # fmt: skip
+    return {"method": method.name, "rows": rows}
+
+
+_eos: dict[int, list[int]] = {}
+
+
+def probe_eos(method: Method) -> list[int]:
+    tokenizer = method.dl.tokenizer if isinstance(method, DynamicLoRAMethod) else method.tokenizer
+    return [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = arguments(__doc__, argv, extra=lambda p: p.add_argument("--steps", help="edit counts, e.g. 1,10,100"))
+    if args.quick:
+        from ..testing import tiny_chat_model
+
+        fresh = lambda: tiny_chat_model("llama")[0]  # noqa: E731
+        tokenizer = tiny_chat_model("llama")[1]
+        steps = [1, 10]
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        path = model_path(progress=True)
+        fresh = lambda: AutoModelForCausalLM.from_pretrained(path).eval()  # noqa: E731
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        steps = [int(s) for s in args.steps.split(",")] if args.steps else [1, 10, 100]
+    model = fresh()
+    data = facts(max(steps))
+    probe = Probe(tokenizer, model, data)
+    capacity = max(steps)
+    methods = {
+        "prototype gate (embeddings)": lambda: DynamicLoRAMethod(fresh(), tokenizer, ["editor"], capacity=capacity),
+        "token gate (distinctive token states)": lambda: DynamicLoRAMethod(
+            fresh(), tokenizer, ["editor"], capacity=capacity, route_match="tokens"
+        ),
+        "sequential LoRA (PEFT)": lambda: _peft(model, tokenizer),
+    }
+    results = []
+    for name, make in methods.items():
+        print(name, flush=True)
+        t0 = time.perf_counter()
+        r = run(make, probe, steps)
+        r["label"], r["wall_s"] = name, time.perf_counter() - t0
+        results.append(r)
+    record = {
+        "model": selected_model(),
+        "steps": steps,
+        "methods": results,
+        "families": sorted({f.family for f in data}),
+    }
+    name = "editing-cpu" + ("-quick" if args.quick else model_suffix())
+    md = _markdown(results)
+    write(Path(args.out), name, record, md)
+    print(md)
+    return record
+
+
+def _peft(model, tokenizer) -> Method:
+    method = SequentialLoRA(model, tokenizer)
+    method.tokenizer = tokenizer
+    return method
+
+
+def _markdown(results: list[dict]) -> str:
+    lines = [
+        "# Knowledge editing (cpu)",
+        "",
+        "| method | T | reliability | generalization (" + " / ".join(PARAPHRASE_KINDS) + ") | mean | "
+        "locality neighbour | locality general | learn s/edit | bytes/fact |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        for row in r["rows"]:
+            g = " / ".join(f"{row['generalization'][k]:.2f}" for k in PARAPHRASE_KINDS)
+            lines.append(
+                f"| {r['label']} | {row['edits']} | {row['reliability']:.2f} | {g} | {row['generalization_mean']:.2f} "
+                f"| {row['locality_neighbour']:.2f} | {row['locality_general']:.2f} | {row['learn_s_per_edit']:.2f} "
+                f"| {row['bytes_per_fact'] / 1e3:,.0f} KB |"
+            )
+    return "\n".join(lines) + "\n"
