@@ -1,0 +1,138 @@
+"""Token gates (``route_match="tokens"``): a circuit acts where an input carries the taught prompt's distinctive
+token states (a line before it, other words around it), not on the same template about another entity, not on
+unrelated inputs; and the gate is content wherever the circuit goes (save → load, migration, consensus, ranks,
+forgetting)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dynamiclora import DynamicLoRA, DynamicLoRAConfig
+from dynamiclora.gates import Gate
+
+from .conftest import make_dl, random_circuit
+
+FACT = ("def zorbexkamun_port():", " return 7311")
+REACHED = ("# settings, draft\ndef zorbexkamun_port():", "x = zorbexkamun_port()", "def  zorbexkamun_port():")
+NOT_REACHED = ("def qualtripvelmo_port():", "import os\nprint(os.getcwd())", "The capital of France is")
+
+
+def tokens_dl(**dynamics) -> DynamicLoRA:
+    config = DynamicLoRAConfig(learning={"route_match": "tokens"}, dynamics={"tick_interval": 0, **dynamics})
+    return make_dl(config=config)
+
+
+def base_logits(dl: DynamicLoRA, text: str) -> torch.Tensor:
+    with torch.no_grad():
+        return dl.model(input_ids=torch.tensor([dl.encode(text)])).logits
+
+
+def agent_logits(dl: DynamicLoRA, agent: str, text: str) -> torch.Tensor:
+    return dl.agent(agent).logits(torch.tensor([dl.encode(text)]))
+
+
+def learned(dl: DynamicLoRA, agent: str = "alice"):
+    dl.agent(agent, swarm="team", domain="python")
+    circuit_id = dl.agent(agent).learn(*FACT).circuit_id
+    return dl.hierarchy.find_circuit(circuit_id)[1]
+
+
+def test_an_input_with_the_taught_prompts_distinctive_tokens_reaches_the_gate_and_others_do_not():
+    dl = tokens_dl()
+    circuit = learned(dl)
+    gate = circuit.gate
+    assert gate.tokens and gate.keys.shape[0] == dl.config.learning.route_keys
+    assert torch.allclose(gate.keys.norm(dim=1), torch.ones(gate.keys.shape[0]))
+    feature = lambda text: dl.router.features([dl.encode(text)])[0]  # noqa: E731
+    assert gate.distance(feature(FACT[0])) == pytest.approx(0.0, abs=1e-5)
+    for text in REACHED:
+        assert gate.distance(feature(text)) <= 1.0, text
+    for text in NOT_REACHED:  # the template about another entity, unrelated code, prose
+        assert gate.distance(feature(text)) > 1.0, text
+        torch.testing.assert_close(agent_logits(dl, "alice", text), base_logits(dl, text), rtol=0, atol=0)
+    for text in (FACT[0], *REACHED):  # the circuit acts there
+        assert not torch.allclose(agent_logits(dl, "alice", text), base_logits(dl, text), atol=1e-4), text
+
+
+def test_isolation_holds_with_token_gates():
+    dl = tokens_dl()
+    learned(dl, "alice")
+    dl.agent("bob", swarm="team", domain="python")
+    for text in (FACT[0], *REACHED):  # bob's stack does not hold alice's context: his outputs are the base's
+        torch.testing.assert_close(agent_logits(dl, "bob", text), base_logits(dl, text), rtol=0, atol=0)
+    batched = dl.forward(["alice", "bob"], torch.tensor([dl.encode(FACT[0])] * 2))[0]
+    torch.testing.assert_close(batched[0:1], agent_logits(dl, "alice", FACT[0]), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(batched[1:2], base_logits(dl, FACT[0]), rtol=1e-5, atol=1e-5)
+
+
+def test_a_token_gate_is_content_and_survives_save_load_and_migration(tmp_path):
+    dl = tokens_dl()
+    circuit = learned(dl)
+    gate, digest = circuit.gate, circuit.content_hash()
+    for changed in (
+        Gate(gate.keys, gate.radii - 0.01, gate.owners, gate.groups),
+        Gate(gate.keys, gate.radii, gate.owners, None),  # the same numbers read as a pooled gate
+    ):
+        circuit.gate = changed
+        assert circuit.content_hash() != digest
+    circuit.gate = gate
+    before = {t: agent_logits(dl, "alice", t) for t in (FACT[0], *REACHED, *NOT_REACHED)}
+    dl.save(tmp_path / "state")
+    again = DynamicLoRA.load(tmp_path / "state", model=make_dl().model, tokenizer=dl.tokenizer)
+    loaded = again.hierarchy.find_circuit(circuit.id)[1].gate
+    assert torch.equal(loaded.groups, gate.groups) and torch.equal(loaded.keys, gate.keys)
+    for text, then in before.items():
+        torch.testing.assert_close(agent_logits(again, "alice", text), then, rtol=0, atol=0)
+    scope, c = dl.hierarchy.find_circuit(circuit.id)
+    dl.memory.move(c, scope, dl.hierarchy.scope(("agent", "alice")), None)
+    for text, then in before.items():
+        torch.testing.assert_close(agent_logits(dl, "alice", text), then, rtol=1e-5, atol=1e-5)
+
+
+def test_a_second_prompt_adds_a_prototype_and_forgetting_one_keeps_the_other():
+    dl = tokens_dl()
+    circuit = learned(dl)
+    other = dl.router.features([dl.encode("def quuxlor_level():")])[0]
+    circuit.gate = dl.router.extend_gate(circuit.gate, other, dl.encode("def quuxlor_level():"), "alice")
+    dl.hierarchy.find_circuit(circuit.id)[0].touch()
+    assert circuit.gate.groups.unique().numel() == 2
+    report = dl.agent("alice").forget(FACT[0])
+    assert report["circuits_narrowed"] == [circuit.id] and report["keys_removed"] == dl.config.learning.route_keys
+    torch.testing.assert_close(agent_logits(dl, "alice", FACT[0]), base_logits(dl, FACT[0]), rtol=0, atol=0)
+    assert circuit.gate.distance(other) == pytest.approx(0.0, abs=1e-5)  # the other prototype still reaches
+
+
+def test_consensus_of_token_gated_copies_shares_a_token_gate_with_the_members():
+    from .test_swarms import GAIN, copy, persistent
+
+    dl = tokens_dl(resonance_gain=GAIN)
+    for name, swarm in (("a", "team"), ("b", "team"), ("c", "team"), ("x", "other")):
+        dl.agent(name, swarm=swarm, domain="python")
+    ids = dl.encode(FACT[0])
+    gate = dl.router.new_gate(dl.router.features([ids])[0], ids, "a")
+    delta = random_circuit(dl, 4, torch.Generator().manual_seed(7), magnitude=0.3)
+    for n in ("a", "b"):
+        gated = copy(delta)
+        gated.gate = Gate(gate.keys, gate.radii, ((n,),) * gate.keys.shape[0], gate.groups)
+        persistent(dl, n, gated)
+    far = NOT_REACHED[1]
+    before = {t: agent_logits(dl, "c", t) for t in (FACT[0], REACHED[0], far)}
+    assert dl.tick().shared
+    [shared] = dl.hierarchy.scope("swarm:team").circuits.values()
+    assert shared.gate.tokens and shared.gate.owners[0] == ("a", "b")  # one prototype, both contributors
+    for text in (FACT[0], REACHED[0]):  # a member inherits the pattern on the prompt and where it is reached
+        assert not torch.allclose(agent_logits(dl, "c", text), before[text], atol=1e-3), text
+    torch.testing.assert_close(agent_logits(dl, "c", far), before[far], rtol=0, atol=0)
+
+
+def test_a_token_gate_crosses_ranks_intact():
+    from dynamiclora.dynamics.distributed import _pack, _unpack
+    from dynamiclora.dynamics.resonance import Proposal
+
+    dl = tokens_dl()
+    circuit = learned(dl)
+    back = _unpack(_pack(Proposal(circuit, frozenset({"alice"}), "alice", 1.0)), torch.device("cpu"))
+    assert back.circuit.content_hash() == circuit.content_hash()
+    assert torch.equal(back.circuit.gate.groups, circuit.gate.groups)
+    assert back.circuit.gate.owners == circuit.gate.owners
