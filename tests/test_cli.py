@@ -101,6 +101,25 @@ def test_swarm_benchmark_quick_writes_its_records(tmp_path):
     assert record["memory"]["tensor_bytes_per_agent"] > 0 and (tmp_path / "swarm-cpu-quick.png").exists()
 
 
+def test_editing_benchmark_quick_writes_its_records(tmp_path):
+    from dynamiclora.bench import editing
+
+    editing.main(["--quick", "--out", str(tmp_path)])
+    record = json.loads((tmp_path / "editing-cpu-quick.json").read_text())
+    assert [m["label"] for m in record["methods"]][:2] == [
+        "prototype gate (embeddings)",
+        "token gate (distinctive token states)",
+    ]
+    for method in record["methods"]:
+        assert [row["edits"] for row in method["rows"]] == [1, 10]
+        for row in method["rows"]:
+            assert set(row["generalization"]) == {"reworded", "prefixed", "chat", "spacing"}
+            assert 0 <= row["locality_general"] <= 1 and row["bytes_per_fact"] > 0
+    first = record["methods"][0]["rows"][0]
+    assert first["reliability"] == 1.0 and first["locality_general"] == 1.0  # one gated edit: exact elsewhere
+    assert (tmp_path / "editing-cpu-quick.png").exists()
+
+
 @pytest.mark.slow  # five server processes
 def test_server_benchmark_quick_writes_its_records(tmp_path):
     from dynamiclora.bench import server

@@ -14,7 +14,11 @@ from dynamiclora.gates import Gate
 from .conftest import make_dl, random_circuit
 
 FACT = ("def zorbexkamun_port():", " return 7311")
-REACHED = ("# settings, draft\ndef zorbexkamun_port():", "x = zorbexkamun_port()", "def  zorbexkamun_port():")
+REACHED = (  # the taught prompt after an unrelated line, and with other spacing
+    "# settings, draft\ndef zorbexkamun_port():",
+    "def  zorbexkamun_port():",
+    "print(1)\ndef zorbexkamun_port():",
+)
 NOT_REACHED = ("def qualtripvelmo_port():", "import os\nprint(os.getcwd())", "The capital of France is")
 
 

@@ -187,9 +187,10 @@ def cmd_export_peft(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """Run a benchmark and write JSON + markdown (+ plots) under the output directory."""
-    from .bench import continual, dynamics, forward, persistence, server, swarm, wavegen
+    from .bench import continual, dynamics, editing, forward, persistence, server, swarm, wavegen
 
     benches = {
+        "editing": editing,
         "forward": forward,
         "dynamics": dynamics,
         "wavegen": wavegen,
@@ -250,7 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--agent", help="an agent id: export its whole stack")
     p.set_defaults(func=cmd_export_peft)
     p = sub.add_parser("bench", help=cmd_bench.__doc__)
-    p.add_argument("name", choices=["forward", "dynamics", "wavegen", "swarm", "server", "continual", "persistence"])
+    p.add_argument(
+        "name", choices=["forward", "dynamics", "wavegen", "swarm", "server", "continual", "persistence", "editing"]
+    )
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--quick", action="store_true", help="tiny model only, few repeats")
     p.add_argument(

@@ -160,7 +160,11 @@ def probe_eos(method: Method) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = arguments(__doc__, argv, extra=lambda p: p.add_argument("--steps", help="edit counts, e.g. 1,10,100"))
+    def extra(parser):
+        parser.add_argument("--steps", help="edit counts, e.g. 1,10,100")
+        parser.add_argument("--methods", help="e.g. tokens,peft (of prototype, tokens, tokens-still, peft)")
+
+    args = arguments(__doc__, argv, extra=extra)
     if args.quick:
         from ..testing import tiny_chat_model
 
@@ -179,14 +183,25 @@ def main(argv: list[str] | None = None) -> dict:
     probe = Probe(tokenizer, model, data)
     capacity = max(steps)
     methods = {
-        "prototype gate (embeddings)": lambda: DynamicLoRAMethod(fresh(), tokenizer, ["editor"], capacity=capacity),
-        "token gate (distinctive token states)": lambda: DynamicLoRAMethod(
-            fresh(), tokenizer, ["editor"], capacity=capacity, route_match="tokens"
+        "prototype": (
+            "prototype gate (embeddings)",
+            lambda: DynamicLoRAMethod(fresh(), tokenizer, ["editor"], capacity=capacity),
         ),
-        "sequential LoRA (PEFT)": lambda: _peft(model, tokenizer),
+        "tokens": (
+            "token gate (distinctive token states)",
+            lambda: DynamicLoRAMethod(fresh(), tokenizer, ["editor"], capacity=capacity, route_match="tokens"),
+        ),
+        "tokens-still": (  # diagnostic: the same without ticks (no decay of the facts not used since)
+            "token gate, no ticks",
+            lambda: DynamicLoRAMethod(
+                fresh(), tokenizer, ["editor"], tick_interval=0, capacity=capacity, route_match="tokens"
+            ),
+        ),
+        "peft": ("sequential LoRA (PEFT)", lambda: _peft(model, tokenizer)),
     }
+    chosen = args.methods.split(",") if args.methods else ["prototype", "tokens", "peft"]
     results = []
-    for name, make in methods.items():
+    for name, make in (methods[k] for k in chosen):
         print(name, flush=True)
         t0 = time.perf_counter()
         r = run(make, probe, steps, model)
@@ -201,8 +216,32 @@ def main(argv: list[str] | None = None) -> dict:
     name = "editing-cpu" + ("-quick" if args.quick else model_suffix())
     md = _markdown(results)
     write(Path(args.out), name, record, md)
+    plot(results, Path(args.out) / f"{name}.png")
     print(md)
     return record
+
+
+def plot(results: list[dict], path: Path) -> None:
+    """Reliability, generalization and locality (neighbours) against the number of edits, per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = (("reliability", "reliability"), ("generalization_mean", "generalization"),
+               ("locality_neighbour", "locality (neighbours)"))  # fmt: skip
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6), sharey=True)
+    for ax, (key, title) in zip(axes, metrics):
+        for r in results:
+            ax.plot([row["edits"] for row in r["rows"]], [row[key] for row in r["rows"]], marker="o", label=r["label"])
+        ax.set_xscale("log")
+        ax.set_title(title)
+        ax.set_xlabel("edits (T)")
+        ax.set_ylim(0, 1.05)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 PEFT_LR = 1e-3  # sequential LoRA at DynamicLoRA's 1e-2 wrecks the model within one edit (locality 0.00)
