@@ -259,8 +259,31 @@ def targets(reports: list[dict]) -> tuple[dict, list[str]]:
     return {name: {"measured": value, "met": ok} for name, value, ok in rows}, md
 
 
+def gates(quick: bool, lr: float) -> dict:
+    """DynamicLoRA on the facts stream with the pooled gate and with token gates, side by side in one run."""
+    stream = streams.facts(tasks=3, per_task=2, rounds=2) if quick else streams.facts()
+    tok = fresh(quick)[1]
+    chunks = held_out_chunks(tok, quick)
+    agents = sorted({t.agent for t in stream.tasks})
+    results = []
+    for match in ("pooled", "tokens"):
+        learner = DynamicLoRAMethod(fresh(quick)[0], tok, agents, lr=lr, route_match=match)
+        results.append(run(stream, learner, tok, chunks))
+    return {"stream": stream.name, "lr": lr, "base_perplexity": base_perplexity(fresh(quick)[0], chunks),
+            "results": results}  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> dict:
-    args = arguments(__doc__, argv)
+    args = arguments(
+        __doc__, argv, extra=lambda p: p.add_argument("--gates", action="store_true", help="pooled vs token gates")
+    )
+    if args.gates:  # DynamicLoRA alone, pooled and token gates: about 10 min on the default model
+        report = gates(args.quick, LEARNING_RATES[0] if args.quick or selected_model() == "stdlib" else 3e-3)
+        name = "continual-gates-cpu" + ("-quick" if args.quick else model_suffix())
+        md = ["# Continual learning: pooled vs token gates (cpu)", "", *table(report), ""]
+        write(Path(args.out), name, {"streams": [report]}, "\n".join(md) + "\n")
+        print("\n".join(md))
+        return {"reports": [report]}
     if args.quick:
         plan = [(streams.facts(tasks=3, per_task=2, rounds=2), LEARNING_RATES[0], (), ())]
     elif selected_model() != "stdlib":  # a real model: a step costs ~20x the stdlib model's; ~25 min on 2 cores
