@@ -266,6 +266,14 @@ class ContextLearner:
         self.rt.hierarchy.scope(("context", agent_id)).touch()
         return first
 
+    @staticmethod
+    def _another_fact(circuit: Circuit, feature: torch.Tensor, completion: str) -> bool:
+        """Does this prompt, which reaches ``circuit`` without being one of its own prompts, teach something else?
+        Yes when none of the circuit's remembered examples has this completion."""
+        if circuit.gate is None or not circuit.gate.tokens or circuit.gate.distance(feature) <= 1e-6:
+            return False
+        return bool(circuit.examples) and not any(e[2] == completion for e in circuit.examples)
+
     def _affinities(
         self, circuits: list[Circuit], capture: dict[str, torch.Tensor], feature: torch.Tensor | None
     ) -> list[float]:
@@ -318,6 +326,12 @@ class ContextLearner:
         best, best_act = (context[ctx_acts.index(max(ctx_acts))], max(ctx_acts)) if ctx_acts else (None, 0.0)
         dropped = None
         spawned = best is None or best_act < cfg.attribution_threshold
+        others: list[Circuit] = []  # token gates: circuits of other facts whose gates this prompt reaches
+        if not spawned and rt.router.tokens and self._another_fact(best, feature, texts[1]):
+            # a new prompt that reaches a circuit holding another answer is another fact that looks alike, not
+            # that circuit's fact asked another way: it gets a circuit of its own, keyed against their prompts
+            others = [c for c in context if c.gate is not None and c.gate.tokens and c.gate.distance(feature) <= 1.0]
+            spawned = True
         if spawned:
             best, dropped = self._spawn(agent_id, capture, context + slower)
             best_act = 0.0
@@ -325,8 +339,9 @@ class ContextLearner:
         if feature is not None and (spawned or (best.gate is not None and best.gate.distance(feature) > 1e-6)):
             # a new prompt of this circuit becomes a key of its gate (a circuit made with routing off stays ungated)
             router = rt.router
+            negatives = [router.features([rt.encode(e[1])])[0] for c in others for e in c.examples]
             best.gate = (
-                router.new_gate(feature, prompt_ids, agent_id)
+                router.new_gate(feature, prompt_ids, agent_id, negatives)
                 if spawned
                 else router.extend_gate(best.gate, feature, prompt_ids, agent_id)
             )

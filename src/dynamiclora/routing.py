@@ -148,11 +148,14 @@ class Router:
             self._background = torch.cat(list(self.features(ids)))
         return self._background
 
-    def new_gate(self, feature: torch.Tensor, prompt_ids: list[int], owner: str) -> Gate:
-        """The gate of a new circuit for this prompt (its feature as :meth:`feature_of` gives it)."""
+    def new_gate(
+        self, feature: torch.Tensor, prompt_ids: list[int], owner: str, negatives: list[torch.Tensor] = ()
+    ) -> Gate:
+        """The gate of a new circuit for this prompt (its feature as :meth:`feature_of` gives it). Token gates:
+        ``negatives``, features of prompts it should not reach (other facts' prompts), count as background."""
         if not self.tokens:
             return Gate.single(feature, self.new_radius, owner)
-        keys, threshold = self._prototype(feature, prompt_ids)
+        keys, threshold = self._prototype(feature, prompt_ids, list(negatives))
         return Gate.prototype(keys, threshold, owner)
 
     def extend_gate(self, gate: Gate, feature: torch.Tensor, prompt_ids: list[int], owner: str) -> Gate:
@@ -162,11 +165,14 @@ class Router:
         keys, threshold = self._prototype(feature, prompt_ids)
         return gate.with_key(keys, threshold, owner)
 
-    def _prototype(self, feature: torch.Tensor, prompt_ids: list[int]) -> tuple[torch.Tensor, float]:
-        """The prompt's most distinctive token states (least like any background token), and the threshold: 0.9 of
-        the worst match among the learner's own variants of the prompt (a line before it, doubled spaces, lower
-        case), never as low as the best match any background prompt gets (+0.02)."""
-        background = self.background
+    def _prototype(
+        self, feature: torch.Tensor, prompt_ids: list[int], negatives: list[torch.Tensor] = ()
+    ) -> tuple[torch.Tensor, float]:
+        """The prompt's most distinctive token states (least like any background token, or any token of the
+        ``negatives``), and the threshold: 0.9 of the worst match among the learner's own variants of the prompt (a
+        line before it, doubled spaces, lower case), never as low as the best match any background prompt or
+        negative gets (+0.02)."""
+        background = torch.cat([self.background, *negatives]) if negatives else self.background
         novelty = 1.0 - (feature @ background.T).max(dim=1).values
         keys = feature[novelty.topk(min(self.config.route_keys, feature.shape[0])).indices]
         probe = Gate.prototype(keys, 0.0)
@@ -174,7 +180,7 @@ class Router:
         def match(states: torch.Tensor) -> float:
             return 1.0 - probe.distance(states)  # at threshold 0: the mean best cosine
 
-        floor = max(match(f) for f in self._reference_features()) + 0.02
+        floor = max(match(f) for f in [*self._reference_features(), *negatives]) + 0.02
         start, end = self.chat.content_span(prompt_ids)
         variants = []
         if (start, end) == (0, len(prompt_ids)):  # plain text: the learner's own variants of it
