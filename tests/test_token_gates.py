@@ -140,3 +140,32 @@ def test_a_token_gate_crosses_ranks_intact():
     assert back.circuit.content_hash() == circuit.content_hash()
     assert torch.equal(back.circuit.gate.groups, circuit.gate.groups)
     assert back.circuit.gate.owners == circuit.gate.owners
+
+
+def test_a_look_alike_fact_with_another_answer_gets_its_own_circuit_and_both_answers_stay():
+    """A new prompt that reaches a circuit (the same distinctive name, another relation) but is taught another
+    answer is another fact, not that circuit's fact asked another way: it gets a circuit of its own, keyed against
+    the first one's prompt, and each prompt keeps its answer. (Routed on a contextual layer of the tiny model, whose
+    first layer's token states are context-free.)"""
+    config = DynamicLoRAConfig(
+        learning={"route_match": "tokens", "route_module": "model.layers.1.self_attn.q_proj"},
+        dynamics={"tick_interval": 0},
+    )
+    dl = make_dl(config=config)
+    dl.agent("alice", swarm="team", domain="python")
+    other = ("def zorbexkamun_level():", " return 42")
+
+    def teach(prompt: str, completion: str) -> str:
+        for _ in range(8):
+            circuit_id = dl.agent("alice").learn(prompt, completion).circuit_id
+            if dl.agent("alice").generate(prompt, max_new_tokens=8, use_cache=False).text.startswith(completion):
+                return circuit_id
+        raise AssertionError(f"not learned: {prompt!r}")
+
+    first = teach(*FACT)
+    gate = dl.hierarchy.find_circuit(first)[1].gate
+    assert 1e-6 < gate.distance(dl.router.features([dl.encode(other[0])])[0]) <= 1.0  # it reaches the first
+    second = teach(*other)
+    assert second != first
+    for prompt, completion in (FACT, other):
+        assert dl.agent("alice").generate(prompt, max_new_tokens=8, use_cache=False).text.startswith(completion)
