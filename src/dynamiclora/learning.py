@@ -329,7 +329,7 @@ class ContextLearner:
         others: list[Circuit] = []  # token gates: circuits of other facts whose gates this prompt reaches
         if not spawned and rt.router.tokens and self._another_fact(best, feature, texts[1]):
             # a new prompt that reaches a circuit holding another answer is another fact that looks alike, not
-            # that circuit's fact asked another way: it gets a circuit of its own, keyed against their prompts
+            # that circuit's fact asked another way: it gets a circuit of its own, with a threshold above their prompts
             others = [c for c in context if c.gate is not None and c.gate.tokens and c.gate.distance(feature) <= 1.0]
             spawned = True
         if spawned:

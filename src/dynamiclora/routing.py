@@ -152,7 +152,7 @@ class Router:
         self, feature: torch.Tensor, prompt_ids: list[int], owner: str, negatives: list[torch.Tensor] = ()
     ) -> Gate:
         """The gate of a new circuit for this prompt (its feature as :meth:`feature_of` gives it). Token gates:
-        ``negatives``, features of prompts it should not reach (other facts' prompts), count as background."""
+        ``negatives``, features of prompts it should not reach (other facts' prompts), raise its threshold."""
         if not self.tokens:
             return Gate.single(feature, self.new_radius, owner)
         keys, threshold = self._prototype(feature, prompt_ids, list(negatives))
@@ -168,11 +168,12 @@ class Router:
     def _prototype(
         self, feature: torch.Tensor, prompt_ids: list[int], negatives: list[torch.Tensor] = ()
     ) -> tuple[torch.Tensor, float]:
-        """The prompt's most distinctive token states (least like any background token, or any token of the
-        ``negatives``), and the threshold: 0.9 of the worst match among the learner's own variants of the prompt (a
-        line before it, doubled spaces, lower case), never as low as the best match any background prompt or
-        negative gets (+0.02)."""
-        background = torch.cat([self.background, *negatives]) if negatives else self.background
+        """The prompt's most distinctive token states (least like any background token), and the threshold: 0.9 of
+        the worst match among the learner's own variants of the prompt (a line before it, doubled spaces, lower
+        case), never as low as the best match any background prompt or any of the ``negatives`` gets (+0.02).
+        (Choosing the keys against the negatives too picks template words a neighbour shares: on the editing
+        benchmark neighbour locality fell from 0.94 to 0.78.)"""
+        background = self.background
         novelty = 1.0 - (feature @ background.T).max(dim=1).values
         keys = feature[novelty.topk(min(self.config.route_keys, feature.shape[0])).indices]
         probe = Gate.prototype(keys, 0.0)
