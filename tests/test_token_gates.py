@@ -169,3 +169,19 @@ def test_a_look_alike_fact_with_another_answer_gets_its_own_circuit_and_both_ans
     assert second != first
     for prompt, completion in (FACT, other):
         assert dl.agent("alice").generate(prompt, max_new_tokens=8, use_cache=False).text.startswith(completion)
+
+
+def test_forgetting_one_owner_of_a_shared_token_key_keeps_it_a_token_gate():
+    dl = tokens_dl()
+    for agent in ("ana", "ben"):
+        dl.agent(agent, swarm="team", domain="python")
+    ids = dl.encode(FACT[0])
+    gate = dl.router.new_gate(dl.router.features([ids])[0], ids, "ana")
+    circuit = random_circuit(dl, 4, torch.Generator().manual_seed(3))
+    circuit.gate = Gate(gate.keys, gate.radii, (("ana", "ben"),) * gate.keys.shape[0], gate.groups)
+    dl.add_circuit("swarm:team", circuit)
+    before = agent_logits(dl, "ben", FACT[0])
+    dl.agent("ana").forget(FACT[0])  # ben taught it too: the key stays, ana leaves its owners
+    kept = dl.hierarchy.find_circuit(circuit.id)[1].gate
+    assert kept.tokens and torch.equal(kept.groups, gate.groups) and kept.owners[0] == ("ben",)
+    torch.testing.assert_close(agent_logits(dl, "ben", FACT[0]), before, rtol=0, atol=0)

@@ -15,7 +15,7 @@ The agent's own tiers (agent, context) hold only what it taught, so every key th
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -82,8 +82,8 @@ def forget_contributions(hierarchy: Hierarchy, agent_id: str) -> ForgetReport:
                 if agent_id in c.origin_agents:
                     report.not_separable.append(_unseparable(c, key, "ungated: it acts on every prompt"))
                 continue
-            everywhere = torch.ones(c.gate.keys.shape[0], dtype=torch.bool)
             if agent_id in c.origin_agents or any(agent_id in o for o in c.gate.owners):
+                everywhere = torch.ones(c.gate.keys.shape[0], dtype=torch.bool)
                 _drop_shared_keys(scope, c, everywhere, agent_id, key, report)
     return report
 
@@ -107,7 +107,7 @@ def _drop_shared_keys(
             report.not_separable.append(_unseparable(c, key, "its delta also carries what its other keys taught"))
         _drop_keys(scope, c, drop, report, owners)
     elif owners != gate.owners:
-        c.gate = type(gate)(gate.keys, gate.radii, owners)  # who taught it changed, not where it acts
+        c.gate = replace(gate, owners=owners)  # who taught it changed, not where it acts
         scope.note()
 
 
