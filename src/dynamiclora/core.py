@@ -23,7 +23,7 @@ from .config import TIERS, DynamicLoRAConfig, GenerationConfig
 from .dynamics import Memory, TickReport
 from .dynamics.distributed import SwarmGroup, open_group
 from .errors import ConfigError, InvalidInputError, UnknownCircuitError
-from .forgetting import forget_contributions, forget_prompt
+from .forgetting import OWN_TIERS, forget_contributions, forget_prompt
 from .hierarchy import DEFAULT_DOMAIN, DEFAULT_SWARM, Clock, Hierarchy, ScopeKey
 from .learning import ContextLearner
 from .runtime import Runtime
@@ -193,7 +193,7 @@ class DynamicLoRA:
         one sum with their other contributors' and cannot be taken apart: they are listed under ``not_separable``.
         Save to make it durable."""
         info = self.hierarchy.agent(agent_id)
-        own = [k for k in info.stack() if k.tier in ("agent", "context") and k in self.hierarchy.scopes]
+        own = [k for k in info.stack() if k.tier in OWN_TIERS and k in self.hierarchy.scopes]
         circuits = [c for k in own for c in self.hierarchy.scopes[k].circuits.values()]
         for c in circuits:
             self.learner.forget(c.id)

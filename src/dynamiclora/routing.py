@@ -144,8 +144,7 @@ class Router:
         """(N, d) unit-norm token states of the reference prompts: what every prompt's tokens look like (computed
         once; a constant of the base model)."""
         if self._background is None:
-            ids = [list(self.tokenizer(p)["input_ids"]) or [0] for p in REFERENCE_PROMPTS]
-            self._background = torch.cat(list(self.features(ids)))
+            self._background = torch.cat(self._reference_features())
         return self._background
 
     def new_gate(
@@ -190,19 +189,20 @@ class Router:
                 ids = list(self.tokenizer(variant)["input_ids"])
                 if ids and ids != list(prompt_ids):
                     variants.append(ids)
-        worst = min((match(f) for f in self.features(variants)), default=0.95) if variants else 0.95
+        worst = min((match(f) for f in self.features(variants)), default=0.95)
         return keys, float(min(max(0.9 * worst, floor), 0.995))
 
+    def _reference_ids(self) -> list[list[int]]:
+        return [list(self.tokenizer(p)["input_ids"]) or [0] for p in REFERENCE_PROMPTS]
+
     def _reference_features(self) -> list[torch.Tensor]:
-        ids = [list(self.tokenizer(p)["input_ids"]) or [0] for p in REFERENCE_PROMPTS]
-        return list(self.features(ids))
+        return list(self.features(self._reference_ids()))
 
     @property
     def unit(self) -> float:
         """The base model's distance unit: the spread of the reference prompts' features (computed once)."""
         if self._unit is None:
-            ids = [list(self.tokenizer(p)["input_ids"]) or [0] for p in REFERENCE_PROMPTS]
-            feats = self.features(ids)
+            feats = self.features(self._reference_ids())
             spread = float((feats - feats.mean(0)).pow(2).sum(1).mean().sqrt())
             self._unit = max(spread, 1e-6 * float(feats.norm(dim=1).mean()), 1e-12)
         return self._unit

@@ -24,6 +24,7 @@ from fastapi.responses import HTMLResponse, Response, StreamingResponse
 
 from ..core import DynamicLoRA
 from ..errors import DynamicLoRAError, PromptTooLongError, RegistrationError
+from ..forgetting import OWN_TIERS
 from . import dashboard
 from .engine import Completion, Engine, GenerateJob
 from .feedback import KEEP, CompletionLog, Exchange
@@ -168,13 +169,7 @@ def create_app(
         given.record(exchange)
         if not (learn_exchanges and not job.base_only and c.finish_reason == "stop" and c.text.strip()):
             return None
-        agent_id = job.agent_id
-        r = await run(
-            lambda: dl.agent(agent_id).learn(job.prompt_ids, exchange.reply),
-            durable=True,
-            waits_for=frozenset({agent_id}),
-        )
-        return learned(agent_id, r)
+        return await learn_into(job.agent_id, job.prompt_ids, exchange.reply)
 
     async def finish(job: GenerateJob) -> Completion:
         if job.max_tokens == 0:  # scoring only: nothing to generate
@@ -324,8 +319,9 @@ def create_app(
 
     @app.delete("/v1/agents/{agent_id}")
     async def delete_agent(agent_id: str, who: Principal = Depends(principal)):
-        """Forget an agent (the admin key, or the agent's own): its key first, then its tiers, cache entries and
-        requests, saved before the answer. What it gave shared scopes by consensus is listed, not removed."""
+        """Forget an agent (the admin key, or the agent's own): its key first, then its tiers, cache entries,
+        requests and the shared-gate keys only it put there, saved before the answer. Shared deltas it is part of
+        are listed under ``not_separable``."""
         agent_for(agent_id, who, "agent_id")
 
         def forget() -> dict:
@@ -349,7 +345,7 @@ def create_app(
                 scope, _ = dl.hierarchy.find_circuit(circuit_id)
             except KeyError:
                 raise APIError(404, f"no circuit has id {circuit_id!r}", "not_found_error", "circuit_id") from None
-            if not who.admin and not (scope.key.tier in ("agent", "context") and scope.key.name == who.agent):
+            if not who.admin and not (scope.key.tier in OWN_TIERS and scope.key.name == who.agent):
                 message = f"circuit {circuit_id!r} is in {scope.key}, not in this key's agent or context tier"
                 raise APIError(403, message, "permission_error", "circuit_id")
             return dl.remove_circuit(circuit_id)
@@ -362,13 +358,18 @@ def create_app(
         agent_id = agent_for(req.model, who)
         prompt = req.prompt if req.messages is None else chat_ids(req.messages)  # as the model reads it
         try:
-            r = await run(
-                lambda: dl.agent(agent_id).learn(prompt, req.completion, req.critical),
-                durable=True,
-                waits_for=frozenset({agent_id}),
-            )
+            return await learn_into(agent_id, prompt, req.completion, req.critical)
         except PromptTooLongError as e:
             raise APIError(400, str(e), param="prompt") from None
+
+    async def learn_into(agent_id: str, prompt, completion, critical: bool = False) -> dict:
+        """Learn into the agent's context tier on the engine thread, once its rows are done; saved before the
+        answer. Returns what was learned."""
+        r = await run(
+            lambda: dl.agent(agent_id).learn(prompt, completion, critical),
+            durable=True,
+            waits_for=frozenset({agent_id}),
+        )
         return learned(agent_id, r)
 
     @app.post("/v1/forget")
@@ -415,13 +416,8 @@ def create_app(
             raise APIError(
                 400, "correction: only white space; give the reply the agent should have given", param="correction"
             )
-        agent_id = exchange.agent
-        r = await run(
-            lambda: dl.agent(agent_id).learn(exchange.prompt_ids, completion),
-            durable=True,
-            waits_for=frozenset({agent_id}),
-        )
-        return {**learned(agent_id, r), "id": req.id, "feedback": "accepted" if req.accepted else "corrected"}
+        done = await learn_into(exchange.agent, exchange.prompt_ids, completion)
+        return {**done, "id": req.id, "feedback": "accepted" if req.accepted else "corrected"}
 
     @app.post("/v1/tick")
     async def tick(who: Principal = Depends(admin)):
