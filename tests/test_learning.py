@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dynamiclora import DynamicLoRAConfig, LearningConfig
+from dynamiclora import DynamicLoRA, DynamicLoRAConfig, LearningConfig
 
 from .conftest import make_dl, populate
 
@@ -163,3 +163,24 @@ def test_chat_and_learning_from_a_conversation_use_what_the_model_reads(dl, monk
         alice.learn("a prompt", " x", messages=messages)
     with pytest.raises(InvalidInputError, match="role"):
         alice.chat([{"content": "no role"}])
+
+
+def test_the_chat_variant_teaches_the_pattern_for_the_same_request_asked_in_a_conversation():
+    from dynamiclora.testing import tiny_chat_model
+
+    fact, answer = "The capital of Zorbexia is", " Kamunvel"
+    losses = {}
+    for variants in ((), ("chat",)):
+        model, tokenizer = tiny_chat_model("llama")
+        dl = DynamicLoRA(model, tokenizer, DynamicLoRAConfig(learning={"learn_variants": variants}))
+        alice = dl.agent("alice", swarm="s", domain="d")
+        alice.learn(fact, answer)
+        chat = dl.runtime.chat_ids([{"role": "user", "content": fact}])  # reaches the gate: pooled over the content
+        ids = torch.tensor([chat + dl.encode(answer.strip(), special=False)])
+        labels = ids.clone()
+        labels[:, : len(chat)] = -100
+        logits = alice.logits(ids, route_tokens=len(chat))
+        losses[variants] = float(torch.nn.functional.cross_entropy(logits[0, len(chat) - 1 : -1], ids[0, len(chat) :]))
+    assert losses[("chat",)] < 0.8 * losses[()]  # (one learn call: 3.3 against 5.2)
+    with pytest.raises(Exception, match="learn_variants"):
+        DynamicLoRAConfig(learning={"learn_variants": ("paraphrase",)})

@@ -185,3 +185,43 @@ def test_forgetting_one_owner_of_a_shared_token_key_keeps_it_a_token_gate():
     kept = dl.hierarchy.find_circuit(circuit.id)[1].gate
     assert kept.tokens and torch.equal(kept.groups, gate.groups) and kept.owners[0] == ("ben",)
     torch.testing.assert_close(agent_logits(dl, "ben", FACT[0]), before, rtol=0, atol=0)
+
+
+def test_many_token_gates_matched_at_once_reach_what_each_gate_reaches_alone():
+    from dynamiclora.gates import TokenGateIndex
+
+    g = torch.Generator().manual_seed(0)
+    unit = lambda *shape: torch.nn.functional.normalize(torch.randn(*shape, generator=g), dim=-1)  # noqa: E731
+    gates = []
+    for i in range(40):  # one to three prototypes each, thresholds across the range the router gives
+        gate = Gate.prototype(unit(3, 16), 0.5 + 0.01 * i)
+        for _ in range(i % 3):
+            gate = gate.with_key(unit(3, 16), 0.7)
+        gates.append(gate)
+    index = TokenGateIndex(gates)
+    hits = 0
+    for _ in range(30):
+        # inputs made of some gate's keys (noised) and random tokens: some reach a gate, most do not
+        source = gates[int(torch.randint(40, (1,), generator=g))].keys
+        feature = torch.cat([source + 0.6 * unit(*source.shape), unit(5, 16)])
+        alone = torch.tensor([bool(gate.reached_by(feature).any()) for gate in gates])
+        assert torch.equal(index.reached(feature), alone)
+        hits += int(alone.sum())
+    assert 0 < hits < 30 * 40  # the cases reach some gates and miss others
+
+
+def test_a_learned_circuit_covers_only_the_modules_learning_config_names():
+    dl = make_dl(config=DynamicLoRAConfig(
+        adapter={"circuit_rank": 1},
+        learning={"route_match": "tokens", "circuit_modules": (r"mlp\.down_proj",)},
+        dynamics={"tick_interval": 0},
+    ))  # fmt: skip
+    circuit = learned(dl)
+    assert circuit.factors and all("mlp.down_proj" in name for name in circuit.factors)
+    assert len(circuit.factors) == sum("mlp.down_proj" in name for name in dl.runtime.layers)
+    assert circuit.rank == 1
+    assert not torch.allclose(agent_logits(dl, "alice", FACT[0]), base_logits(dl, FACT[0]), atol=1e-4)
+    for text in NOT_REACHED:
+        torch.testing.assert_close(agent_logits(dl, "alice", text), base_logits(dl, text), rtol=0, atol=0)
+    with pytest.raises(Exception, match="circuit_modules"):
+        make_dl(config=DynamicLoRAConfig(learning={"circuit_modules": ("no_such_module",)}))

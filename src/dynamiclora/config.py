@@ -182,6 +182,23 @@ class LearningConfig:
         ),
     )
     route_keys: int = field(default=3, metadata=_help("Token gates: distinctive token states per prototype."))
+    learn_variants: tuple[str, ...] = field(
+        default=(),
+        metadata=_help(
+            "The learner's own rewrites of a plain-text prompt trained beside it, each step: 'chat' (the prompt as a "
+            "user's message through the chat template, the completion as the assistant's reply). Teaches the "
+            "pattern for the same request asked in a conversation; costs one more forward and backward per step."
+        ),
+    )
+    circuit_modules: tuple[str, ...] | None = field(
+        default=None,
+        metadata=_help(
+            "Regular expressions (re.search) of the adapted modules a newly learned circuit covers; None: every "
+            "adapted module. With AdapterConfig.circuit_rank they set what a learned fact costs (see "
+            "docs/editing.md): rank 1 on the MLP down-projections of SmolLM2 is 63 K parameters, against 2.4 M "
+            "for rank 8 on every module."
+        ),
+    )
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -191,6 +208,14 @@ class LearningConfig:
             f"LearningConfig.route_match must be 'pooled' or 'tokens', got {self.route_match!r}",
         )
         _check(self.route_keys >= 1, f"LearningConfig.route_keys must be >= 1, got {self.route_keys}")
+        self.learn_variants = tuple(self.learn_variants)
+        _check(
+            set(self.learn_variants) <= {"chat"},
+            f"LearningConfig.learn_variants may hold only 'chat', got {self.learn_variants!r}",
+        )
+        if self.circuit_modules is not None:
+            self.circuit_modules = tuple(self.circuit_modules)
+            _check(len(self.circuit_modules) > 0, "LearningConfig.circuit_modules is empty; use None for all modules")
         _check(self.learning_rate > 0, f"LearningConfig.learning_rate must be > 0, got {self.learning_rate}")
         _check(self.steps_per_learn >= 1, f"LearningConfig.steps_per_learn must be >= 1, got {self.steps_per_learn}")
         _check(self.max_grad_norm >= 0, f"LearningConfig.max_grad_norm must be >= 0, got {self.max_grad_norm}")

@@ -157,6 +157,39 @@ class Gate:
         return out
 
 
+class TokenGateIndex:
+    """Many token gates matched at once: every key in one matrix, so that routing a prompt among a thousand learned
+    circuits is one matrix product and a few scatters, not a thousand small ones. Computes what
+    :meth:`Gate.reached_by` computes per gate (up to the rounding of a larger product)."""
+
+    def __init__(self, gates: list[Gate]) -> None:
+        if not all(g.tokens for g in gates):
+            raise InvalidInputError("TokenGateIndex takes token gates only")
+        self.size = len(gates)
+        self.keys = torch.cat([g.keys for g in gates]) if gates else torch.zeros(0, 0)
+        offsets, owner, groups = 0, [], []
+        for i, g in enumerate(gates):
+            local = torch.unique(g.groups, return_inverse=True)[1]
+            groups.append(local + offsets)
+            count = int(local.max()) + 1 if local.numel() else 0
+            owner += [i] * count
+            offsets += count
+        self.groups = torch.cat(groups) if gates else torch.zeros(0, dtype=torch.long)
+        self.owner = torch.tensor(owner, dtype=torch.long)  # (G,) the gate of each prototype
+        radii = torch.cat([g.radii for g in gates]) if gates else torch.zeros(0)
+        self.count = torch.zeros(offsets).index_add_(0, self.groups, torch.ones(len(self.groups)))
+        self.threshold = torch.zeros(offsets).scatter_reduce(0, self.groups, radii, reduce="amin", include_self=False)
+
+    def reached(self, feature: torch.Tensor) -> torch.Tensor:
+        """(gates,) bool: which gates this input's token states (T, d) reach."""
+        if self.size == 0:
+            return torch.zeros(0, dtype=torch.bool)
+        best = (self.keys @ feature.float().T).max(dim=1).values
+        score = torch.zeros(len(self.count)).index_add_(0, self.groups, best) / self.count
+        near = (1.0 - score).clamp_min(0.0) / (1.0 - self.threshold).clamp_min(1e-6) <= 1.0
+        return torch.zeros(self.size).index_add_(0, self.owner, near.float()) > 0
+
+
 def covers(outer: Gate | None, inner: Gate | None) -> bool:
     """Does a circuit gated by ``outer`` act on every input one gated by ``inner`` acts on? (Ungated acts
     everywhere.)"""

@@ -26,6 +26,14 @@ if TYPE_CHECKING:
     from .runtime import Runtime
 
 
+def _example(prompt_ids: list[int], completion_ids: list[int], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, labels) of one sequence: the completion's tokens are the targets."""
+    ids = torch.tensor([prompt_ids + completion_ids], device=device)
+    labels = ids.clone()
+    labels[:, : len(prompt_ids)] = -100
+    return ids, labels
+
+
 @dataclass
 class LearnResult:
     circuit_id: str
@@ -227,7 +235,7 @@ class ContextLearner:
         """A new circuit (in no scope yet) keyed on these base-model inputs: explained-variance A, B = 0."""
         rt = self.rt
         factors = init_factors(
-            capture,
+            {n: capture[n] for n in rt.circuit_modules},
             {n: layer.out_features for n, layer in rt.layers.items()},
             rt.config.adapter.circuit_rank,
             rt.config.learning.init_from_activations,
@@ -239,8 +247,12 @@ class ContextLearner:
         circuit.key_self = key_activations([circuit], capture)[0]
         return circuit
 
-    def _train(self, agent_id: str, circuit: Circuit, ids: torch.Tensor, labels: torch.Tensor, skip=None) -> float:
-        """``steps_per_learn`` Adam steps on the circuit's trainable factors (damped if SCREENED); the first loss."""
+    def _train(
+        self, agent_id: str, circuit: Circuit, examples: list[tuple[torch.Tensor, torch.Tensor]], skip=None
+    ) -> float:
+        """``steps_per_learn`` Adam steps on the circuit's trainable factors (damped if SCREENED), each on the mean
+        loss of ``examples`` (ids, labels): the interaction and the learner's own variants of it; returns the
+        interaction's first loss."""
         cfg = self.rt.config.learning
         params = [t for _, t in self._params(circuit)]
         opt = self._optimizer(circuit)
@@ -252,10 +264,10 @@ class ContextLearner:
         first = None
         try:
             for _ in range(cfg.steps_per_learn):
-                loss = self._loss(agent_id, ids, labels, trainable=True, skip=skip)
-                first = float(loss.detach()) if first is None else first
+                losses = [self._loss(agent_id, ids, labels, trainable=True, skip=skip) for ids, labels in examples]
+                first = float(losses[0].detach()) if first is None else first
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                (sum(losses) / len(losses)).backward()
                 if cfg.max_grad_norm:
                     torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                 opt.step()
@@ -265,6 +277,23 @@ class ContextLearner:
                 t.grad = None
         self.rt.hierarchy.scope(("context", agent_id)).touch()
         return first
+
+    def _variants(self, prompt_ids: list[int], completion_ids: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The learner's own rewrites of the interaction (``LearningConfig.learn_variants``), as (ids, labels): a
+        plain-text prompt as a user's message through the chat template, answered by the completion."""
+        rt = self.rt
+        out = []
+        plain = rt.chat.content_span(prompt_ids) == (0, len(prompt_ids))
+        if "chat" in rt.config.learning.learn_variants and plain and getattr(rt.tokenizer, "chat_template", None):
+            eos = rt.tokenizer.eos_token_id
+            body = [t for t in completion_ids if t != eos]
+            reply = rt.tokenizer.decode(body, skip_special_tokens=True).strip()
+            question = rt.tokenizer.decode(prompt_ids, skip_special_tokens=True).strip()
+            if reply and question:
+                chat = rt.chat_ids([{"role": "user", "content": question}])
+                answer = rt.encode(reply, special=False) + ([eos] if eos is not None else [])
+                out.append(_example(chat, answer, rt.device))
+        return out
 
     @staticmethod
     def _another_fact(circuit: Circuit, feature: torch.Tensor, completion: str) -> bool:
@@ -288,9 +317,7 @@ class ContextLearner:
 
     def learn(self, agent_id: str, prompt_ids: list[int], completion_ids: list[int], critical: bool) -> LearnResult:
         rt, cfg = self.rt, self.rt.config.learning
-        ids = torch.tensor([prompt_ids + completion_ids], device=rt.device)
-        labels = ids.clone()
-        labels[:, : len(prompt_ids)] = -100
+        ids, labels = _example(prompt_ids, completion_ids, rt.device)
         texts = self._texts(prompt_ids, completion_ids)
         capture = self._capture_base(agent_id, ids)
         feature = None
@@ -347,7 +374,7 @@ class ContextLearner:
             )
         best.observe_example(1.0 if spawned else best_act, *texts)
         routes = skip()
-        loss_before = self._train(agent_id, best, ids, labels, routes)
+        loss_before = self._train(agent_id, best, [(ids, labels), *self._variants(prompt_ids, completion_ids)], routes)
         best.critical = best.critical or critical
         best.updated_tick = rt.clock.tick
         best.origin_interactions.append(rt.clock.interactions)
@@ -375,9 +402,7 @@ class ContextLearner:
         wavegen.controller).
         """
         rt = self.rt
-        ids = torch.tensor([prompt_ids + completion_ids], device=rt.device)
-        labels = ids.clone()
-        labels[:, : len(prompt_ids)] = -100
+        ids, labels = _example(prompt_ids, completion_ids, rt.device)
         targets = ids[0, len(prompt_ids) :]
         circuit = self._keyed_circuit(self._capture_base(agent_id, ids), "", "")
         if rt.router.enabled:  # gated like a context circuit: it holds this prompt's continuation

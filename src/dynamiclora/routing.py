@@ -24,7 +24,7 @@ from torch import nn
 from .chat import ChatFormat
 from .circuits import Circuit
 from .config import LearningConfig
-from .gates import Gate
+from .gates import Gate, TokenGateIndex
 
 # Fixed, varied prompts (code and prose) whose features' spread is the unit of route distances.
 REFERENCE_PROMPTS = (
@@ -56,6 +56,7 @@ REFERENCE_PROMPTS = (
 
 
 MEMO_SIZE = 256  # route features of the most recent distinct prompts
+INDEX_CACHE_SIZE = 8  # sets of token gates matched at once (see TokenGateIndex)
 
 
 class _Captured(Exception):
@@ -79,6 +80,7 @@ class Router:
     _unit: float | None = None
     _background: torch.Tensor | None = None
     _memo: OrderedDict[tuple[int, ...], torch.Tensor] = field(default_factory=OrderedDict)
+    _indexes: OrderedDict[tuple[int, ...], tuple[list[Gate], TokenGateIndex]] = field(default_factory=OrderedDict)
 
     @property
     def enabled(self) -> bool:
@@ -221,7 +223,25 @@ class Router:
             return 1.0 - (1.0 - theta) * distance
         return theta / distance
 
-    @staticmethod
-    def skip(gated_rows: list[list[Circuit]], features: torch.Tensor) -> tuple[frozenset[str], ...]:
-        """Per row, the ids of its gated circuits (``gated_rows[i]``) that its prompt's feature does not reach."""
-        return tuple(frozenset(c.id for c in row if c.gate.distance(f) > 1.0) for row, f in zip(gated_rows, features))
+    def skip(self, gated_rows: list[list[Circuit]], features) -> tuple[frozenset[str], ...]:
+        """Per row, the ids of its gated circuits (``gated_rows[i]``) that its prompt's feature does not reach.
+        Token gates are matched all at once (:class:`TokenGateIndex`, kept for the most recent sets of gates)."""
+        out = []
+        for row, f in zip(gated_rows, features):
+            token = [c for c in row if c.gate.tokens] if self.tokens else []
+            pooled = [c for c in row if not (self.tokens and c.gate.tokens)]
+            unreached = {c.id for c in pooled if c.gate.distance(f) > 1.0}
+            if token:
+                reached = self._index([c.gate for c in token]).reached(f)
+                unreached.update(c.id for c, hit in zip(token, reached.tolist()) if not hit)
+            out.append(frozenset(unreached))
+        return tuple(out)
+
+    def _index(self, gates: list[Gate]) -> TokenGateIndex:
+        key = tuple(id(g) for g in gates)  # gates are immutable: a circuit that changes gets a new one
+        if key not in self._indexes:
+            self._indexes[key] = (gates, TokenGateIndex(gates))  # (the gates kept alive: their ids stay theirs)
+            while len(self._indexes) > INDEX_CACHE_SIZE:
+                self._indexes.popitem(last=False)
+        self._indexes.move_to_end(key)
+        return self._indexes[key][1]

@@ -9,6 +9,7 @@ dynamics, learning, the cache or persistence, which are built on it.
 from __future__ import annotations
 
 import contextlib
+import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -57,6 +58,13 @@ class Runtime:
         if route_module not in self.layers:
             raise ConfigError(
                 f"LearningConfig.route_module {route_module!r} is not an adapted module; choose one of {names[:4]} …"
+            )
+        patterns = config.learning.circuit_modules
+        # the modules a newly learned circuit covers (LearningConfig.circuit_modules)
+        self.circuit_modules = [n for n in names if patterns is None or any(re.search(p, n) for p in patterns)]
+        if not self.circuit_modules:
+            raise ConfigError(
+                f"LearningConfig.circuit_modules={patterns!r} matches no adapted module; choose among {names[:4]} …"
             )
         self.chat = ChatFormat(tokenizer)
         self.router = Router(
