@@ -11,7 +11,7 @@ peft = pytest.importorskip("peft")
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
-from dynamiclora import DynamicLoRA, IncompatibleAdapterError, UnknownScopeError  # noqa: E402
+from dynamiclora import DynamicLoRA, GateLostWarning, IncompatibleAdapterError, UnknownScopeError  # noqa: E402
 from dynamiclora.testing import save_tiny_model  # noqa: E402
 
 from .conftest import populate  # noqa: E402
@@ -37,7 +37,8 @@ def test_export_loads_in_peft_with_equal_logits(base_dir, tmp_path, ids, what):
     dl.agent("alice").learn("def f(x):", " return x")
     out = tmp_path / "adapter"
     if what == "stack":  # a PEFT adapter cannot route: it equals the stack where alice's gated circuit acts
-        dl.export_peft(out, agent="alice")
+        with pytest.warns(GateLostWarning, match="1 of the .* circuits .* are gated"):
+            dl.export_peft(out, agent="alice")
         prompt = dl.encode("def f(x):")
         ids = torch.tensor([prompt + dl.encode(" return x", special=False)])
         expected = dl.agent("alice").logits(ids, route_tokens=len(prompt))
@@ -117,3 +118,29 @@ def test_export_of_an_empty_scope_is_refused(tmp_path):
         dl.export_peft(tmp_path / "x", scope="swarm:s")
     with pytest.raises(ValueError, match="exactly one of"):
         dl.export_peft(tmp_path / "x")
+
+
+def test_an_export_without_gated_circuits_equals_the_memory_where_no_gate_is_reached(tmp_path, recwarn):
+    base_dir = save_tiny_model(tmp_path / "base")
+    dl = DynamicLoRA.from_pretrained(base_dir)
+    populate(dl, TEAM, per_scope=2, rank=3)  # ungated circuits in every shared scope
+    dl.agent("alice").learn("def f(x):", " return x")  # one gated context circuit
+    dl.export_peft(tmp_path / "without", agent="alice", gated="exclude")
+    assert not [w for w in recwarn if issubclass(w.category, GateLostWarning)]
+    manifest = json.loads((tmp_path / "without" / "dynamiclora_export.json").read_text())
+    gated = [c for c in manifest["circuits"] if c["gated"]]
+    assert manifest["gates_lost"] == 0 and len(gated) == 1 and not gated[0]["written"]
+    assert gated[0]["scope"] == "context:alice" and "def f(x):" in gated[0]["label"]
+    assert sum(c["written"] for c in manifest["circuits"]) == len(manifest["circuits"]) - 1
+    unrelated = torch.tensor([dl.encode("import os\nprint(1)")])  # reaches no gate: the memory is its ungated part
+    exported = peft_logits(base_dir, tmp_path / "without", unrelated)
+    torch.testing.assert_close(exported, dl.agent("alice").logits(unrelated), rtol=1e-4, atol=1e-4)
+    with pytest.warns(GateLostWarning):
+        dl.export_peft(tmp_path / "with", agent="alice")
+    lost = json.loads((tmp_path / "with" / "dynamiclora_export.json").read_text())
+    assert lost["gates_lost"] == 1 and all(c["written"] for c in lost["circuits"])
+    with pytest.raises(ValueError, match="gated must be one of"):
+        dl.export_peft(tmp_path / "x", agent="alice", gated="drop")
+    dl.agent("erin", swarm="backend", domain="python").learn("SELECT 1;", " -- one")  # its context: one gated
+    with pytest.raises(UnknownScopeError, match="gated ones left out"):
+        dl.export_peft(tmp_path / "x", scope="context:erin", gated="exclude")

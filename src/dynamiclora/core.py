@@ -359,8 +359,12 @@ class DynamicLoRA:
         first time, then what changed since the last save there."""
         return self.writer.save(self.parts(), Path(state_dir), overwrite_other_model=overwrite_other_model)
 
-    def export_peft(self, out_dir: str | Path, scope: str | None = None, agent: str | None = None) -> Path:
-        """Write one scope (``scope='swarm:team'``) or an agent's whole stack (``agent='id'``) as a PEFT adapter."""
+    def export_peft(
+        self, out_dir: str | Path, scope: str | None = None, agent: str | None = None, gated: str = "include"
+    ) -> Path:
+        """Write one scope (``scope='swarm:team'``) or an agent's whole stack (``agent='id'``) as a PEFT adapter.
+        A PEFT adapter cannot route: ``gated`` says what becomes of gated circuits ('include': written as always
+        acting, with a GateLostWarning; 'exclude': left out). See peft_io.export_peft."""
         from .peft_io import export_peft
 
         if (scope is None) == (agent is None):
@@ -371,7 +375,7 @@ class DynamicLoRA:
             scopes, what = self.hierarchy.stack_scopes(agent), f"agent {agent!r}'s stack"
         else:
             scopes, what = [self.hierarchy.scope(ScopeKey.parse(scope))], f"scope {scope!r}"
-        return export_peft(scopes, what, self.layers, self.model_id, Path(out_dir))
+        return export_peft(scopes, what, self.layers, self.model_id, Path(out_dir), gated)
 
     def import_peft(self, adapter_dir: str | Path, scope: str = "foundation", label: str | None = None) -> Circuit:
         """Bring a PEFT LoRA adapter in as one pinned circuit of ``scope`` (e.g. 'foundation', 'domain:python')."""

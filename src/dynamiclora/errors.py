@@ -69,3 +69,7 @@ class IncompatibleAdapterError(DynamicLoRAError, ValueError):
 
 class SwarmSyncError(DynamicLoRAError, RuntimeError):
     """Ranks of a distributed swarm could not exchange their tick (a rank died, hung or is out of step)."""
+
+
+class GateLostWarning(UserWarning):
+    """An export wrote gated circuits as always acting: the adapter differs from the memory off their prompts."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .circuits import Circuit, concat_factors
-from .errors import IncompatibleAdapterError, UnknownScopeError
+from .errors import GateLostWarning, IncompatibleAdapterError, InvalidInputError, UnknownScopeError
 from .hierarchy import Scope
 from .store import atomic_write
 
@@ -30,19 +31,47 @@ PREFIX = "base_model.model."
 KEY_RE = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")
 
 
+GATED_CHOICES = ("include", "exclude")
+MANIFEST = "dynamiclora_export.json"  # beside the adapter: what the export kept and what it lost
+
+
 def export_peft(
-    scopes: list[Scope], what: str, layers: dict[str, StackedLinear], model_id: str, out_dir: Path
+    scopes: list[Scope],
+    what: str,
+    layers: dict[str, StackedLinear],
+    model_id: str,
+    out_dir: Path,
+    gated: str = "include",
 ) -> Path:
     """Write these scopes' circuits (``what`` names them in errors) as one PEFT LoRA adapter (ranks concatenated).
 
-    A PEFT adapter cannot route: gated circuits are written as always acting, so the adapter equals the agent on
-    the prompts its gated circuits reach (see gates.py), and adds them elsewhere too.
+    A PEFT adapter cannot route. ``gated="include"``: gated circuits are written as always acting, so the adapter
+    equals the memory only on inputs that reach every gated circuit, and adds them elsewhere too (a
+    :class:`GateLostWarning` says so). ``gated="exclude"``: they are left out, so the adapter equals the memory on
+    inputs that reach no gated circuit and lacks what they learned. Either way ``dynamiclora_export.json`` lists
+    every circuit, whether it was written and whether its gate was lost.
     """
-    circuits = [c for s in scopes for c in s.circuits.values()]
+    if gated not in GATED_CHOICES:
+        raise InvalidInputError(f"gated must be one of {GATED_CHOICES}, got {gated!r}")
+    every = [c for s in scopes for c in s.circuits.values()]
+    circuits = [c for c in every if gated == "include" or c.gate is None]
     if not circuits:
-        raise UnknownScopeError(f"{what} holds no circuits: there is nothing to export")
+        left = f" ({len(every)} gated ones left out by gated='exclude')" if every else ""
+        raise UnknownScopeError(f"{what} holds no circuits to export{left}: there is nothing to export")
+    lost = [c for c in circuits if c.gate is not None]
+    if lost:
+        warnings.warn(
+            f"{len(lost)} of the {len(circuits)} circuits exported from {what} are gated; a PEFT adapter cannot "
+            "route, so they act on every input there (off their prompts the adapter differs from the memory). "
+            "gated='exclude' leaves them out instead; dynamiclora_export.json lists them",
+            GateLostWarning,
+            stacklevel=3,
+        )
     tensors, rank, conv1d = {}, 0, set()
+    covered = {m for c in circuits for m in c.factors}  # modules no circuit covers are left out of the adapter
     for name, layer in layers.items():
+        if name not in covered:
+            continue
         a, b = concat_factors(circuits, name, layer.in_features, layer.out_features)
         rank = a.shape[0]
         tensors[f"{PREFIX}{name}.lora_A.weight"] = a.detach().float().cpu().contiguous()
@@ -56,7 +85,7 @@ def export_peft(
         "r": rank,
         "lora_alpha": rank,
         "lora_dropout": 0.0,
-        "target_modules": sorted(layers),
+        "target_modules": sorted(covered),
         "bias": "none",
         "fan_in_fan_out": bool(conv1d),
         "use_rslora": False,
@@ -71,6 +100,23 @@ def export_peft(
     atomic_write(
         out_dir / "adapter_config.json", lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2, sort_keys=True))
     )
+    written = {c.id for c in circuits}
+    manifest = {
+        "exported_from": what,
+        "gated": gated,
+        "gates_lost": len(lost),
+        "circuits": [
+            {
+                "id": c.id,
+                "scope": f"{c.tier}:{c.scope}" if c.scope else c.tier,
+                "label": c.label,
+                "gated": c.gate is not None,
+                "written": c.id in written,
+            }
+            for c in every
+        ],
+    }
+    atomic_write(out_dir / MANIFEST, lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=2)))
     return out_dir
 
 
