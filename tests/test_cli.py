@@ -47,9 +47,13 @@ def test_export_peft_cli(tmp_path, capsys):
     dl = DynamicLoRA.from_pretrained(save_tiny_model(tmp_path / "base"))
     dl.agent("alice", swarm="s", domain="d").learn("def f(x):", " return x")
     dl.save(tmp_path / "state")
-    assert main(["export-peft", str(tmp_path / "state"), str(tmp_path / "out"), "--agent", "alice"]) == 0
+    with pytest.warns(UserWarning, match="gated"):
+        assert main(["export-peft", str(tmp_path / "state"), str(tmp_path / "out"), "--agent", "alice"]) == 0
     config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
     assert config["r"] == dl.config.adapter.circuit_rank
+    assert main(["export-peft", str(tmp_path / "state"), str(tmp_path / "none"), "--agent", "alice", "--gated",
+                 "exclude"]) == 2  # fmt: skip
+    assert "gated ones left out" in capsys.readouterr().err
     assert main(["export-peft", str(tmp_path / "state"), str(tmp_path / "out2"), "--scope", "swarm:s"]) == 2
     assert "holds no circuits" in capsys.readouterr().err
 
@@ -106,10 +110,12 @@ def test_editing_benchmark_quick_writes_its_records(tmp_path):
 
     editing.main(["--quick", "--out", str(tmp_path)])
     record = json.loads((tmp_path / "editing-cpu-quick.json").read_text())
-    assert [m["label"] for m in record["methods"]][:2] == [
+    assert [m["label"] for m in record["methods"]] == [
         "prototype gate (embeddings)",
-        "token gate (distinctive token states)",
+        "fact circuits: token gate, rank 1 on v_proj, chat variant",
+        "WISE-style side memory",
     ]
+    assert set(record["methods"][1]["exported"]) >= {"reliability", "locality_general", "forward_ratio"}
     for method in record["methods"]:
         assert [row["edits"] for row in method["rows"]] == [1, 10]
         for row in method["rows"]:
@@ -117,6 +123,7 @@ def test_editing_benchmark_quick_writes_its_records(tmp_path):
             assert 0 <= row["locality_general"] <= 1 and row["bytes_per_fact"] > 0
     first = record["methods"][0]["rows"][0]
     assert first["reliability"] == 1.0 and first["locality_general"] == 1.0  # one gated edit: exact elsewhere
+    assert first["perplexity_change"] > -0.5
     assert (tmp_path / "editing-cpu-quick.png").exists()
 
 

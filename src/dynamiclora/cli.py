@@ -180,7 +180,7 @@ def cmd_export_peft(args: argparse.Namespace) -> int:
     from .core import DynamicLoRA
 
     dl = DynamicLoRA.load(args.state_dir)
-    out = dl.export_peft(args.out, scope=args.scope, agent=args.agent)
+    out = dl.export_peft(args.out, scope=args.scope, agent=args.agent, gated=args.gated)
     Console().print(f"wrote PEFT adapter to {out}")
     return 0
 
@@ -199,7 +199,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         "continual": continual,
         "persistence": persistence,
     }
-    benches[args.name].main(["--out", args.out, "--model", args.model] + (["--quick"] if args.quick else []))
+    own = ["--out", args.out, "--model", args.model] + (["--quick"] if args.quick else [])
+    benches[args.name].main(own + list(getattr(args, "options", [])))
     return 0
 
 
@@ -249,6 +250,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--scope", help="one scope: 'foundation', 'domain:NAME', 'swarm:NAME', 'agent:ID', 'context:ID'"
     )
     group.add_argument("--agent", help="an agent id: export its whole stack")
+    p.add_argument(
+        "--gated",
+        choices=["include", "exclude"],
+        default="include",
+        help="gated circuits (a PEFT adapter cannot route): write them as always acting (include, warns) or leave "
+        "them out (exclude); dynamiclora_export.json lists what was kept and lost",
+    )
     p.set_defaults(func=cmd_export_peft)
     p = sub.add_parser("bench", help=cmd_bench.__doc__)
     p.add_argument(
@@ -286,7 +294,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.func is not cmd_bench:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.options = extra  # a benchmark's own options (bench editing --steps 1,10, bench continual --gates)
     try:
         return args.func(args)
     except (DynamicLoRAError, FileNotFoundError) as exc:

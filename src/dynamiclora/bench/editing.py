@@ -15,18 +15,21 @@ Run: ``python benchmarks/editing.py`` (SmolLM2, T up to 100; ``--quick``: a tiny
 
 from __future__ import annotations
 
+import copy
 import statistics
 import time
 from pathlib import Path
 
 import torch
 
-from ..continual.methods import DynamicLoRAMethod, Method, SequentialLoRA, encode
-from .editing_data import GENERAL, GENERAL_CHAT, PARAPHRASE_KINDS, Fact, facts
+from ..continual.methods import DynamicLoRAMethod, Method, Replay, SequentialLoRA, encode, perplexity
+from .editing_data import GENERAL, GENERAL_CHAT, PARAPHRASE_KINDS, Fact, facts, heldout_texts
 from .record import arguments, model_path, model_suffix, selected_model, write
+from .wise import WiseSideMemory
 
 MAX_TRIES = 4  # learn calls per edit, stopping once the taught prompt reproduces the target
 LOCAL_TOKENS = 4  # the base model's own next tokens that locality checks
+PERPLEXITY_FACTS = 100  # held-out perplexity: text about the first this many facts' subjects and neighbours
 
 
 def chat_prompt(tokenizer, question: str) -> list[int]:
@@ -55,6 +58,14 @@ class Probe:
             chat_prompt(tokenizer, q) for q in GENERAL_CHAT
         ]
         self.general = [self._own(model, p) for p in general]
+        chunk = lambda text: torch.tensor([tokenizer(text)["input_ids"]])  # noqa: E731
+        self.heldout_facts = [chunk(t) for t in heldout_texts(edits[:PERPLEXITY_FACTS])]
+        self.heldout_general = [chunk(t) for t in GENERAL]
+        self.base_model = model
+
+    def heldout(self, t: int) -> list[torch.Tensor]:
+        """Held-out text after ``t`` edits: about the taught subjects so far (two per fact) and general text."""
+        return self.heldout_facts[: 2 * t] + self.heldout_general
 
     @staticmethod
     @torch.no_grad()
@@ -115,6 +126,10 @@ def evaluate(method: Method, agent: str, probe: Probe, t: int) -> dict:
         "generalization": {k: token_accuracy(method, agent, v[:t]) for k, v in probe.paraphrases.items()},
         "locality_neighbour": token_accuracy(method, agent, probe.neighbours[:t]),
         "locality_general": token_accuracy(method, agent, probe.general),
+        # held-out text about the taught subjects and their neighbours, over the base model's: 0 = unchanged
+        "perplexity_change": method.perplexity(agent, probe.heldout(t))
+        / perplexity(lambda ids: probe.base_model(input_ids=ids).logits, probe.heldout(t))
+        - 1,
     }
     out["generalization_mean"] = statistics.mean(out["generalization"].values())
     return out
@@ -131,12 +146,13 @@ def run(make, probe: Probe, steps: list[int], base, agent: str = "editor") -> di
             method.learn(agent, (pair[0], pair[1] + probe_eos(method)))
             if reproduces(method, agent, pair):
                 break
+        method.end_task([(pair[0], pair[1] + probe_eos(method))])  # (replay: the edit joins its buffer)
         learn_s.append(time.perf_counter() - t0)
         tries.append(n)
         if i + 1 in steps:
             t = i + 1
             r = evaluate(method, agent, probe, t)
-            recent = learn_s[-max(1, t // 10) :]
+            recent = learn_s[-max(10, t // 10) :]  # the last tenth of the edits (at least ten)
             r.update(
                 edits=t,
                 learn_s_per_edit=statistics.mean(learn_s),
@@ -145,13 +161,58 @@ def run(make, probe: Probe, steps: list[int], base, agent: str = "editor") -> di
                 bytes_per_fact=bytes_of(method) / t,
                 forward_ratio=forward_ratio(method, agent, base, [p for p, _ in probe.general]),
             )
+            if isinstance(method, DynamicLoRAMethod):  # what the memory dynamics did to the facts meanwhile
+                circuits = [c for scope in method.dl.hierarchy.scopes.values() for c in scope.circuits.values()]
+                r.update(
+                    circuits=len(circuits),
+                    strength_mean=statistics.mean(c.strength for c in circuits) if circuits else 0.0,
+                    forgotten=len(method.dl.memory.forgotten),
+                )
             rows.append(r)
             print(f"  {method.name} T={t}: rel {r['reliability']:.2f} gen {r['generalization_mean']:.2f} "
                   f"loc {r['locality_neighbour']:.2f}/{r['locality_general']:.2f}", flush=True)  # fmt: skip
-    return {"method": method.name, "rows": rows}
+    out = {"method": method.name, "rows": rows}
+    if isinstance(method, DynamicLoRAMethod):  # what a PEFT export of the memory keeps of it
+        exported = ExportedAdapter(method, agent, base)
+        out["exported"] = evaluate(exported, agent, probe, max(steps))
+        out["exported"]["forward_ratio"] = forward_ratio(exported, agent, base, [p for p, _ in probe.general])
+        e = out["exported"]
+        print(f"  exported as PEFT: rel {e['reliability']:.2f} gen {e['generalization_mean']:.2f} "
+              f"loc {e['locality_neighbour']:.2f}/{e['locality_general']:.2f}", flush=True)  # fmt: skip
+    return out
 
 
-_eos: dict[int, list[int]] = {}
+# the fact-circuit configuration (docs/editing.md): token gates, a rank-1 circuit on every value projection
+# (99 KB with its gate on SmolLM2), trained on the prompt and on the learner's own chat rendering of it
+FACT_CIRCUITS = dict(route_match="tokens", rank=1, circuit_modules=(r"self_attn\.v_proj",), learn_variants=("chat",))
+
+
+class ExportedAdapter(Method):
+    """The agent's whole stack exported with ``export_peft`` and loaded by PEFT on a fresh copy of the base model:
+    what a user who takes the memory elsewhere gets (every gated circuit acting everywhere)."""
+
+    def __init__(self, method: DynamicLoRAMethod, agent: str, base) -> None:
+        import tempfile
+        import warnings
+
+        from peft import PeftModel
+
+        from ..errors import GateLostWarning
+
+        with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+            warnings.simplefilter("ignore", GateLostWarning)  # the loss is what this measures
+            method.dl.export_peft(tmp, agent=agent)
+            self.model = PeftModel.from_pretrained(copy.deepcopy(base), tmp).eval()  # (the unadapted base model)
+        self.name = f"{method.name}, exported as PEFT"
+
+    def learn(self, agent: str, example) -> None:
+        raise NotImplementedError("an exported adapter is evaluated, not trained")
+
+    def logits(self, agent: str, ids: torch.Tensor, prompt_tokens: int | None = None) -> torch.Tensor:
+        return self.model(input_ids=ids).logits
+
+    def trainable_parameters(self) -> int:
+        return 0
 
 
 def probe_eos(method: Method) -> list[int]:
@@ -162,7 +223,7 @@ def probe_eos(method: Method) -> list[int]:
 def main(argv: list[str] | None = None) -> dict:
     def extra(parser):
         parser.add_argument("--steps", help="edit counts, e.g. 1,10,100")
-        parser.add_argument("--methods", help="e.g. tokens,peft (of prototype, tokens, tokens-still, peft)")
+        parser.add_argument("--methods", help="of prototype, tokens, facts, tokens-still, peft, replay, wise")
 
     args = arguments(__doc__, argv, extra=extra)
     if args.quick:
@@ -191,6 +252,10 @@ def main(argv: list[str] | None = None) -> dict:
             "token gate (distinctive token states)",
             lambda: DynamicLoRAMethod(fresh(), tokenizer, ["editor"], capacity=capacity, route_match="tokens"),
         ),
+        "facts": (
+            "fact circuits: token gate, rank 1 on v_proj, chat variant",
+            lambda: DynamicLoRAMethod(fresh(), tokenizer, ["editor"], capacity=capacity, **FACT_CIRCUITS),
+        ),
         "tokens-still": (  # diagnostic: the same without ticks (no decay of the facts not used since)
             "token gate, no ticks",
             lambda: DynamicLoRAMethod(
@@ -198,8 +263,11 @@ def main(argv: list[str] | None = None) -> dict:
             ),
         ),
         "peft": ("sequential LoRA (PEFT)", lambda: _peft(model, tokenizer)),
+        "replay": ("experience replay (PEFT)", lambda: _peft(model, tokenizer, Replay)),
+        "wise": ("WISE-style side memory", lambda: _with_tokenizer(WiseSideMemory(model, tokenizer), tokenizer)),
     }
-    chosen = args.methods.split(",") if args.methods else ["prototype", "tokens", "peft"]
+    default = ["prototype", "facts", "wise"] if args.quick else ["prototype", "tokens", "facts", "peft", "replay", "wise"]
+    chosen = args.methods.split(",") if args.methods else default
     results = []
     for name, make in (methods[k] for k in chosen):
         print(name, flush=True)
@@ -247,8 +315,11 @@ def plot(results: list[dict], path: Path) -> None:
 PEFT_LR = 1e-3  # sequential LoRA at DynamicLoRA's 1e-2 wrecks the model within one edit (locality 0.00)
 
 
-def _peft(model, tokenizer) -> Method:
-    method = SequentialLoRA(model, tokenizer, lr=PEFT_LR)
+def _peft(model, tokenizer, kind=SequentialLoRA) -> Method:
+    return _with_tokenizer(kind(model, tokenizer, lr=PEFT_LR), tokenizer)
+
+
+def _with_tokenizer(method: Method, tokenizer) -> Method:
     method.tokenizer = tokenizer
     return method
 

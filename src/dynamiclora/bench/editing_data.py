@@ -127,6 +127,17 @@ def facts(n: int, seed: int = 0) -> list[Fact]:
     return out
 
 
+def heldout_texts(edits: list[Fact], seed: int = 1) -> list[str]:
+    """Text for held-out perplexity near what was learned, never taught: per fact, a sentence about its subject in
+    no taught relation, and its neighbour's prompt with an answer of the same kind (a fictional one)."""
+    rng = random.Random(seed)
+    out = []
+    for f in edits:
+        out.append(f"Yesterday I read a short note about {f.subject}, and it was rather dull.")
+        out.append(f.neighbour + _target(FAMILIES[f.family][3], rng) + ".")
+    return out
+
+
 # Locality beyond the families: real facts, code, chat; the base model's own continuations must not move.
 GENERAL = (
     "The capital of France is",

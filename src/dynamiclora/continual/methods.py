@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..config import DynamicLoRAConfig, DynamicsConfig, LearningConfig
+from ..config import AdapterConfig, DynamicLoRAConfig, DynamicsConfig, LearningConfig
 from ..core import DynamicLoRA
 
 Example = tuple[list[int], list[int]]  # (prompt ids, completion ids incl. EOS)
@@ -99,9 +99,13 @@ class DynamicLoRAMethod(Method):
         radius: float | None = None,
         route_module: str | None = None,
         route_match: str = "pooled",
+        circuit_modules: tuple[str, ...] | None = None,
+        rank: int = 8,
+        learn_variants: tuple[str, ...] = (),
     ) -> None:
         # capacity: the longest stream holds 20 facts of one agent; the default 16 would drop the oldest ones
         cfg = DynamicLoRAConfig(
+            adapter=AdapterConfig(circuit_rank=rank),
             dynamics=DynamicsConfig(tick_interval=tick_interval),
             learning=LearningConfig(
                 learning_rate=lr,
@@ -110,6 +114,8 @@ class DynamicLoRAMethod(Method):
                 **({} if radius is None else {"route_radius": radius}),
                 route_module=route_module,
                 route_match=route_match,
+                circuit_modules=circuit_modules,
+                learn_variants=learn_variants,
             ),
         )
         self.dl = DynamicLoRA(model, tokenizer, cfg)
@@ -120,6 +126,9 @@ class DynamicLoRAMethod(Method):
             + ([f"route radius {radius:g}"] if radius is not None else [])
             + ([f"routed at {route_module}"] if route_module is not None else [])
             + (["token gates"] if route_match == "tokens" else [])
+            + ([f"rank {rank}"] if rank != 8 else [])
+            + ([f"on {', '.join(circuit_modules)}"] if circuit_modules else [])
+            + ([f"learns {', '.join(learn_variants)} variants"] if learn_variants else [])
             + ([f"tick every {tick_interval}"] if tick_interval != 100 else [])
         )
         if details:
