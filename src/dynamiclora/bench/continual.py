@@ -15,6 +15,7 @@ import torch
 
 from ..continual import streams
 from ..continual.methods import (
+    FACT_CIRCUITS,
     DynamicLoRAMethod,
     FastSlowEMA,
     Method,
@@ -259,15 +260,19 @@ def targets(reports: list[dict]) -> tuple[dict, list[str]]:
     return {name: {"measured": value, "met": ok} for name, value, ok in rows}, md
 
 
-def gates(quick: bool, lr: float) -> dict:
-    """DynamicLoRA on the facts stream with the pooled gate and with token gates, side by side in one run."""
+GATE_CONFIGS = {"pooled": {"route_match": "pooled"}, "tokens": {"route_match": "tokens"}, "facts": FACT_CIRCUITS}
+
+
+def gates(quick: bool, lr: float, which: list[str]) -> dict:
+    """DynamicLoRA on the facts stream with the pooled gate, token gates and fact circuits (token gates on rank-1
+    circuits of the value projections, trained with the chat variant), the ones in ``which``, in one run."""
     stream = streams.facts(tasks=3, per_task=2, rounds=2) if quick else streams.facts()
     tok = fresh(quick)[1]
     chunks = held_out_chunks(tok, quick)
     agents = sorted({t.agent for t in stream.tasks})
     results = []
-    for match in ("pooled", "tokens"):
-        learner = DynamicLoRAMethod(fresh(quick)[0], tok, agents, lr=lr, route_match=match)
+    for name in which:
+        learner = DynamicLoRAMethod(fresh(quick)[0], tok, agents, lr=lr, **GATE_CONFIGS[name])
         results.append(run(stream, learner, tok, chunks))
     return {"stream": stream.name, "lr": lr, "base_perplexity": base_perplexity(fresh(quick)[0], chunks),
             "results": results}  # fmt: skip
@@ -275,12 +280,17 @@ def gates(quick: bool, lr: float) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     args = arguments(
-        __doc__, argv, extra=lambda p: p.add_argument("--gates", action="store_true", help="pooled vs token gates")
+        __doc__,
+        argv,
+        extra=lambda p: p.add_argument(
+            "--gates", nargs="?", const="pooled,tokens,facts", help="DynamicLoRA alone, e.g. pooled,tokens,facts"
+        ),
     )
-    if args.gates:  # DynamicLoRA alone, pooled and token gates: about 10 min on the default model
-        report = gates(args.quick, LEARNING_RATES[0] if args.quick or selected_model() == "stdlib" else 3e-3)
+    if args.gates:  # DynamicLoRA alone, three ways: about 15 min on the default model
+        lr = LEARNING_RATES[0] if args.quick or selected_model() == "stdlib" else 3e-3
+        report = gates(args.quick, lr, args.gates.split(","))
         name = "continual-gates-cpu" + ("-quick" if args.quick else model_suffix())
-        md = ["# Continual learning: pooled vs token gates (cpu)", "", *table(report), ""]
+        md = ["# Continual learning: pooled gates, token gates, fact circuits (cpu)", "", *table(report), ""]
         write(Path(args.out), name, {"streams": [report]}, "\n".join(md) + "\n")
         print("\n".join(md))
         return {"reports": [report]}

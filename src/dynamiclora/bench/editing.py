@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from ..continual.methods import DynamicLoRAMethod, Method, Replay, SequentialLoRA, encode, perplexity
+from ..continual.methods import FACT_CIRCUITS, DynamicLoRAMethod, Method, Replay, SequentialLoRA, encode, perplexity
 from .editing_data import GENERAL, GENERAL_CHAT, PARAPHRASE_KINDS, Fact, facts, heldout_texts
 from .record import arguments, model_path, model_suffix, selected_model, write
 from .wise import WiseSideMemory
@@ -182,11 +182,6 @@ def run(make, probe: Probe, steps: list[int], base, agent: str = "editor") -> di
     return out
 
 
-# the fact-circuit configuration (docs/editing.md): token gates, a rank-1 circuit on every value projection
-# (99 KB with its gate on SmolLM2), trained on the prompt and on the learner's own chat rendering of it
-FACT_CIRCUITS = dict(route_match="tokens", rank=1, circuit_modules=(r"self_attn\.v_proj",), learn_variants=("chat",))
-
-
 class ExportedAdapter(Method):
     """The agent's whole stack exported with ``export_peft`` and loaded by PEFT on a fresh copy of the base model:
     what a user who takes the memory elsewhere gets (every gated circuit acting everywhere)."""
@@ -266,7 +261,8 @@ def main(argv: list[str] | None = None) -> dict:
         "replay": ("experience replay (PEFT)", lambda: _peft(model, tokenizer, Replay)),
         "wise": ("WISE-style side memory", lambda: _with_tokenizer(WiseSideMemory(model, tokenizer), tokenizer)),
     }
-    default = ["prototype", "facts", "wise"] if args.quick else ["prototype", "tokens", "facts", "peft", "replay", "wise"]
+    everything = ["prototype", "tokens", "facts", "peft", "replay", "wise"]
+    default = ["prototype", "facts", "wise"] if args.quick else everything
     chosen = args.methods.split(",") if args.methods else default
     results = []
     for name, make in (methods[k] for k in chosen):

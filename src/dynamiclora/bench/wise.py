@@ -8,11 +8,13 @@ of Large Language Models", NeurIPS 2024), implemented from the paper's descripti
 * The router: an input's activation score is ``Δ(x) = mean over its prompt tokens of ‖a(x) (W' − W)ᵀ‖``, with a(x)
   the down-projection's input. The side memory answers the whole sequence when ``Δ(x) > ε``; the main memory
   (the base) otherwise. ``ε = act_ratio × the lowest score among the edits so far`` (WISE's calibration).
-* Each edit step: the target's cross-entropy on the edit prompt and on it after ``prefixes`` random prefixes (short
-  greedy continuations of the base model, WISE's augmentation), plus the margin loss
-  ``max(0, Δ(x_i) − α) + max(0, β − Δ(x_e)) + max(0, γ − (Δ(x_e) − Δ(x_i)))`` on irrelevant inputs x_i (the
-  router's fixed reference prompts, never an evaluation prompt). α, β, γ are WISE's 5 / 20 / 10 scaled by this
-  model's typical down-projection output norm over 20 (the paper's values are for LLaMA-2-7B's activations).
+* Each edit: ``steps`` steps of plain SGD (lr 1.0, as WISE), each on the target's cross-entropy on the edit
+  prompt and on it after ``prefixes`` random prefixes (short greedy continuations of the base model, WISE's
+  augmentation), plus the margin loss ``max(0, Δ(x_i) − α) + max(0, β − Δ(x_e)) + max(0, γ − (Δ(x_e) − Δ(x_i)))``
+  on ``irrelevant`` inputs x_i (drawn from the router's fixed reference prompts, never an evaluation prompt).
+  α, β, γ are WISE's 5 / 20 / 10 scaled by this model's typical down-projection output norm over 20 (the paper's
+  values are for LLaMA-2-7B's activations). Fewer prefixes, irrelevant inputs and steps than the paper's, to fit
+  a CPU.
 """
 
 from __future__ import annotations
@@ -36,11 +38,12 @@ class WiseSideMemory(Method):
         self,
         model,
         tokenizer,
-        steps: int = 20,
-        lr: float = 1e-3,
+        steps: int = 10,
+        lr: float = 1.0,
         mask_ratio: float = 0.2,
         act_ratio: float = 0.88,
-        prefixes: int = 2,
+        prefixes: int = 1,
+        irrelevant: int = 2,
         seed: int = 0,
     ) -> None:
         self.model = copy.deepcopy(model).eval()
@@ -52,8 +55,12 @@ class WiseSideMemory(Method):
         self.side = torch.nn.Parameter(self.main.clone())
         g = torch.Generator().manual_seed(seed)
         self.mask = (torch.rand(self.main.shape, generator=g) < mask_ratio).float()
-        self.optimizer = torch.optim.Adam([self.side], lr=lr)
+        # plain SGD, as WISE edits: a gradient step keeps the side memory's change in the span of the edit's own
+        # activations, which is what lets the activation score tell edits from other inputs (Adam's per-element
+        # normalization spreads the change over every masked weight)
+        self.optimizer = torch.optim.SGD([self.side], lr=lr)
         self.steps, self.act_ratio, self.rng = steps, act_ratio, random.Random(seed)
+        self.n_prefixes, self.n_irrelevant = prefixes, irrelevant
         self.epsilon: float | None = None  # act_ratio × the lowest edit score seen
         self._mode = "main"  # the hook's switch: "side" applies W', "main" W, "routed" chooses by Δ(x) > ε
         self._scores: list[torch.Tensor] = []
@@ -101,7 +108,7 @@ class WiseSideMemory(Method):
     # -- Method ---------------------------------------------------------------------------------------
     def learn(self, agent: str, example: Example) -> None:
         p, c = example
-        variants = [p] + [pre + p for pre in self.rng.sample(self.prefixes, min(len(self.prefixes), 2))]
+        variants = [p] + [pre + p for pre in self.rng.sample(self.prefixes, self.n_prefixes)]
         self._mode = "side"
         for _ in range(self.steps):
             loss = torch.zeros(())
@@ -114,7 +121,7 @@ class WiseSideMemory(Method):
                 self._prompt_tokens = len(prompt)
                 loss = loss + self.model(input_ids=ids, labels=labels).loss / len(variants)
                 edit_scores.append(self._scores[-1][0])
-            irrelevant = torch.stack([self._score(ids) for ids in self.rng.sample(self.irrelevant, 4)])
+            irrelevant = torch.stack([self._score(ids) for ids in self.rng.sample(self.irrelevant, self.n_irrelevant)])
             edit = torch.stack(edit_scores)
             margin = (
                 (irrelevant - self.alpha).clamp_min(0).mean()

@@ -84,6 +84,11 @@ class Method(ABC):
         return perplexity(lambda ids: self.logits(agent, ids), chunks)
 
 
+# fact circuits (docs/editing.md): token gates, a rank-1 circuit on every value projection (99 KB with its gate on
+# SmolLM2), trained on the prompt and on the learner's own chat rendering of it; DynamicLoRAMethod's keywords
+FACT_CIRCUITS = dict(route_match="tokens", rank=1, circuit_modules=(r"self_attn\.v_proj",), learn_variants=("chat",))
+
+
 class DynamicLoRAMethod(Method):
     name = "DynamicLoRA"
 
