@@ -325,15 +325,21 @@ def _markdown(results: list[dict]) -> str:
         "# Knowledge editing (cpu)",
         "",
         "| method | T | reliability | generalization (" + " / ".join(PARAPHRASE_KINDS) + ") | mean | "
-        "locality neighbour | locality general | learn s/edit | bytes/fact | forward / base |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "locality neighbour | locality general | held-out perplexity | learn s/edit (last tenth) | bytes/fact "
+        "| forward / base |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        for row in r["rows"]:
+        rows = [(r["label"], row) for row in r["rows"]]
+        if "exported" in r:  # the memory exported as PEFT, after the last edit
+            rows.append((f"{r['label']}, exported as PEFT", {**r["rows"][-1], **r["exported"], "exported": True}))
+        for label, row in rows:
             g = " / ".join(f"{row['generalization'][k]:.2f}" for k in PARAPHRASE_KINDS)
+            ppl = f"{row['perplexity_change']:+.1%}" if "perplexity_change" in row else "–"
+            learn = "–" if row.get("exported") else f"{row['learn_s_per_edit']:.2f} ({row['learn_s_recent']:.2f})"
             lines.append(
-                f"| {r['label']} | {row['edits']} | {row['reliability']:.2f} | {g} | {row['generalization_mean']:.2f} "
-                f"| {row['locality_neighbour']:.2f} | {row['locality_general']:.2f} | {row['learn_s_per_edit']:.2f} "
+                f"| {label} | {row['edits']} | {row['reliability']:.2f} | {g} | {row['generalization_mean']:.2f} "
+                f"| {row['locality_neighbour']:.2f} | {row['locality_general']:.2f} | {ppl} | {learn} "
                 f"| {row['bytes_per_fact'] / 1e3:,.0f} KB | {row['forward_ratio']:.2f}× |"
             )
     return "\n".join(lines) + "\n"
