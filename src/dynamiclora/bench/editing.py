@@ -149,6 +149,9 @@ def run(make, probe: Probe, steps: list[int], base, agent: str = "editor") -> di
         method.end_task([(pair[0], pair[1] + probe_eos(method))])  # (replay: the edit joins its buffer)
         learn_s.append(time.perf_counter() - t0)
         tries.append(n)
+        if (i + 1) % 50 == 0:  # progress of a long run, useful even if it is cut off
+            print(f"  edit {i + 1}: last 50 {statistics.mean(learn_s[-50:]):.2f} s/edit, "
+                  f"{statistics.mean(tries[-50:]):.2f} learn calls/edit", flush=True)  # fmt: skip
         if i + 1 in steps:
             t = i + 1
             r = evaluate(method, agent, probe, t)
@@ -171,7 +174,7 @@ def run(make, probe: Probe, steps: list[int], base, agent: str = "editor") -> di
             rows.append(r)
             print(f"  {method.name} T={t}: rel {r['reliability']:.2f} gen {r['generalization_mean']:.2f} "
                   f"loc {r['locality_neighbour']:.2f}/{r['locality_general']:.2f}", flush=True)  # fmt: skip
-    out = {"method": method.name, "rows": rows}
+    out = {"method": method.name, "rows": rows, "per_edit": {"learn_s": learn_s, "learn_calls": tries}}
     if isinstance(method, DynamicLoRAMethod):  # what a PEFT export of the memory keeps of it
         exported = ExportedAdapter(method, agent, base)
         out["exported"] = evaluate(exported, agent, probe, max(steps))
