@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -25,7 +27,9 @@ def naive_logits(dl, agent_id: str, ids: torch.Tensor) -> torch.Tensor:
 
         def hook(module, inputs, output, name=name):
             x = inputs[0]
-            delta = sum(c.scale * (x @ c.factors[name][0].T) @ c.factors[name][1].T for c in circuits)
+            delta = sum(
+                c.scale * (x @ c.factors[name][0].T) @ c.factors[name][1].T for c in circuits if name in c.factors
+            )
             return output + delta
 
         hooks.append(layer.base_layer.register_forward_hook(hook))
@@ -71,6 +75,29 @@ def test_heterogeneous_batch_equals_rows_alone(any_dl):
     assert any_dl.planner.plan(agents).hetero
     for row, agent in enumerate(agents):
         alone = any_dl.agent(agent).logits(ids[row : row + 1])
+        torch.testing.assert_close(batch[row : row + 1], alone, rtol=1e-4, atol=1e-4)
+
+
+def test_circuits_on_some_modules_leave_the_others_to_the_base_layer(ids):
+    """Circuits that cover some modules only (fact circuits: the value projections): a module no circuit of a
+    plan covers gets no low-rank path at all, and the output is still the naive sum, alone and batched."""
+    dl = make_dl(config=DynamicLoRAConfig(adapter=AdapterConfig(merged_tiers=())))
+    populate(dl, TEAM, per_scope=2, rank=3)
+    for i, scope in enumerate(dl.hierarchy.scopes.values()):
+        kept = r"self_attn\.v_proj" if i % 2 else r"self_attn\.(q|v)_proj"  # grouped with q in some scopes
+        for c in scope.circuits.values():
+            c.factors = {n: f for n, f in c.factors.items() if re.search(kept, n)}
+        scope.touch()
+    dl.planner.clear()
+    agents = list(TEAM)
+    plan = dl.planner.plan(agents)
+    for name, mp in plan.modules.items():
+        assert (mp.a is not None) == bool(re.search(r"self_attn\.(q|v)_proj", name)), name
+    batch_ids = ids[:1].expand(len(agents), -1)
+    batch, _ = dl.forward(agents, batch_ids)
+    for row, agent in enumerate(agents):
+        alone = dl.agent(agent).logits(ids[:1])
+        torch.testing.assert_close(alone, naive_logits(dl, agent, ids[:1]), rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(batch[row : row + 1], alone, rtol=1e-4, atol=1e-4)
 
 

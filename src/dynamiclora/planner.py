@@ -167,8 +167,12 @@ class Planner:
                 mp.weight_rows = [
                     (rows.to(device), None if wt is None else wt[name]) for rows, wt in zip(merge_rows, weights)
                 ]
-            parts = [self._factors(gc, layer, column, len(circuits), observe) for gc in group_circuits]
-            r_max = max(p[0].shape[0] for p in parts)
+            # a module that none of the plan's circuits covers runs as the base layer (or merged weight) alone
+            covered = any(name in c.factors for c in circuits)
+            parts = (
+                [self._factors(gc, layer, column, len(circuits), observe) for gc in group_circuits] if covered else []
+            )
+            r_max = max(p[0].shape[0] for p in parts) if parts else 0
             if r_max > 0:
                 # padding ranks with zeros at the end changes no row's sums: a row batched equals the row alone
                 a = torch.stack([F.pad(p[0], (0, 0, 0, r_max - p[0].shape[0])) for p in parts])  # (U, R, in)
@@ -193,12 +197,13 @@ class Planner:
         return BatchPlan(agent_ids, modules, circuits, merged_circuits, row_columns, hetero)
 
     def _share_projections(self, modules: dict[str, ModulePlan], hetero: bool) -> None:
-        """Give each input group's first module the concatenated A of the group (one matmul instead of several)."""
+        """Give the first adapted module of each input group the concatenated A of the group's adapted modules (one
+        matmul instead of several)."""
         dim = 2  # rank axis of A: (B or 1, in, R)
         obs_dim = 1 if hetero else 0  # rank axis of the observation map: (B, R, C) or (R, C)
         for group in self.input_groups:
-            plans = [modules[name] for name in group]
-            if len(plans) < 2 or any(p.a is None for p in plans):
+            plans = [modules[name] for name in group if modules[name].a is not None]  # (in layer order)
+            if len(plans) < 2:
                 continue
             offset = 0
             for p in plans:
