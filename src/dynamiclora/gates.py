@@ -76,13 +76,9 @@ class Gate:
         """(k,) each key's distance to this input in units of its radius (token gates: its prototype's)."""
         if not self.tokens:
             return (self.keys - feature.reshape(1, -1).float()).norm(dim=-1) / self.radii.clamp_min(1e-12)
-        best = (self.keys @ feature.float().T).max(dim=1).values  # each key's best match among the input's tokens
-        ids, index = torch.unique(self.groups, return_inverse=True)
-        count = torch.zeros(len(ids)).index_add_(0, index, torch.ones_like(best))
-        score = torch.zeros(len(ids)).index_add_(0, index, best) / count
-        threshold = torch.zeros(len(ids)).scatter_reduce(0, index, self.radii, reduce="amin", include_self=False)
-        per_group = (1.0 - score).clamp_min(0.0) / (1.0 - threshold).clamp_min(1e-6)
-        return per_group[index]
+        index = torch.unique(self.groups, return_inverse=True)[1]
+        count, threshold = _prototypes(index, self.radii)
+        return _prototype_distances(self.keys, index, count, threshold, feature)[index]
 
     def distance(self, feature: torch.Tensor) -> float:
         """Distance to the nearest key (token gates: prototype) in units of its radius: ≤ 1 means the input
@@ -177,17 +173,33 @@ class TokenGateIndex:
         self.groups = torch.cat(groups) if gates else torch.zeros(0, dtype=torch.long)
         self.owner = torch.tensor(owner, dtype=torch.long)  # (G,) the gate of each prototype
         radii = torch.cat([g.radii for g in gates]) if gates else torch.zeros(0)
-        self.count = torch.zeros(offsets).index_add_(0, self.groups, torch.ones(len(self.groups)))
-        self.threshold = torch.zeros(offsets).scatter_reduce(0, self.groups, radii, reduce="amin", include_self=False)
+        self.count, self.threshold = _prototypes(self.groups, radii)
 
     def reached(self, feature: torch.Tensor) -> torch.Tensor:
         """(gates,) bool: which gates this input's token states (T, d) reach."""
         if self.size == 0:
             return torch.zeros(0, dtype=torch.bool)
-        best = (self.keys @ feature.float().T).max(dim=1).values
-        score = torch.zeros(len(self.count)).index_add_(0, self.groups, best) / self.count
-        near = (1.0 - score).clamp_min(0.0) / (1.0 - self.threshold).clamp_min(1e-6) <= 1.0
+        near = _prototype_distances(self.keys, self.groups, self.count, self.threshold, feature) <= 1.0
         return torch.zeros(self.size).index_add_(0, self.owner, near.float()) > 0
+
+
+def _prototypes(groups: torch.Tensor, radii: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per prototype (``groups``: each key's prototype, 0 … G-1): its number of keys and its threshold."""
+    size = int(groups.max()) + 1 if groups.numel() else 0
+    count = torch.zeros(size).index_add_(0, groups, torch.ones(len(groups)))
+    threshold = torch.zeros(size).scatter_reduce(0, groups, radii, reduce="amin", include_self=False)
+    return count, threshold
+
+
+def _prototype_distances(
+    keys: torch.Tensor, groups: torch.Tensor, count: torch.Tensor, threshold: torch.Tensor, feature: torch.Tensor
+) -> torch.Tensor:
+    """(G,) each prototype's distance to an input's token states (T, d), in units of its threshold: each key's
+    best cosine over the tokens, averaged over the prototype's keys, as ``(1 - match) / (1 - threshold)``; at most 1
+    where the input reaches it."""
+    best = (keys @ feature.float().T).max(dim=1).values  # each key's best match among the input's tokens
+    score = torch.zeros(len(count)).index_add_(0, groups, best) / count
+    return (1.0 - score).clamp_min(0.0) / (1.0 - threshold).clamp_min(1e-6)
 
 
 def covers(outer: Gate | None, inner: Gate | None) -> bool:
