@@ -171,6 +171,35 @@ def test_a_look_alike_fact_with_another_answer_gets_its_own_circuit_and_both_ans
         assert dl.agent("alice").generate(prompt, max_new_tokens=8, use_cache=False).text.startswith(completion)
 
 
+def test_a_new_key_keeps_out_of_screened_keys_only_where_those_circuits_act():
+    """Protection with gates: a new circuit's key is kept off a SCREENED circuit's key when the new prompt reaches
+    that circuit's gate (they act together there), and not when it does not (they never act together): then the
+    key is what it would be unprotected."""
+    keys = {}
+    for protect in (True, False):
+        config = DynamicLoRAConfig(
+            learning={"route_match": "tokens", "route_module": "model.layers.1.self_attn.q_proj"},
+            dynamics={"tick_interval": 0, "protect_screened": protect},
+        )
+        dl = make_dl(config=config)
+        dl.agent("alice", swarm="team", domain="python")
+        first = dl.hierarchy.find_circuit(dl.agent("alice").learn(*FACT).circuit_id)[1]
+        first.phase = "SCREENED"
+        elsewhere = dl.agent("alice").learn("import os\nprint(os.getcwd())", " /home").circuit_id
+        look_alike = dl.agent("alice").learn("def zorbexkamun_level():", " return 42").circuit_id
+        assert len({first.id, elsewhere, look_alike}) == 3
+        factors = lambda circuit_id: dl.hierarchy.find_circuit(circuit_id)[1].factors  # noqa: E731
+        keys[protect] = {"first": first.factors, "elsewhere": factors(elsewhere), "look-alike": factors(look_alike)}
+    unprotected_overlap = 0.0
+    for name, (a_first, _) in keys[True]["first"].items():
+        a_elsewhere, a_alike = keys[True]["elsewhere"][name][0], keys[True]["look-alike"][name][0]
+        torch.testing.assert_close(a_elsewhere, keys[False]["elsewhere"][name][0])  # not protected: no shared input
+        assert float((a_alike @ a_first.T).abs().max()) < 1e-4, name  # protected: off the first one's key
+        overlap = float((keys[False]["look-alike"][name][0] @ a_first.T).abs().max())
+        unprotected_overlap = max(unprotected_overlap, overlap)
+    assert unprotected_overlap > 0.1  # (the two prompts share inputs: unprotected, the keys overlap)
+
+
 def test_forgetting_one_owner_of_a_shared_token_key_keeps_it_a_token_gate():
     dl = tokens_dl()
     for agent in ("ana", "ben"):

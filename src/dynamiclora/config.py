@@ -326,7 +326,11 @@ class DynamicsConfig:
     )
     resonance_max_gain: float = field(default=1.5, metadata=_help("... capped at this multiple of one delta."))
     protect_screened: bool = field(
-        default=True, metadata=_help("Keep new circuits' keys orthogonal to SCREENED keys in the same scope.")
+        default=True,
+        metadata=_help(
+            "Keep a new circuit's key orthogonal to the keys of the SCREENED circuits of its stack that act on its "
+            "prompt (ungated ones, and gated ones the prompt reaches)."
+        ),
     )
 
     def __post_init__(self) -> None:

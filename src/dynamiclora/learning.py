@@ -212,7 +212,8 @@ class ContextLearner:
     def _spawn(
         self, agent_id: str, capture: dict[str, torch.Tensor], protect_from: list[Circuit]
     ) -> tuple[Circuit, str | None]:
-        """A new context circuit keyed on these inputs (off the SCREENED keys' span); drops the weakest if full."""
+        """A new context circuit keyed on these inputs (off the span of the SCREENED keys among ``protect_from``);
+        drops the weakest if full."""
         rt, cfg = self.rt, self.rt.config.learning
         scope = rt.hierarchy.scope(("context", agent_id))
         dropped = None
@@ -360,7 +361,12 @@ class ContextLearner:
             others = [c for c in context if c.gate is not None and c.gate.tokens and c.gate.distance(feature) <= 1.0]
             spawned = True
         if spawned:
-            best, dropped = self._spawn(agent_id, capture, context + slower)
+            # kept out of the keys of the SCREENED circuits that act where it will: ungated ones and those whose
+            # gates this prompt reaches (a gated circuit elsewhere never acts with it, and a thousand facts'
+            # keys would fill the input space; at T = 1,000 new facts needed ever more learn calls)
+            theta = cfg.attribution_threshold  # (a routed circuit's affinity is at least theta where it is reached)
+            acting = [c for c, a in zip(context + slower, acts) if c.gate is None or a >= theta]
+            best, dropped = self._spawn(agent_id, capture, acting)
             best_act = 0.0
             self.on_use(best)
         if feature is not None and (spawned or (best.gate is not None and best.gate.distance(feature) > 1e-6)):
