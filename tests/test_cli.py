@@ -70,6 +70,18 @@ def test_forward_benchmark_quick_writes_its_records(tmp_path):
     assert (tmp_path / "forward-cpu-quick.md").exists() and (tmp_path / "forward-cpu-quick.png").exists()
 
 
+def test_reach_benchmark_quick_counts_earlier_gates_each_prompt_reaches(tmp_path):
+    from dynamiclora.bench import reach
+
+    record = reach.main(["--quick", "--out", str(tmp_path)])
+    rows = record["rows"]
+    assert [r["edits"] for r in rows][0] == [1, 6] and rows[-1]["edits"][1] == 60
+    for r in rows:
+        assert 0.0 <= r["prompts_reaching_any"] <= 1.0 and r["reached_per_prompt"] >= r["prompts_reaching_any"]
+    assert rows[0]["reached_per_prompt"] <= (6 - 1) / 2  # at most the facts taught before each prompt
+    assert (tmp_path / "reach-cpu-quick.md").exists()
+
+
 def test_dynamics_benchmark_quick_writes_its_records(tmp_path):
     from dynamiclora.bench import dynamics
 

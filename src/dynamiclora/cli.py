@@ -187,7 +187,7 @@ def cmd_export_peft(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """Run a benchmark and write JSON + markdown (+ plots) under the output directory."""
-    from .bench import continual, dynamics, editing, forward, persistence, server, swarm, wavegen
+    from .bench import continual, dynamics, editing, forward, persistence, reach, server, swarm, wavegen
 
     benches = {
         "editing": editing,
@@ -198,6 +198,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         "server": server,
         "continual": continual,
         "persistence": persistence,
+        "reach": reach,
     }
     own = ["--out", args.out, "--model", args.model] + (["--quick"] if args.quick else [])
     benches[args.name].main(own + list(getattr(args, "options", [])))
@@ -260,7 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export_peft)
     p = sub.add_parser("bench", help=cmd_bench.__doc__)
     p.add_argument(
-        "name", choices=["forward", "dynamics", "wavegen", "swarm", "server", "continual", "persistence", "editing"]
+        "name",
+        choices=["forward", "dynamics", "wavegen", "swarm", "server", "continual", "persistence", "editing", "reach"],
     )
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--quick", action="store_true", help="tiny model only, few repeats")
