@@ -362,8 +362,8 @@ class ContextLearner:
             spawned = True
         if spawned:
             # kept out of the keys of the SCREENED circuits that act where it will: ungated ones and those whose
-            # gates this prompt reaches (a gated circuit elsewhere never acts with it, and a thousand facts'
-            # keys would fill the input space; at T = 1,000 new facts needed ever more learn calls)
+            # gates this prompt reaches (a gated circuit elsewhere never acts with it, and 576 rank-1 fact keys
+            # would fill a value projection's whole input space)
             theta = cfg.attribution_threshold  # (a routed circuit's affinity is at least theta where it is reached)
             acting = [c for c, a in zip(context + slower, acts) if c.gate is None or a >= theta]
             best, dropped = self._spawn(agent_id, capture, acting)

@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> dict:
         *(
             f"| {r['edits'][0]}–{r['edits'][1]} | {r['reached_per_prompt']:.2f} | {r['prompts_reaching_any']:.2f} |"
             for r in rows
-        ),  # fmt: skip
+        ),
     ]
     name = "reach-cpu" + ("-quick" if args.quick else model_suffix())
     md = "\n".join(lines) + "\n"
