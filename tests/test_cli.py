@@ -74,11 +74,17 @@ def test_reach_benchmark_quick_counts_earlier_gates_each_prompt_reaches(tmp_path
     from dynamiclora.bench import reach
 
     record = reach.main(["--quick", "--out", str(tmp_path)])
-    rows = record["rows"]
-    assert [r["edits"] for r in rows][0] == [1, 6] and rows[-1]["edits"][1] == 60
-    for r in rows:
-        assert 0.0 <= r["prompts_reaching_any"] <= 1.0 and r["reached_per_prompt"] >= r["prompts_reaching_any"]
-    assert rows[0]["reached_per_prompt"] <= (6 - 1) / 2  # at most the facts taught before each prompt
+    assert list(record["rules"]) == list(reach.RULES)
+    for rule in record["rules"].values():
+        rows = rule["spans"]
+        assert [r["edits"] for r in rows][0] == [1, 6] and rows[-1]["edits"][1] == 60
+        for r in rows:
+            assert 0.0 <= r["prompts_reaching_any"] <= 1.0 and r["reached_per_prompt"] >= r["prompts_reaching_any"]
+        assert rows[0]["reached_per_prompt"] <= (6 - 1) / 2  # at most the facts taught before each prompt
+        assert all(0.0 <= v <= 1.0 for v in rule["own_gate_reached"].values())
+    # raising the reached gates can only lower what later prompts reach
+    both, alike = (record["rules"][r]["spans"] for r in ("look-alike, both ways", "look-alike"))
+    assert sum(r["reached_per_prompt"] for r in both) <= sum(r["reached_per_prompt"] for r in alike)
     assert (tmp_path / "reach-cpu-quick.md").exists()
 
 

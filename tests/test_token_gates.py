@@ -171,6 +171,29 @@ def test_a_look_alike_fact_with_another_answer_gets_its_own_circuit_and_both_ans
         assert dl.agent("alice").generate(prompt, max_new_tokens=8, use_cache=False).text.startswith(completion)
 
 
+def test_a_look_alike_fact_raises_the_gate_it_reached_above_its_own_prompt():
+    """Both ways (``exclude_lookalikes``): the first fact's gate, which the look-alike prompt reached, is raised
+    above it, so the first circuit no longer acts on the second fact's prompt; it still reaches its own prompt, and
+    its content hash moves with its gate. Off, the gate stays."""
+    other = ("def zorbexkamun_level():", " return 42")
+    for exclude in (True, False):
+        config = DynamicLoRAConfig(
+            learning={"route_match": "tokens", "route_module": "model.layers.1.self_attn.q_proj",
+                      "exclude_lookalikes": exclude},
+            dynamics={"tick_interval": 0},
+        )  # fmt: skip
+        dl = make_dl(config=config)
+        dl.agent("alice", swarm="team", domain="python")
+        feature = lambda text: dl.router.features([dl.encode(text)])[0]  # noqa: E731
+        first = dl.hierarchy.find_circuit(dl.agent("alice").learn(*FACT).circuit_id)[1]
+        before = first.content_hash()
+        assert 1e-6 < first.gate.distance(feature(other[0])) <= 1.0  # the look-alike reaches it
+        assert dl.agent("alice").learn(*other).circuit_id != first.id
+        assert (first.gate.distance(feature(other[0])) > 1.0) is exclude
+        assert (first.content_hash() != before) is exclude
+        assert first.gate.distance(feature(FACT[0])) <= 1.0  # its own prompt still reaches it
+
+
 def test_a_new_key_keeps_out_of_screened_keys_only_where_those_circuits_act():
     """Protection with gates: a new circuit's key is kept off a SCREENED circuit's key when the new prompt reaches
     that circuit's gate (they act together there), and not when it does not (they never act together): then the

@@ -182,6 +182,14 @@ class LearningConfig:
         ),
     )
     route_keys: int = field(default=3, metadata=_help("Token gates: distinctive token states per prototype."))
+    exclude_lookalikes: bool = field(
+        default=True,
+        metadata=_help(
+            "Token gates: a new prompt that reaches gates of circuits holding other answers gets a circuit of its own "
+            "above their prompts, and (True) those gates are raised above it too, so their circuits no longer act on "
+            "it. Halves how many earlier gates a taught prompt reaches at 1,000 facts (see docs/editing.md)."
+        ),
+    )
     learn_variants: tuple[str, ...] = field(
         default=(),
         metadata=_help(

@@ -29,6 +29,8 @@ from .circuits import tensor_digest
 from .errors import InvalidInputError
 
 MAX_KEYS = 16  # per gate (token gates: prototypes); a circuit attributed more prompts keeps the most recent ones
+THRESHOLD_MARGIN = 0.02  # token gates: a threshold set against a prompt lies this far above that prompt's match
+THRESHOLD_CAP = 0.995  # token gates: no threshold above this (a prompt's own variants must still reach it)
 Owners = tuple[tuple[str, ...], ...]
 
 
@@ -88,6 +90,17 @@ class Gate:
     def reached_by(self, feature: torch.Tensor) -> torch.Tensor:
         """(k,) bool: which keys this input reaches (token gates: every key of each prototype it reaches)."""
         return self._distances(feature) <= 1.0
+
+    def excluding(self, feature: torch.Tensor) -> Gate:
+        """Token gates: this gate with each prototype that ``feature`` (an input's token states) reaches raised to
+        ``THRESHOLD_MARGIN`` above that input's match (at most ``THRESHOLD_CAP``); the others as they are."""
+        if not self.tokens:
+            raise InvalidInputError("only a token gate can be raised above an input")
+        index = torch.unique(self.groups, return_inverse=True)[1]
+        count, threshold = _prototypes(index, self.radii)
+        score = _prototype_scores(self.keys, index, count, feature)
+        raised = torch.where(score >= threshold, (score + THRESHOLD_MARGIN).clamp(max=THRESHOLD_CAP), threshold)
+        return Gate(self.keys, raised.maximum(threshold)[index], self.owners, self.groups)
 
     def keeping(self, keep: torch.Tensor, owners: Owners | None = None) -> Gate | None:
         """This gate with only the keys where ``keep`` (k,) is true (and ``owners`` for them, if given); None when
@@ -197,9 +210,17 @@ def _prototype_distances(
     """(G,) each prototype's distance to an input's token states (T, d), in units of its threshold: each key's
     best cosine over the tokens, averaged over the prototype's keys, as ``(1 - match) / (1 - threshold)``; at most 1
     where the input reaches it."""
-    best = (keys @ feature.float().T).max(dim=1).values  # each key's best match among the input's tokens
-    score = torch.zeros(len(count)).index_add_(0, groups, best) / count
+    score = _prototype_scores(keys, groups, count, feature)
     return (1.0 - score).clamp_min(0.0) / (1.0 - threshold).clamp_min(1e-6)
+
+
+def _prototype_scores(
+    keys: torch.Tensor, groups: torch.Tensor, count: torch.Tensor, feature: torch.Tensor
+) -> torch.Tensor:
+    """(G,) each prototype's match to an input's token states (T, d): its keys' best cosines over the tokens,
+    averaged over the prototype's keys."""
+    best = (keys @ feature.float().T).max(dim=1).values  # each key's best match among the input's tokens
+    return torch.zeros(len(count)).index_add_(0, groups, best) / count
 
 
 def covers(outer: Gate | None, inner: Gate | None) -> bool:

@@ -360,6 +360,10 @@ class ContextLearner:
             # that circuit's fact asked another way: it gets a circuit of its own, with a threshold above their prompts
             others = [c for c in context if c.gate is not None and c.gate.tokens and c.gate.distance(feature) <= 1.0]
             spawned = True
+            if cfg.exclude_lookalikes:  # and theirs no longer reach it: their circuits stop acting on this prompt
+                for c in others:
+                    if self._another_fact(c, feature, texts[1]):
+                        c.gate = c.gate.excluding(feature)
         if spawned:
             # kept out of the keys of the SCREENED circuits that act where it will: ungated ones and those whose
             # gates this prompt reaches (a gated circuit elsewhere never acts with it, and 576 rank-1 fact keys

@@ -24,7 +24,7 @@ from torch import nn
 from .chat import ChatFormat
 from .circuits import Circuit
 from .config import LearningConfig
-from .gates import Gate, TokenGateIndex
+from .gates import THRESHOLD_CAP, THRESHOLD_MARGIN, Gate, TokenGateIndex
 
 # Fixed, varied prompts (code and prose) whose features' spread is the unit of route distances.
 REFERENCE_PROMPTS = (
@@ -171,7 +171,8 @@ class Router:
     ) -> tuple[torch.Tensor, float]:
         """The prompt's most distinctive token states (least like any background token), and the threshold: 0.9 of
         the worst match among the learner's own variants of the prompt (a line before it, doubled spaces, lower
-        case), never as low as the best match any background prompt or any of the ``negatives`` gets (+0.02).
+        case), never as low as the best match any background prompt or any of the ``negatives`` gets
+        (+ ``THRESHOLD_MARGIN``).
         (Choosing the keys against the negatives too picks template words a neighbour shares: on the editing
         benchmark neighbour locality fell from 0.94 to 0.78.)"""
         background = self.background
@@ -182,7 +183,7 @@ class Router:
         def match(states: torch.Tensor) -> float:
             return 1.0 - probe.distance(states)  # at threshold 0: the mean best cosine
 
-        floor = max(match(f) for f in [*self._reference_features(), *negatives]) + 0.02
+        floor = max(match(f) for f in [*self._reference_features(), *negatives]) + THRESHOLD_MARGIN
         start, end = self.chat.content_span(prompt_ids)
         variants = []
         if (start, end) == (0, len(prompt_ids)):  # plain text: the learner's own variants of it
@@ -192,7 +193,7 @@ class Router:
                 if ids and ids != list(prompt_ids):
                     variants.append(ids)
         worst = min((match(f) for f in self.features(variants)), default=0.95)
-        return keys, float(min(max(0.9 * worst, floor), 0.995))
+        return keys, float(min(max(0.9 * worst, floor), THRESHOLD_CAP))
 
     def _reference_ids(self) -> list[list[int]]:
         return [list(self.tokenizer(p)["input_ids"]) or [0] for p in REFERENCE_PROMPTS]
