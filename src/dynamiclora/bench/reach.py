@@ -28,6 +28,7 @@ import torch
 
 from ..continual.methods import FACT_CIRCUITS, DynamicLoRAMethod
 from ..gates import Gate, TokenGateIndex
+from .editing import chat_prompt
 from .editing_data import PARAPHRASE_KINDS, facts
 from .record import arguments, model_path, model_suffix, selected_model, write
 
@@ -74,8 +75,6 @@ def teach(router, features: list[torch.Tensor], prompts: list[list[int]], answer
 
 
 def measure(model, tokenizer, total: int) -> dict:
-    from .editing import chat_prompt
-
     router = DynamicLoRAMethod(model, tokenizer, ["editor"], capacity=1, **FACT_CIRCUITS).dl.runtime.router
     data = facts(total)
     encode = lambda text: list(tokenizer(text)["input_ids"])  # noqa: E731
