@@ -123,6 +123,11 @@ class Router:
             handle.remove()
         return out if self.tokens else torch.stack(out)
 
+    def forget_features(self) -> None:
+        """Drop the remembered route features: the next request for any prompt routes it from scratch (what a
+        benchmark of a new request's cost needs; results never depend on it)."""
+        self._memo.clear()
+
     @property
     def tokens(self) -> bool:
         return self.config.route_match == "tokens"

@@ -104,13 +104,20 @@ def bytes_of(method: Method) -> int:
 
 
 @torch.no_grad()
-def forward_ratio(method: Method, agent: str, base, prompts: list[list[int]], repeats: int = 3) -> float:
+def forward_ratio(
+    method: Method, agent: str, base, prompts: list[list[int]], repeats: int = 3, first_time: bool = False
+) -> float:
     """Median time of the method's forward over ``prompts`` (routing included) over the base model's, measured
-    round-robin."""
+    round-robin. ``first_time``: every forward routes its prompt afresh, as a new request does (its route
+    features not yet remembered: a partial base forward before the adapted one); otherwise they are remembered,
+    as while a request decodes."""
+    router = method.dl.runtime.router if isinstance(method, DynamicLoRAMethod) else None
     mine, theirs = [], []
     for _ in range(repeats):
         for ids in prompts:
             x = torch.tensor([ids])
+            if first_time and router is not None:
+                router.forget_features()
             t0 = time.perf_counter()
             method.logits(agent, x, len(ids))
             t1 = time.perf_counter()
@@ -163,6 +170,10 @@ def run(make, probe: Probe, steps: list[int], base, agent: str = "editor") -> di
                 learn_calls_per_edit=statistics.mean(tries),
                 bytes_per_fact=bytes_of(method) / t,
                 forward_ratio=forward_ratio(method, agent, base, [p for p, _ in probe.general]),
+                # a new request for a taught fact (it reaches its circuit), routed from scratch
+                forward_ratio_first=forward_ratio(
+                    method, agent, base, [p for p, _ in probe.edits[max(0, t - 16) : t]], first_time=True
+                ),
             )
             if isinstance(method, DynamicLoRAMethod):  # what the memory dynamics did to the facts meanwhile
                 circuits = [c for scope in method.dl.hierarchy.scopes.values() for c in scope.circuits.values()]
@@ -329,7 +340,7 @@ def _markdown(results: list[dict]) -> str:
         "",
         "| method | T | reliability | generalization (" + " / ".join(PARAPHRASE_KINDS) + ") | mean | "
         "locality neighbour | locality general | held-out perplexity | learn s/edit (last tenth) | bytes/fact "
-        "| forward / base |",
+        "| forward / base (decoding / a new request) |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
@@ -340,9 +351,14 @@ def _markdown(results: list[dict]) -> str:
             g = " / ".join(f"{row['generalization'][k]:.2f}" for k in PARAPHRASE_KINDS)
             ppl = f"{row['perplexity_change']:+.1%}" if "perplexity_change" in row else "–"
             learn = "–" if row.get("exported") else f"{row['learn_s_per_edit']:.2f} ({row['learn_s_recent']:.2f})"
+            first = (
+                "–"
+                if row.get("exported") or "forward_ratio_first" not in row
+                else f"{row['forward_ratio_first']:.2f}×"
+            )
             lines.append(
                 f"| {label} | {row['edits']} | {row['reliability']:.2f} | {g} | {row['generalization_mean']:.2f} "
                 f"| {row['locality_neighbour']:.2f} | {row['locality_general']:.2f} | {ppl} | {learn} "
-                f"| {row['bytes_per_fact'] / 1e3:,.0f} KB | {row['forward_ratio']:.2f}× |"
+                f"| {row['bytes_per_fact'] / 1e3:,.0f} KB | {row['forward_ratio']:.2f}× / {first} |"
             )
     return "\n".join(lines) + "\n"
