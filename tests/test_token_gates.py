@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dynamiclora import DynamicLoRA, DynamicLoRAConfig
-from dynamiclora.gates import Gate
+from dynamiclora.gates import Gate, TokenGateIndex
 
 from .conftest import make_dl, random_circuit
 
@@ -240,15 +240,13 @@ def test_forgetting_one_owner_of_a_shared_token_key_keeps_it_a_token_gate():
 
 
 def test_many_token_gates_matched_at_once_reach_what_each_gate_reaches_alone():
-    from dynamiclora.gates import TokenGateIndex
-
     g = torch.Generator().manual_seed(0)
     unit = lambda *shape: torch.nn.functional.normalize(torch.randn(*shape, generator=g), dim=-1)  # noqa: E731
     gates = []
-    for i in range(40):  # one to three prototypes each, thresholds across the range the router gives
-        gate = Gate.prototype(unit(3, 16), 0.5 + 0.01 * i)
-        for _ in range(i % 3):
-            gate = gate.with_key(unit(3, 16), 0.7)
+    for i in range(40):  # one to three prototypes each, thresholds across the range the router gives, some strict
+        gate = Gate.prototype(unit(3, 16), 0.5 + 0.01 * i, strict=i % 4 == 0)
+        for k in range(i % 3):
+            gate = gate.with_key(unit(3, 16), 0.7 if k else 0.5, strict=i % 5 == 0)
         gates.append(gate)
     index = TokenGateIndex(gates)
     hits = 0
@@ -277,3 +275,53 @@ def test_a_learned_circuit_covers_only_the_modules_learning_config_names():
         torch.testing.assert_close(agent_logits(dl, "alice", text), base_logits(dl, text), rtol=0, atol=0)
     with pytest.raises(Exception, match="circuit_modules"):
         make_dl(config=DynamicLoRAConfig(learning={"circuit_modules": ("no_such_module",)}))
+
+
+def test_a_strict_gate_needs_every_key_so_an_input_sharing_two_of_three_does_not_reach_it():
+    g = torch.Generator().manual_seed(1)
+    unit = lambda *shape: torch.nn.functional.normalize(torch.randn(*shape, generator=g), dim=-1)  # noqa: E731
+    keys = unit(3, 32)
+    mean, strict = Gate.prototype(keys, 0.6), Gate.prototype(keys, 0.6, strict=True)
+    near = lambda x: torch.nn.functional.normalize(x + 0.2 * unit(*x.shape), dim=-1)  # noqa: E731
+    whole = torch.cat([unit(2, 32), near(keys)])  # every distinctive piece, a little moved (another context)
+    two_of_three = torch.cat([unit(2, 32), keys[:2], unit(1, 32)])  # a look-alike name: two pieces exactly
+    for gate in (mean, strict):
+        assert gate.distance(whole) <= 1.0
+    assert mean.distance(two_of_three) <= 1.0  # the mean of 1, 1 and a random match passes 0.6
+    assert strict.distance(two_of_three) > 1.0
+    assert strict.excluding(whole).distance(whole) > 1.0  # raised above an input by its own (lowest) match
+    index = TokenGateIndex([mean, strict])
+    assert index.reached(two_of_three).tolist() == [True, False]
+    assert mean.covers(strict) and not strict.covers(mean)  # a strict prototype reaches less
+
+
+def test_a_strict_gate_is_content_and_survives_save_load_ranks_and_consensus(tmp_path):
+    from dynamiclora.dynamics.distributed import _pack, _unpack
+    from dynamiclora.dynamics.resonance import Proposal
+    from dynamiclora.gates import union
+
+    config = DynamicLoRAConfig(learning={"route_match": "tokens", "route_strict": True}, dynamics={"tick_interval": 0})
+    dl = make_dl(config=config)
+    circuit = learned(dl)
+    gate = circuit.gate
+    assert gate.strict is not None and bool(gate.strict.all())
+    feature = lambda text: dl.router.features([dl.encode(text)])[0]  # noqa: E731
+    for text in REACHED:  # the paraphrases still reach it
+        assert gate.distance(feature(text)) <= 1.0, text
+    for text in NOT_REACHED:
+        assert gate.distance(feature(text)) > 1.0, text
+    digest = circuit.content_hash()
+    circuit.gate = Gate(gate.keys, gate.radii, gate.owners, gate.groups)  # the same numbers, not strict
+    assert circuit.content_hash() != digest
+    circuit.gate = gate
+    before = {t: agent_logits(dl, "alice", t) for t in (FACT[0], *REACHED, *NOT_REACHED)}
+    dl.save(tmp_path / "state")
+    again = DynamicLoRA.load(tmp_path / "state", model=make_dl().model, tokenizer=dl.tokenizer)
+    loaded = again.hierarchy.find_circuit(circuit.id)[1]
+    assert loaded.content_hash() == digest and torch.equal(loaded.gate.strict, gate.strict)
+    for text, then in before.items():
+        torch.testing.assert_close(agent_logits(again, "alice", text), then, rtol=0, atol=0)
+    back = _unpack(_pack(Proposal(circuit, frozenset({"alice"}), "alice", 1.0)), torch.device("cpu"))
+    assert back.circuit.content_hash() == digest
+    merged = union([gate, Gate.prototype(gate.keys, float(gate.radii[0]))])  # a strict and a mean copy stay two
+    assert merged.strict is not None and merged.strict.tolist() == [True] * 3 + [False] * 3

@@ -14,7 +14,9 @@ Two kinds, one per routing mode (``LearningConfig.route_match``):
   fixed background prompts (a fictional name, a rare identifier: what the fact is about), unit-norm; an input's
   feature is its own token states. Each key is matched by its best cosine over the input's tokens, and the input
   reaches the prototype when the keys' mean match is at least the prototype's threshold (kept in ``radii``, the
-  same for every key of a prototype). Rewording, a line before, a chat template or other spacing keep the fact's
+  same for every key of a prototype). A *strict* prototype (``strict``) takes its keys' lowest match instead of
+  their mean: every key must be matched, so a name that shares two of three distinctive pieces with a taught one
+  does not reach it. Rewording, a line before, a chat template or other spacing keep the fact's
   distinctive tokens; a neighbour (the template about another entity) and unrelated inputs lack them.
 """
 
@@ -42,6 +44,7 @@ class Gate:
     # it decides what forgetting an agent or a prompt may remove, never where the gate acts, so it is not hashed
     owners: Owners = ()
     groups: torch.Tensor | None = None  # (k,) int64: token gates, each key's prototype; None: a pooled gate
+    strict: torch.Tensor | None = None  # (k,) bool: token gates, whether each key's prototype needs every key matched
 
     def __post_init__(self) -> None:
         if self.keys.dim() != 2 or self.radii.shape != (self.keys.shape[0],):
@@ -52,6 +55,8 @@ class Gate:
             raise InvalidInputError(f"a gate of {self.keys.shape[0]} keys has {len(self.owners)} owner entries")
         if self.groups is not None and self.groups.shape != (self.keys.shape[0],):
             raise InvalidInputError(f"a token gate of {self.keys.shape[0]} keys has groups {tuple(self.groups.shape)}")
+        if self.strict is not None and (self.groups is None or self.strict.shape != (self.keys.shape[0],)):
+            raise InvalidInputError("only a token gate is strict, with one flag per key")
 
     @property
     def tokens(self) -> bool:
@@ -64,12 +69,20 @@ class Gate:
         return cls(feature.reshape(1, -1).float().cpu(), torch.tensor([float(radius)]), owners)
 
     @classmethod
-    def prototype(cls, keys: torch.Tensor, threshold: float, owner: str | None = None) -> Gate:
-        """A token gate of one prototype: ``keys`` (k, d) unit-norm token states, reached at mean match at least
-        ``threshold``."""
+    def prototype(cls, keys: torch.Tensor, threshold: float, owner: str | None = None, strict: bool = False) -> Gate:
+        """A token gate of one prototype: ``keys`` (k, d) unit-norm token states, reached at mean match (``strict``:
+        lowest match) at least ``threshold``."""
         k = keys.shape[0]
         owners = ((owner,),) * k if owner is not None else ()
-        return cls(keys.float().cpu(), torch.full((k,), float(threshold)), owners, torch.zeros(k, dtype=torch.long))
+        flags = torch.ones(k, dtype=torch.bool) if strict else None
+        return cls(
+            keys.float().cpu(), torch.full((k,), float(threshold)), owners, torch.zeros(k, dtype=torch.long), flags
+        )
+
+    @property
+    def strictness(self) -> torch.Tensor:
+        """(k,) bool: ``strict``, or all false."""
+        return self.strict if self.strict is not None else torch.zeros(self.keys.shape[0], dtype=torch.bool)
 
     def owner_of(self, i: int) -> tuple[str, ...]:
         return self.owners[i] if self.owners else ()
@@ -79,8 +92,8 @@ class Gate:
         if not self.tokens:
             return (self.keys - feature.reshape(1, -1).float()).norm(dim=-1) / self.radii.clamp_min(1e-12)
         index = torch.unique(self.groups, return_inverse=True)[1]
-        count, threshold = _prototypes(index, self.radii)
-        return _prototype_distances(self.keys, index, count, threshold, feature)[index]
+        count, threshold, strict = _prototypes(index, self.radii, self.strict)
+        return _prototype_distances(self.keys, index, count, threshold, strict, feature)[index]
 
     def distance(self, feature: torch.Tensor) -> float:
         """Distance to the nearest key (token gates: prototype) in units of its radius: ≤ 1 means the input
@@ -97,10 +110,10 @@ class Gate:
         if not self.tokens:
             raise InvalidInputError("only a token gate can be raised above an input")
         index = torch.unique(self.groups, return_inverse=True)[1]
-        count, threshold = _prototypes(index, self.radii)
-        score = _prototype_scores(self.keys, index, count, feature)
+        count, threshold, strict = _prototypes(index, self.radii, self.strict)
+        score = _prototype_scores(self.keys, index, count, strict, feature)
         raised = torch.where(score >= threshold, (score + THRESHOLD_MARGIN).clamp(max=THRESHOLD_CAP), threshold)
-        return Gate(self.keys, raised.maximum(threshold)[index], self.owners, self.groups)
+        return Gate(self.keys, raised.maximum(threshold)[index], self.owners, self.groups, self.strict)
 
     def keeping(self, keep: torch.Tensor, owners: Owners | None = None) -> Gate | None:
         """This gate with only the keys where ``keep`` (k,) is true (and ``owners`` for them, if given); None when
@@ -110,11 +123,14 @@ class Gate:
         index = keep.nonzero().flatten().tolist()
         kept = owners if owners is not None else tuple(self.owners[i] for i in index) if self.owners else ()
         groups = None if self.groups is None else torch.unique(self.groups[keep], return_inverse=True)[1]
-        return Gate(self.keys[keep], self.radii[keep], kept, groups)
+        return Gate(
+            self.keys[keep], self.radii[keep], kept, groups, None if self.strict is None else self.strict[keep]
+        )
 
-    def with_key(self, feature: torch.Tensor, radius: float, owner: str | None = None) -> Gate:
+    def with_key(self, feature: torch.Tensor, radius: float, owner: str | None = None, strict: bool = False) -> Gate:
         """This gate plus one key at ``radius`` (token gates: one prototype, ``feature`` its keys (k, d) and
-        ``radius`` its threshold); the oldest go beyond ``MAX_KEYS`` keys (token gates: prototypes)."""
+        ``radius`` its threshold, ``strict`` whether it needs every key); the oldest go beyond ``MAX_KEYS`` keys
+        (token gates: prototypes)."""
         new = feature.reshape(-1, self.keys.shape[1]).float().cpu()
         keys = torch.cat([self.keys, new])
         radii = torch.cat([self.radii, torch.full((new.shape[0],), float(radius))])
@@ -122,13 +138,15 @@ class Gate:
         if owner is not None:
             known = self.owners or tuple(() for _ in range(self.keys.shape[0]))
             owners = (*known, *(((owner,),) * new.shape[0]))
-        groups = None
+        groups = flags = None
         if self.groups is not None:
             groups = torch.cat([self.groups, torch.full((new.shape[0],), int(self.groups.max()) + 1)])
             alive = groups > int(groups.max()) - MAX_KEYS  # the newest MAX_KEYS prototypes
+            if strict or self.strict is not None:
+                flags = torch.cat([self.strictness, torch.full((new.shape[0],), bool(strict))])
         else:
             alive = torch.arange(keys.shape[0]) >= keys.shape[0] - MAX_KEYS
-        gate = Gate(keys, radii, owners, groups)
+        gate = Gate(keys, radii, owners, groups, flags)
         return gate if bool(alive.all()) else gate.keeping(alive)
 
     def covers(self, other: Gate) -> bool:
@@ -138,8 +156,9 @@ class Gate:
             return False
         gaps = torch.cdist(other.keys, self.keys)  # (k_other, k_self)
         same = gaps <= 1e-6 * other.keys.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        if self.tokens:
+        if self.tokens:  # (and as strict or less: a strict prototype reaches less than a mean one)
             wide = self.radii.unsqueeze(0) <= other.radii.unsqueeze(1) + 1e-6
+            wide &= ~self.strictness.unsqueeze(0) | other.strictness.unsqueeze(1)
         else:
             wide = self.radii.unsqueeze(0) >= other.radii.unsqueeze(1) * (1 - 1e-6)
         return bool((same & wide).any(dim=1).all())
@@ -150,19 +169,30 @@ class Gate:
         if self.groups is not None:  # a token gate: its keys mean something else
             hasher.update(b"tokens")
             tensor_digest(hasher, self.groups)
+        if self.strict is not None and bool(self.strict.any()):  # (a gate with none strict hashes as before)
+            hasher.update(b"strict")
+            tensor_digest(hasher, self.strict.to(torch.uint8))
 
     @classmethod
-    def restore(
-        cls, keys: torch.Tensor, radii: torch.Tensor, record: dict[str, Any], groups: torch.Tensor | None = None
-    ) -> Gate:
-        """A gate from its stored tensors and its circuit's record (which holds the owners)."""
+    def restore(cls, tensors: dict[str, torch.Tensor], record: dict[str, Any]) -> Gate:
+        """A gate from its tensors (as :meth:`to_tensors` gives them) and its circuit's record (which holds the
+        owners)."""
         owners = tuple(tuple(o) for o in record.get("gate_owners", []))
-        return cls(keys, radii, owners, None if groups is None else groups.long())
+        groups, strict = tensors.get("groups"), tensors.get("strict")
+        return cls(
+            tensors["route"],
+            tensors["radii"],
+            owners,
+            None if groups is None else groups.long(),
+            None if strict is None else strict > 0.5,
+        )
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
         out = {"route": self.keys.contiguous(), "radii": self.radii.contiguous()}
         if self.groups is not None:
             out["groups"] = self.groups.contiguous()
+        if self.strict is not None:
+            out["strict"] = self.strict.contiguous()
         return out
 
 
@@ -176,6 +206,7 @@ class TokenGateIndex:
             raise InvalidInputError("TokenGateIndex takes token gates only")
         self.size = len(gates)
         self.keys = torch.cat([g.keys for g in gates]) if gates else torch.zeros(0, 0)
+        strict = torch.cat([g.strictness for g in gates]) if any(g.strict is not None for g in gates) else None
         offsets, owner, groups = 0, [], []
         for i, g in enumerate(gates):
             local = torch.unique(g.groups, return_inverse=True)[1]
@@ -186,41 +217,55 @@ class TokenGateIndex:
         self.groups = torch.cat(groups) if gates else torch.zeros(0, dtype=torch.long)
         self.owner = torch.tensor(owner, dtype=torch.long)  # (G,) the gate of each prototype
         radii = torch.cat([g.radii for g in gates]) if gates else torch.zeros(0)
-        self.count, self.threshold = _prototypes(self.groups, radii)
+        self.count, self.threshold, self.strict = _prototypes(self.groups, radii, strict)
 
     def reached(self, feature: torch.Tensor) -> torch.Tensor:
         """(gates,) bool: which gates this input's token states (T, d) reach."""
         if self.size == 0:
             return torch.zeros(0, dtype=torch.bool)
-        near = _prototype_distances(self.keys, self.groups, self.count, self.threshold, feature) <= 1.0
+        near = _prototype_distances(self.keys, self.groups, self.count, self.threshold, self.strict, feature) <= 1.0
         return torch.zeros(self.size).index_add_(0, self.owner, near.float()) > 0
 
 
-def _prototypes(groups: torch.Tensor, radii: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per prototype (``groups``: each key's prototype, 0 … G-1): its number of keys and its threshold."""
+def _prototypes(
+    groups: torch.Tensor, radii: torch.Tensor, strict: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Per prototype (``groups``: each key's prototype, 0 … G-1): its number of keys, its threshold, and whether it
+    is strict (None: none is)."""
     size = int(groups.max()) + 1 if groups.numel() else 0
     count = torch.zeros(size).index_add_(0, groups, torch.ones(len(groups)))
     threshold = torch.zeros(size).scatter_reduce(0, groups, radii, reduce="amin", include_self=False)
-    return count, threshold
+    if strict is None or not bool(strict.any()):
+        return count, threshold, None
+    flags = torch.zeros(size).scatter_reduce(0, groups, strict.float(), reduce="amax", include_self=False) > 0.5
+    return count, threshold, flags
 
 
 def _prototype_distances(
-    keys: torch.Tensor, groups: torch.Tensor, count: torch.Tensor, threshold: torch.Tensor, feature: torch.Tensor
+    keys: torch.Tensor,
+    groups: torch.Tensor,
+    count: torch.Tensor,
+    threshold: torch.Tensor,
+    strict: torch.Tensor | None,
+    feature: torch.Tensor,
 ) -> torch.Tensor:
-    """(G,) each prototype's distance to an input's token states (T, d), in units of its threshold: each key's
-    best cosine over the tokens, averaged over the prototype's keys, as ``(1 - match) / (1 - threshold)``; at most 1
-    where the input reaches it."""
-    score = _prototype_scores(keys, groups, count, feature)
+    """(G,) each prototype's distance to an input's token states (T, d), in units of its threshold: its match
+    (see :func:`_prototype_scores`) as ``(1 - match) / (1 - threshold)``; at most 1 where the input reaches it."""
+    score = _prototype_scores(keys, groups, count, strict, feature)
     return (1.0 - score).clamp_min(0.0) / (1.0 - threshold).clamp_min(1e-6)
 
 
 def _prototype_scores(
-    keys: torch.Tensor, groups: torch.Tensor, count: torch.Tensor, feature: torch.Tensor
+    keys: torch.Tensor, groups: torch.Tensor, count: torch.Tensor, strict: torch.Tensor | None, feature: torch.Tensor
 ) -> torch.Tensor:
     """(G,) each prototype's match to an input's token states (T, d): its keys' best cosines over the tokens,
-    averaged over the prototype's keys."""
+    averaged over the prototype's keys (a strict prototype: their lowest)."""
     best = (keys @ feature.float().T).max(dim=1).values  # each key's best match among the input's tokens
-    return torch.zeros(len(count)).index_add_(0, groups, best) / count
+    mean = torch.zeros(len(count)).index_add_(0, groups, best) / count
+    if strict is None:
+        return mean
+    lowest = torch.full((len(count),), 2.0).scatter_reduce(0, groups, best, reduce="amin", include_self=True)
+    return torch.where(strict, lowest, mean)
 
 
 def covers(outer: Gate | None, inner: Gate | None) -> bool:
@@ -271,21 +316,25 @@ def _token_union(gates: list[Gate]) -> Gate:
     if not all(g.tokens for g in gates):
         raise InvalidInputError("cannot merge token gates with pooled ones; both sides must route the same way")
     seen: dict[bytes, int] = {}
-    protos: list[list] = []  # [keys, threshold, owners]
+    protos: list[list] = []  # [keys, threshold, owners, strict]
     for g in gates:
         for group in g.groups.unique().tolist():
             rows = (g.groups == group).nonzero().flatten().tolist()
             keys, who = g.keys[rows], set().union(*(g.owner_of(i) for i in rows))
-            sig = keys.numpy().tobytes()
+            strict = bool(g.strictness[rows[0]])
+            sig = keys.numpy().tobytes() + bytes([strict])
             if sig in seen:
                 p = protos[seen[sig]]
                 p[1], p[2] = min(p[1], float(g.radii[rows[0]])), p[2] | who
             else:
                 seen[sig] = len(protos)
-                protos.append([keys, float(g.radii[rows[0]]), who])
+                protos.append([keys, float(g.radii[rows[0]]), who, strict])
     keys = torch.cat([p[0] for p in protos])
     radii = torch.cat([torch.full((p[0].shape[0],), p[1]) for p in protos])
     groups = torch.cat([torch.full((p[0].shape[0],), i, dtype=torch.long) for i, p in enumerate(protos)])
     recorded = any(g.owners for g in gates)
     owners = tuple(tuple(sorted(p[2])) for p in protos for _ in range(p[0].shape[0])) if recorded else ()
-    return Gate(keys, radii, owners, groups)
+    flags = None
+    if any(p[3] for p in protos):
+        flags = torch.cat([torch.full((p[0].shape[0],), p[3]) for p in protos])
+    return Gate(keys, radii, owners, groups, flags)

@@ -161,18 +161,20 @@ class Router:
         ``negatives``, features of prompts it should not reach (other facts' prompts), raise its threshold."""
         if not self.tokens:
             return Gate.single(feature, self.new_radius, owner)
-        keys, threshold = self._prototype(feature, prompt_ids, list(negatives))
-        return Gate.prototype(keys, threshold, owner)
+        strict = self.config.route_strict
+        keys, threshold = self._prototype(feature, prompt_ids, list(negatives), strict)
+        return Gate.prototype(keys, threshold, owner, strict)
 
     def extend_gate(self, gate: Gate, feature: torch.Tensor, prompt_ids: list[int], owner: str) -> Gate:
         """``gate`` reaching this prompt too."""
         if not self.tokens:
             return gate.with_key(feature, self.new_radius, owner)
-        keys, threshold = self._prototype(feature, prompt_ids)
-        return gate.with_key(keys, threshold, owner)
+        strict = self.config.route_strict
+        keys, threshold = self._prototype(feature, prompt_ids, strict=strict)
+        return gate.with_key(keys, threshold, owner, strict)
 
     def _prototype(
-        self, feature: torch.Tensor, prompt_ids: list[int], negatives: list[torch.Tensor] = ()
+        self, feature: torch.Tensor, prompt_ids: list[int], negatives: list[torch.Tensor] = (), strict: bool = False
     ) -> tuple[torch.Tensor, float]:
         """The prompt's most distinctive token states (least like any background token), and the threshold: 0.9 of
         the worst match among the learner's own variants of the prompt (a line before it, doubled spaces, lower
@@ -183,10 +185,10 @@ class Router:
         background = self.background
         novelty = 1.0 - (feature @ background.T).max(dim=1).values
         keys = feature[novelty.topk(min(self.config.route_keys, feature.shape[0])).indices]
-        probe = Gate.prototype(keys, 0.0)
+        probe = Gate.prototype(keys, 0.0, strict=strict)
 
         def match(states: torch.Tensor) -> float:
-            return 1.0 - probe.distance(states)  # at threshold 0: the mean best cosine
+            return 1.0 - probe.distance(states)  # at threshold 0: the mean (strict: lowest) best cosine
 
         floor = max(match(f) for f in [*self._reference_features(), *negatives]) + THRESHOLD_MARGIN
         start, end = self.chat.content_span(prompt_ids)

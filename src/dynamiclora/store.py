@@ -120,7 +120,7 @@ def atomic_write(path: Path, write: Any) -> None:
 
 
 GATE = ("route", "radii")  # a gate's keys and radii, stored beside the factors as "<id>//route", "<id>//radii"
-TOKEN_GATE = ("groups",)  # and a token gate's prototype of each key, "<id>//groups"
+TOKEN_GATE = ("groups", "strict")  # and a token gate's prototype of each key, "<id>//groups", and strictness
 
 
 def _tensor_key(circuit_id: str, module: str, which: str) -> str:
@@ -449,7 +449,7 @@ def restore_state(saved: Saved, dl: Parts, writer: Writer) -> None:
             if gate:
                 if set(gate) - set(TOKEN_GATE) != set(GATE):
                     raise CorruptStateError(f"{path} (scope {key}) holds a partial gate of circuit {r['id']}")
-                circuit.gate = Gate.restore(gate["route"], gate["radii"], r, gate.get("groups"))
+                circuit.gate = Gate.restore(gate, r)
             scope.circuits[r["id"]] = circuit
         scope.touch()
         if scope.content_hash() != digest:

@@ -232,7 +232,9 @@ def probe_eos(method: Method) -> list[int]:
 def main(argv: list[str] | None = None) -> dict:
     def extra(parser):
         parser.add_argument("--steps", help="edit counts, e.g. 1,10,100")
-        parser.add_argument("--methods", help="of prototype, tokens, facts, tokens-still, peft, replay, wise")
+        parser.add_argument(
+            "--methods", help="of prototype, tokens, facts, facts-strict, tokens-still, peft, replay, wise"
+        )
 
     args = arguments(__doc__, argv, extra=extra)
     if args.quick:
@@ -264,6 +266,12 @@ def main(argv: list[str] | None = None) -> dict:
         "facts": (
             "fact circuits: token gate, rank 1 on v_proj, chat variant",
             lambda: DynamicLoRAMethod(fresh(), tokenizer, ["editor"], capacity=capacity, **FACT_CIRCUITS),
+        ),
+        "facts-strict": (
+            "fact circuits, strict gates",
+            lambda: DynamicLoRAMethod(
+                fresh(), tokenizer, ["editor"], capacity=capacity, route_strict=True, **FACT_CIRCUITS
+            ),
         ),
         "tokens-still": (  # diagnostic: the same without ticks (no decay of the facts not used since)
             "token gate, no ticks",

@@ -16,7 +16,8 @@ Reported per span of edits: earlier gates a taught prompt reaches; at the end: t
 that reaches its own fact's gate (generalization needs it), that reaches another fact's gate, and of neighbours
 that reach any gate.
 
-Run: ``python benchmarks/reach.py`` (SmolLM2, 1,000 facts, a few minutes; ``--quick``: a tiny model, 60 facts).
+Run: ``python benchmarks/reach.py`` (SmolLM2, 1,000 facts, a few minutes; ``--quick``: a tiny model, 60 facts;
+``--strict``: strict gates, ``LearningConfig.route_strict``).
 """
 
 from __future__ import annotations
@@ -74,8 +75,9 @@ def teach(router, features: list[torch.Tensor], prompts: list[list[int]], answer
     return circuits, own, reached_before
 
 
-def measure(model, tokenizer, total: int) -> dict:
-    router = DynamicLoRAMethod(model, tokenizer, ["editor"], capacity=1, **FACT_CIRCUITS).dl.runtime.router
+def measure(model, tokenizer, total: int, strict: bool = False) -> dict:
+    fact_circuits = DynamicLoRAMethod(model, tokenizer, ["editor"], capacity=1, route_strict=strict, **FACT_CIRCUITS)
+    router = fact_circuits.dl.runtime.router
     data = facts(total)
     encode = lambda text: list(tokenizer(text)["input_ids"])  # noqa: E731
     prompts = [encode(f.prompt) for f in data]
@@ -112,8 +114,9 @@ def measure(model, tokenizer, total: int) -> dict:
     return out
 
 
-def markdown(rules: dict) -> str:
-    lines = ["# Gate reach among taught facts (cpu)", "", "Earlier facts' gates a taught prompt reaches:", "",
+def markdown(rules: dict, strict: bool = False) -> str:
+    title = "# Gate reach among taught facts" + (", strict gates" if strict else "") + " (cpu)"
+    lines = [title, "", "Earlier facts' gates a taught prompt reaches:", "",
              "| edits | " + " | ".join(f"{r}: per prompt / any" for r in rules) + " |",
              "|---|" + "---|" * len(rules)]  # fmt: skip
     for k, span in enumerate(next(iter(rules.values()))["spans"]):
@@ -133,6 +136,7 @@ def markdown(rules: dict) -> str:
 def main(argv: list[str] | None = None) -> dict:
     def extra(parser):
         parser.add_argument("--facts", type=int, help="how many facts (default 1,000; quick: 60)")
+        parser.add_argument("--strict", action="store_true", help="strict gates (learning.route_strict)")
 
     args = arguments(__doc__, argv, extra=extra)
     if args.quick:
@@ -145,10 +149,10 @@ def main(argv: list[str] | None = None) -> dict:
         path = model_path(progress=True)
         model, tokenizer = AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
     total = args.facts or (60 if args.quick else 1000)
-    rules = measure(model, tokenizer, total)
-    record = {"model": selected_model(), "facts": total, "rules": rules}
-    name = "reach-cpu" + ("-quick" if args.quick else model_suffix())
-    md = markdown(rules)
+    rules = measure(model, tokenizer, total, args.strict)
+    record = {"model": selected_model(), "facts": total, "strict": args.strict, "rules": rules}
+    name = "reach-cpu" + ("-strict" if args.strict else "") + ("-quick" if args.quick else model_suffix())
+    md = markdown(rules, args.strict)
     write(Path(args.out), name, record, md)
     print(md)
     return record

@@ -107,6 +107,7 @@ class DynamicLoRAMethod(Method):
         circuit_modules: tuple[str, ...] | None = None,
         rank: int = 8,
         learn_variants: tuple[str, ...] = (),
+        route_strict: bool = False,
     ) -> None:
         # capacity: the longest stream holds 20 facts of one agent; the default 16 would drop the oldest ones
         cfg = DynamicLoRAConfig(
@@ -121,6 +122,7 @@ class DynamicLoRAMethod(Method):
                 route_match=route_match,
                 circuit_modules=circuit_modules,
                 learn_variants=learn_variants,
+                route_strict=route_strict,
             ),
         )
         self.dl = DynamicLoRA(model, tokenizer, cfg)
@@ -134,6 +136,7 @@ class DynamicLoRAMethod(Method):
             + ([f"rank {rank}"] if rank != 8 else [])
             + ([f"on {', '.join(circuit_modules)}"] if circuit_modules else [])
             + ([f"learns {', '.join(learn_variants)} variants"] if learn_variants else [])
+            + (["strict gates"] if route_strict else [])
             + ([f"tick every {tick_interval}"] if tick_interval != 100 else [])
         )
         if details:

@@ -129,7 +129,7 @@ def _pack(p: Proposal) -> dict[str, Any]:
         "critical": p.critical,
         "record": c.record(),
         "factors": {m: (a.detach().cpu(), b.detach().cpu()) for m, (a, b) in c.factors.items()},
-        "gate": None if c.gate is None else (c.gate.keys, c.gate.radii, c.gate.groups),
+        "gate": None if c.gate is None else c.gate.to_tensors(),
     }
 
 
@@ -137,7 +137,7 @@ def _unpack(packed: dict[str, Any], device: torch.device) -> Proposal:
     factors = {m: (a.to(device), b.to(device)) for m, (a, b) in packed["factors"].items()}
     circuit = Circuit.from_record(packed["record"], factors)
     gate = packed.get("gate")
-    circuit.gate = None if gate is None else Gate.restore(gate[0], gate[1], packed["record"], gate[2])
+    circuit.gate = None if gate is None else Gate.restore(gate, packed["record"])
     return Proposal(
         circuit,
         frozenset(packed["contributors"]),
