@@ -325,3 +325,45 @@ def test_a_strict_gate_is_content_and_survives_save_load_ranks_and_consensus(tmp
     assert back.circuit.content_hash() == digest
     merged = union([gate, Gate.prototype(gate.keys, float(gate.radii[0]))])  # a strict and a mean copy stay two
     assert merged.strict is not None and merged.strict.tolist() == [True] * 3 + [False] * 3
+
+
+def test_word_span_widens_token_pieces_to_whole_words():
+    from dynamiclora.learning import _word_span
+
+    words = ["The", " capital", " of", " Yem", "quis", "ol", " is"]
+    assert _word_span(words, 4, 5, 0, len(words)) == (3, 6)  # a middle piece: the whole name
+    assert _word_span(words, 1, 2, 0, len(words)) == (1, 2)  # a whole word stays itself
+    assert _word_span(words, 4, 5, 4, 5) == (4, 5)  # never beyond the content span
+
+
+def kl_from_base(dl: DynamicLoRA, agent: str, text: str) -> float:
+    log_p = torch.log_softmax(base_logits(dl, text), -1)[0]
+    log_q = torch.log_softmax(agent_logits(dl, agent, text), -1)[0]
+    return float(torch.nn.functional.kl_div(log_q, log_p, log_target=True, reduction="batchmean"))
+
+
+def test_subject_locality_keeps_a_circuit_out_of_other_text_about_its_subject_and_keeps_the_fact():
+    fact = ("The capital of Zoxquk is", " Belro")
+    elsewhere = "I once met Zoxquk at a party."  # the fact's name, asked nothing the fact answers
+    drift, taught = {}, {}
+    for weight in (0.0, 4.0):
+        config = DynamicLoRAConfig(
+            learning={
+                "route_match": "tokens",
+                "subject_locality": weight,
+                "steps_per_learn": 20,
+                "learning_rate": 1e-2,
+            },
+            dynamics={"tick_interval": 0},
+        )
+        dl = make_dl(config=config)
+        dl.agent("alice", swarm="team", domain="python")
+        circuit = dl.hierarchy.find_circuit(dl.agent("alice").learn(*fact).circuit_id)[1]
+        assert circuit.gate.distance(dl.router.features([dl.encode(elsewhere)])[0]) <= 1.0  # the circuit acts there
+        drift[weight] = kl_from_base(dl, "alice", elsewhere)
+        ids = torch.tensor([dl.encode(fact[0] + fact[1])])
+        n = len(dl.encode(fact[0]))
+        logits = agent_logits(dl, "alice", fact[0] + fact[1])
+        taught[weight] = float(torch.nn.functional.cross_entropy(logits[0, n - 1 : -1], ids[0, n:]))
+    assert drift[4.0] < 0.6 * drift[0.0], drift  # (0.28 -> 0.15 when written)
+    assert taught[4.0] < 2 * taught[0.0] + 0.5, taught  # the fact itself is still learned

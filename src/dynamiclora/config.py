@@ -206,6 +206,16 @@ class LearningConfig:
             "pattern for the same request asked in a conversation; costs one more forward and backward per step."
         ),
     )
+    subject_locality: float = field(
+        default=0.0,
+        metadata=_help(
+            "Token gates: weight of a term that keeps a new circuit out of text about what its fact is about but "
+            "asks something else. The learner writes that text itself: the prompt's distinctive words (what the "
+            "gate keys on) followed by the base model's own continuation of them; each step the circuit's output "
+            "there is pulled (KL divergence) towards the stack's output without it. 0: off; costs one more forward "
+            "and backward per step."
+        ),
+    )
     circuit_modules: tuple[str, ...] | None = field(
         default=None,
         metadata=_help(
@@ -222,6 +232,9 @@ class LearningConfig:
         _check(
             self.route_match in ("pooled", "tokens"),
             f"LearningConfig.route_match must be 'pooled' or 'tokens', got {self.route_match!r}",
+        )
+        _check(
+            self.subject_locality >= 0, f"LearningConfig.subject_locality must be >= 0, got {self.subject_locality}"
         )
         _check(self.route_keys >= 1, f"LearningConfig.route_keys must be >= 1, got {self.route_keys}")
         self.learn_variants = tuple(self.learn_variants)

@@ -13,6 +13,8 @@ one it was made for.
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -32,6 +34,26 @@ def _example(prompt_ids: list[int], completion_ids: list[int], device) -> tuple[
     labels = ids.clone()
     labels[:, : len(prompt_ids)] = -100
     return ids, labels
+
+
+# subject locality: the frame of the prompt's most distinctive word (not first: a first token's state is an
+# attention sink, which a token gate leaves out), and how many tokens of the base model's continuation follow it
+SUBJECT_FRAME = "Re: {}"
+SUBJECT_TOKENS = 12
+
+
+def _word_span(words: list[str], lo: int, hi: int, start: int, end: int) -> tuple[int, int]:
+    """``[lo, hi)`` widened within ``[start, end)`` to whole words, given each token's text (``words``): a token
+    that neither begins with a space nor follows one continues the word before it."""
+
+    def continues(i: int) -> bool:  # token i is a later piece of the word token i - 1 ends
+        return bool(words[i]) and words[i][0].isalnum() and bool(words[i - 1]) and words[i - 1][-1].isalnum()
+
+    while lo > start and continues(lo):
+        lo -= 1
+    while hi < end and continues(hi):
+        hi += 1
+    return lo, hi
 
 
 @dataclass
@@ -248,12 +270,48 @@ class ContextLearner:
         circuit.key_self = key_activations([circuit], capture)[0]
         return circuit
 
+    def _subject_anchor(self, agent_id: str, circuit: Circuit, prompt_ids: list[int], feature: torch.Tensor):
+        """Text about what this prompt's fact is about that asks nothing the fact answers (see
+        ``LearningConfig.subject_locality``): the prompt's most distinctive word, whole, in a neutral frame, then
+        the base model's greedy continuation. Returns (ids, the stack's log-probabilities there without ``circuit``,
+        routes), or None where the circuit's gate does not reach it (it cannot act there) or no word is found."""
+        rt = self.rt
+        first = rt.router.distinctive_positions(feature, prompt_ids)[0]
+        start, end = rt.chat.content_span(prompt_ids)
+        words = [rt.tokenizer.decode([t]) for t in prompt_ids]
+        lo, hi = _word_span(words, first, first + 1, start, end)
+        subject = rt.tokenizer.decode(prompt_ids[lo:hi], skip_special_tokens=True).strip()
+        if not subject:
+            return None
+        ids = rt.encode(SUBJECT_FRAME.format(subject))
+        plan = rt.planner.plan([agent_id], without=TIERS)
+        with torch.no_grad(), rt.activate(plan, rt.new_session(plan, observe=False)):
+            step, past = torch.tensor([ids], device=rt.device), None
+            for _ in range(SUBJECT_TOKENS):
+                out = rt.model(input_ids=step, past_key_values=past, use_cache=True, logits_to_keep=1)
+                ids.append(int(out.logits[0, -1].argmax()))
+                step, past = torch.tensor([ids[-1:]], device=rt.device), out.past_key_values
+        routes = rt.router.skip([rt.gated_circuits(agent_id)], rt.router.features([ids]))
+        if circuit.id in routes[0]:
+            return None
+        x = torch.tensor([ids], device=rt.device)
+        plan = rt.planner.plan([agent_id], skip=(routes[0] | {circuit.id},))
+        with torch.no_grad(), rt.activate(plan, rt.new_session(plan, observe=False)):
+            reference = torch.log_softmax(rt.model(input_ids=x, use_cache=False).logits.float(), -1)
+        return x, reference, routes
+
     def _train(
-        self, agent_id: str, circuit: Circuit, examples: list[tuple[torch.Tensor, torch.Tensor]], skip=None
+        self,
+        agent_id: str,
+        circuit: Circuit,
+        examples: list[tuple[torch.Tensor, torch.Tensor]],
+        skip=None,
+        anchor=None,
     ) -> float:
         """``steps_per_learn`` Adam steps on the circuit's trainable factors (damped if SCREENED), each on the mean
-        loss of ``examples`` (ids, labels): the interaction and the learner's own variants of it; returns the
-        interaction's first loss."""
+        loss of ``examples`` (ids, labels): the interaction and the learner's own variants of it, plus, given an
+        ``anchor`` (see :meth:`_subject_anchor`), ``subject_locality`` × the mean KL divergence there from the
+        stack without the circuit; returns the interaction's first loss."""
         cfg = self.rt.config.learning
         params = [t for _, t in self._params(circuit)]
         opt = self._optimizer(circuit)
@@ -265,10 +323,13 @@ class ContextLearner:
         first = None
         try:
             for _ in range(cfg.steps_per_learn):
-                losses = [self._loss(agent_id, ids, labels, trainable=True, skip=skip) for ids, labels in examples]
+                losses, kl = self._step_losses(agent_id, examples, skip, anchor)
                 first = float(losses[0].detach()) if first is None else first
+                loss = sum(losses) / len(losses)
+                if kl is not None:
+                    loss = loss + cfg.subject_locality * kl
                 opt.zero_grad(set_to_none=True)
-                (sum(losses) / len(losses)).backward()
+                loss.backward()
                 if cfg.max_grad_norm:
                     torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                 opt.step()
@@ -278,6 +339,44 @@ class ContextLearner:
                 t.grad = None
         self.rt.hierarchy.scope(("context", agent_id)).touch()
         return first
+
+    def _step_losses(self, agent_id: str, examples, skip, anchor) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """One forward of the examples (and the anchor) as rows of a batch: each example's loss on its labels, and
+        the anchor's mean KL divergence from its reference (None without one). Rows are right-padded: a causal
+        model's positions never see what follows them, so each row's outputs are its own sequence's."""
+        rt = self.rt
+        rows = [ids[0] for ids, _ in examples] + ([anchor[0][0]] if anchor is not None else [])
+        batch = torch.zeros(len(rows), max(len(r) for r in rows), dtype=torch.long, device=rt.device)
+        for i, r in enumerate(rows):
+            batch[i, : len(r)] = r
+        # only the positions a loss reads get logits (the vocabulary projection is most of a small model's step)
+        keep = torch.zeros(batch.shape, dtype=torch.bool, device=rt.device)
+        targets = []
+        for i, (_, labels) in enumerate(examples):
+            scored = labels[0, 1:] != -100
+            keep[i, : scored.shape[0]] = scored
+            targets.append(labels[0, 1:][scored])
+        if anchor is not None:
+            keep[-1, : anchor[0].shape[1]] = True
+        own = skip[0] if skip else frozenset()
+        skips = (own,) * len(examples) + ((anchor[2][0],) if anchor is not None else ())
+        plan = rt.planner.plan([agent_id] * len(rows), trainable=True, skip=skips)
+        with rt.activate(plan, rt.new_session(plan, observe=False)):
+            if self._keeps_logits:
+                logits = rt.model(input_ids=batch, use_cache=False, logits_to_keep=keep).logits.float()
+            else:
+                logits = rt.model(input_ids=batch, use_cache=False).logits.float()[keep]
+        pieces = logits.reshape(-1, logits.shape[-1]).split(keep.sum(1).tolist())
+        losses = [torch.nn.functional.cross_entropy(p, t) for p, t in zip(pieces, targets)]
+        if anchor is None:
+            return losses, None
+        log_q = torch.log_softmax(pieces[-1], -1)
+        return losses, torch.nn.functional.kl_div(log_q, anchor[1][0], log_target=True, reduction="batchmean")
+
+    @functools.cached_property
+    def _keeps_logits(self) -> bool:
+        """Whether the model computes logits for chosen positions only (Transformers' ``logits_to_keep``)."""
+        return "logits_to_keep" in inspect.signature(self.rt.model.forward).parameters
 
     def _variants(self, prompt_ids: list[int], completion_ids: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The learner's own rewrites of the interaction (``LearningConfig.learn_variants``), as (ids, labels): a
@@ -384,7 +483,11 @@ class ContextLearner:
             )
         best.observe_example(1.0 if spawned else best_act, *texts)
         routes = skip()
-        loss_before = self._train(agent_id, best, [(ids, labels), *self._variants(prompt_ids, completion_ids)], routes)
+        anchor = None
+        if cfg.subject_locality > 0 and feature is not None and rt.router.tokens and best.gate is not None:
+            anchor = self._subject_anchor(agent_id, best, prompt_ids, feature)
+        examples = [(ids, labels), *self._variants(prompt_ids, completion_ids)]
+        loss_before = self._train(agent_id, best, examples, routes, anchor)
         best.critical = best.critical or critical
         best.updated_tick = rt.clock.tick
         best.origin_interactions.append(rt.clock.interactions)

@@ -182,9 +182,7 @@ class Router:
         (+ ``THRESHOLD_MARGIN``).
         (Choosing the keys against the negatives too picks template words a neighbour shares: on the editing
         benchmark neighbour locality fell from 0.94 to 0.78.)"""
-        background = self.background
-        novelty = 1.0 - (feature @ background.T).max(dim=1).values
-        keys = feature[novelty.topk(min(self.config.route_keys, feature.shape[0])).indices]
+        keys = feature[self._distinctive(feature)]
         probe = Gate.prototype(keys, 0.0, strict=strict)
 
         def match(states: torch.Tensor) -> float:
@@ -201,6 +199,17 @@ class Router:
                     variants.append(ids)
         worst = min((match(f) for f in self.features(variants)), default=0.95)
         return keys, float(min(max(0.9 * worst, floor), THRESHOLD_CAP))
+
+    def _distinctive(self, feature: torch.Tensor) -> torch.Tensor:
+        """Indices of the ``route_keys`` token states of ``feature`` least like any background token."""
+        novelty = 1.0 - (feature @ self.background.T).max(dim=1).values
+        return novelty.topk(min(self.config.route_keys, feature.shape[0])).indices
+
+    def distinctive_positions(self, feature: torch.Tensor, prompt_ids: list[int]) -> list[int]:
+        """Where in ``prompt_ids`` the tokens a new gate would key on lie, the most distinctive first."""
+        start, end = self.chat.content_span(prompt_ids)
+        offset = start + (1 if start == 0 and end - start > 1 else 0)  # feature_of drops a plain text's first token
+        return [int(i) + offset for i in self._distinctive(feature)]
 
     def _reference_ids(self) -> list[list[int]]:
         return [list(self.tokenizer(p)["input_ids"]) or [0] for p in REFERENCE_PROMPTS]

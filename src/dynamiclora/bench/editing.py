@@ -233,7 +233,8 @@ def main(argv: list[str] | None = None) -> dict:
     def extra(parser):
         parser.add_argument("--steps", help="edit counts, e.g. 1,10,100")
         parser.add_argument(
-            "--methods", help="of prototype, tokens, facts, facts-strict, tokens-still, peft, replay, wise"
+            "--methods",
+            help="of prototype, tokens, facts, facts-strict, facts-local, tokens-still, peft, replay, wise",
         )
 
     args = arguments(__doc__, argv, extra=extra)
@@ -272,6 +273,18 @@ def main(argv: list[str] | None = None) -> dict:
             lambda: DynamicLoRAMethod(
                 fresh(), tokenizer, ["editor"], capacity=capacity, route_strict=True, **FACT_CIRCUITS
             ),
+        ),
+        "facts-local": (
+            "fact circuits, strict gates, subject locality",
+            lambda: DynamicLoRAMethod(
+                fresh(),
+                tokenizer,
+                ["editor"],
+                capacity=capacity,
+                route_strict=True,
+                subject_locality=2.0,
+                **FACT_CIRCUITS,
+            ),  # fmt: skip
         ),
         "tokens-still": (  # diagnostic: the same without ticks (no decay of the facts not used since)
             "token gate, no ticks",

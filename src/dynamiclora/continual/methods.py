@@ -108,6 +108,7 @@ class DynamicLoRAMethod(Method):
         rank: int = 8,
         learn_variants: tuple[str, ...] = (),
         route_strict: bool = False,
+        subject_locality: float = 0.0,
     ) -> None:
         # capacity: the longest stream holds 20 facts of one agent; the default 16 would drop the oldest ones
         cfg = DynamicLoRAConfig(
@@ -123,6 +124,7 @@ class DynamicLoRAMethod(Method):
                 circuit_modules=circuit_modules,
                 learn_variants=learn_variants,
                 route_strict=route_strict,
+                subject_locality=subject_locality,
             ),
         )
         self.dl = DynamicLoRA(model, tokenizer, cfg)
@@ -137,6 +139,7 @@ class DynamicLoRAMethod(Method):
             + ([f"on {', '.join(circuit_modules)}"] if circuit_modules else [])
             + ([f"learns {', '.join(learn_variants)} variants"] if learn_variants else [])
             + (["strict gates"] if route_strict else [])
+            + ([f"subject locality {subject_locality:g}"] if subject_locality else [])
             + ([f"tick every {tick_interval}"] if tick_interval != 100 else [])
         )
         if details:
