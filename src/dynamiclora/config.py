@@ -210,10 +210,10 @@ class LearningConfig:
         default=0.0,
         metadata=_help(
             "Token gates: weight of a term that keeps a new circuit out of text about what its fact is about but "
-            "asks something else. The learner writes that text itself: the prompt's distinctive words (what the "
-            "gate keys on) followed by the base model's own continuation of them; each step the circuit's output "
-            "there is pulled (KL divergence) towards the stack's output without it. 0: off; costs one more forward "
-            "and backward per step."
+            "asks something else. The learner writes that text itself: the prompt's most distinctive word (what "
+            "the gate keys on) in a neutral frame, then the base model's own continuation; each step the "
+            "circuit's output there is pulled (KL divergence) towards the stack's output without it. 0: off; "
+            "costs one more row in each step's batch."
         ),
     )
     circuit_modules: tuple[str, ...] | None = field(

@@ -63,6 +63,12 @@ class _Captured(Exception):
     """Raised by the capture hook once the route module's input is in hand: nothing after it needs to run."""
 
 
+def _first_kept(start: int, end: int) -> int:
+    """The first position of a content span ``[start, end)`` that a token feature keeps: a plain text's first token
+    (an attention sink, alike for every prompt) is left out unless it is the only one."""
+    return start + 1 if start == 0 and end - start > 1 else start
+
+
 @dataclass
 class Router:
     """Computes route features on the base model and decides, per row, which gated circuits a prompt reaches.
@@ -141,8 +147,7 @@ class Router:
         states = base_inputs[self.module][0, start:end].float()
         if not self.tokens:
             return states.mean(0).cpu()
-        if start == 0 and states.shape[0] > 1:
-            states = states[1:]
+        states = states[_first_kept(start, end) - start :]
         return torch.nn.functional.normalize(states, dim=-1).cpu()
 
     # -- token gates ----------------------------------------------------------------------------------
@@ -207,8 +212,7 @@ class Router:
 
     def distinctive_positions(self, feature: torch.Tensor, prompt_ids: list[int]) -> list[int]:
         """Where in ``prompt_ids`` the tokens a new gate would key on lie, the most distinctive first."""
-        start, end = self.chat.content_span(prompt_ids)
-        offset = start + (1 if start == 0 and end - start > 1 else 0)  # feature_of drops a plain text's first token
+        offset = _first_kept(*self.chat.content_span(prompt_ids))
         return [int(i) + offset for i in self._distinctive(feature)]
 
     def _reference_ids(self) -> list[list[int]]:

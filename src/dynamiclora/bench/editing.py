@@ -284,7 +284,7 @@ def main(argv: list[str] | None = None) -> dict:
                 route_strict=True,
                 subject_locality=2.0,
                 **FACT_CIRCUITS,
-            ),  # fmt: skip
+            ),
         ),
         "tokens-still": (  # diagnostic: the same without ticks (no decay of the facts not used since)
             "token gate, no ticks",
