@@ -55,7 +55,7 @@ def test_unrelated_interaction_spawns_a_new_circuit(dl):
 
 def test_new_circuit_does_not_change_outputs_at_spawn(dl):
     """B starts at zero: a freshly spawned circuit is invisible until trained."""
-    from dynamiclora.learning import init_factors
+    from dynamiclora.keys import init_factors
 
     x = {"m": torch.randn(5, 16)}
     factors = init_factors(x, {"m": 8}, rank=4, from_activations=True, generator=torch.Generator().manual_seed(0))
@@ -113,7 +113,7 @@ def test_attribution_key_is_stable_while_b_learns_and_a_stays_frozen(dl):
 
 
 def test_key_activations_of_a_pattern_and_of_an_unrelated_one(dl):
-    from dynamiclora.learning import key_activations
+    from dynamiclora.keys import key_activations
 
     alice = dl.agent("alice", swarm="backend", domain="python")
     alice.learn(PROMPT, COMPLETION)

@@ -328,12 +328,12 @@ def test_a_strict_gate_is_content_and_survives_save_load_ranks_and_consensus(tmp
 
 
 def test_word_span_widens_token_pieces_to_whole_words():
-    from dynamiclora.learning import _word_span
+    from dynamiclora.subject import word_span
 
     words = ["The", " capital", " of", " Yem", "quis", "ol", " is"]
-    assert _word_span(words, 4, 5, 0, len(words)) == (3, 6)  # a middle piece: the whole name
-    assert _word_span(words, 1, 2, 0, len(words)) == (1, 2)  # a whole word stays itself
-    assert _word_span(words, 4, 5, 4, 5) == (4, 5)  # never beyond the content span
+    assert word_span(words, 4, 5, 0, len(words)) == (3, 6)  # a middle piece: the whole name
+    assert word_span(words, 1, 2, 0, len(words)) == (1, 2)  # a whole word stays itself
+    assert word_span(words, 4, 5, 4, 5) == (4, 5)  # never beyond the content span
 
 
 def kl_from_base(dl: DynamicLoRA, agent: str, text: str) -> float:

@@ -3,12 +3,9 @@
 Only the agent's context circuits receive gradients. An interaction is attributed to the context
 circuit that matches it best, if that match reaches ``LearningConfig.attribution_threshold``; otherwise a
 new circuit is spawned. With routing on (the default) a context circuit is gated and matched by the distance
-of the prompt to the prompts it learned from (see routing.py); an ungated circuit by its key activation.
-
-A new circuit's A rows are the top right-singular vectors of the interaction's own input activations on each
-module (explained-variance initialisation, cf. EVA, Paischer et al. 2024) and B starts at zero, so the stack's
-output is unchanged at spawn and the circuit's activation afterwards measures how much an input resembles the
-one it was made for.
+of the prompt to the prompts it learned from (see routing.py); an ungated circuit by its key activation
+(see keys.py). A learn step trains on the interaction, the learner's own variants of it and, with subject
+locality on, a text about the fact's subject that the circuit must leave alone (see subject.py).
 """
 
 from __future__ import annotations
@@ -23,6 +20,8 @@ import torch
 
 from .circuits import Circuit
 from .config import TIERS
+from .keys import init_factors, key_activations, screened_bases
+from .subject import SubjectText, subject_text
 
 if TYPE_CHECKING:
     from .runtime import Runtime
@@ -36,26 +35,6 @@ def _example(prompt_ids: list[int], completion_ids: list[int], device) -> tuple[
     return ids, labels
 
 
-# subject locality: the frame of the prompt's most distinctive word (not first: a first token's state is an
-# attention sink, which a token gate leaves out), and how many tokens of the base model's continuation follow it
-SUBJECT_FRAME = "Re: {}"
-SUBJECT_TOKENS = 12
-
-
-def _word_span(words: list[str], lo: int, hi: int, start: int, end: int) -> tuple[int, int]:
-    """``[lo, hi)`` widened within ``[start, end)`` to whole words, given each token's text (``words``): a token
-    that neither begins with a space nor follows one continues the word before it."""
-
-    def continues(i: int) -> bool:  # token i is a later piece of the word token i - 1 ends
-        return bool(words[i]) and words[i][0].isalnum() and bool(words[i - 1]) and words[i - 1][-1].isalnum()
-
-    while lo > start and continues(lo):
-        lo -= 1
-    while hi < end and continues(hi):
-        hi += 1
-    return lo, hi
-
-
 @dataclass
 class LearnResult:
     circuit_id: str
@@ -65,75 +44,6 @@ class LearnResult:
     loss_after: float
     dropped: str | None = None  # id of a circuit dropped to make room
     trained: bool = True  # False: a higher tier already knows the pattern; the use was recorded, nothing learned
-
-
-def init_factors(
-    inputs: dict[str, torch.Tensor],
-    out_features: dict[str, int],
-    rank: int,
-    from_activations: bool,
-    generator: torch.Generator,
-    protected: dict[str, torch.Tensor] | None = None,
-) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """A (r, in) with orthonormal rows and B (out, r) = 0 for every module.
-
-    ``protected`` maps modules to orthonormal bases (in, k) of subspaces the new keys must stay out of (the keys
-    of SCREENED circuits): inputs and random completions are projected onto their orthogonal complement, as
-    O-LoRA keeps a new task's LoRA subspace orthogonal to earlier ones.
-    """
-    factors = {}
-    for name, x in inputs.items():
-        x = x.reshape(-1, x.shape[-1]).float().cpu()  # (T, in)
-        basis = None if protected is None else protected.get(name)
-
-        def complement(v: torch.Tensor) -> torch.Tensor:
-            return v if basis is None else v - (v @ basis) @ basis.T
-
-        in_features = x.shape[1]
-        rows = torch.zeros(0, in_features)
-        if from_activations:
-            _, sv, vh = torch.linalg.svd(complement(x), full_matrices=False)  # (min(T, in), in)
-            rows = vh[:rank][sv[:rank] > 1e-6 * max(float(sv[0]), 1e-12)] if len(sv) else rows
-        if rows.shape[0] < rank:  # fewer usable directions than rank: complete with random ones
-            extra = complement(torch.randn(rank - rows.shape[0], in_features, generator=generator))
-            q, _ = torch.linalg.qr(torch.cat([rows, extra], 0).T)  # orthonormal columns, first ones span `rows`
-            rows = q.T[:rank]
-        factors[name] = (rows.contiguous(), torch.zeros(out_features[name], rank))
-    return factors
-
-
-def screened_bases(circuits: list[Circuit]) -> dict[str, torch.Tensor]:
-    """Per module, an orthonormal basis (in, k) of the span of the SCREENED circuits' keys."""
-    bases = {}
-    screened = [c for c in circuits if c.phase == "SCREENED"]
-    for name in {m for c in screened for m in c.factors}:
-        rows = torch.cat([c.factors[name][0].detach().float().cpu() for c in screened if name in c.factors], 0)
-        q, r = torch.linalg.qr(rows.T)
-        bases[name] = q[:, r.diagonal().abs() > 1e-6]
-    return bases
-
-
-def key_activations(circuits: list[Circuit], inputs: dict[str, torch.Tensor]) -> list[float]:
-    """How much each circuit's key (its A rows) captures of these inputs, in [0, 1].
-
-    Per module ``‖X A_cᵀ‖² / (‖X‖² · rms(A_c)²)``, averaged over the modules the circuit covers, then the square
-    root: 1 when every input lies in the circuit's row space, 0 when orthogonal to it.
-    """
-    if not circuits:
-        return []
-    energy = torch.zeros(len(circuits))
-    counts = torch.zeros(len(circuits))
-    for name, x in inputs.items():
-        x = x.reshape(-1, x.shape[-1]).float()
-        total = x.pow(2).sum().clamp_min(1e-12)
-        for i, c in enumerate(circuits):
-            if name in c.factors:
-                a = c.factors[name][0].float().to(x.device)
-                rms2 = a.pow(2).sum() / a.shape[0]
-                if rms2 > 0:
-                    energy[i] += float((x @ a.T).pow(2).sum() / total / rms2)
-                    counts[i] += 1
-    return (energy / counts.clamp_min(1)).sqrt().tolist()
 
 
 class ContextLearner:
@@ -270,47 +180,17 @@ class ContextLearner:
         circuit.key_self = key_activations([circuit], capture)[0]
         return circuit
 
-    def _subject_anchor(self, agent_id: str, circuit: Circuit, prompt_ids: list[int], feature: torch.Tensor):
-        """Text about what this prompt's fact is about that asks nothing the fact answers (see
-        ``LearningConfig.subject_locality``): the prompt's most distinctive word, whole, in a neutral frame, then
-        the base model's greedy continuation. Returns (ids, the stack's log-probabilities there without ``circuit``,
-        routes), or None where the circuit's gate does not reach it (it cannot act there) or no word is found."""
-        rt = self.rt
-        first = rt.router.distinctive_positions(feature, prompt_ids)[0]
-        start, end = rt.chat.content_span(prompt_ids)
-        words = [rt.tokenizer.decode([t]) for t in prompt_ids]
-        lo, hi = _word_span(words, first, first + 1, start, end)
-        subject = rt.tokenizer.decode(prompt_ids[lo:hi], skip_special_tokens=True).strip()
-        if not subject:
-            return None
-        ids = rt.encode(SUBJECT_FRAME.format(subject))
-        plan = rt.planner.plan([agent_id], without=TIERS)
-        with torch.no_grad(), rt.activate(plan, rt.new_session(plan, observe=False)):
-            step, past = torch.tensor([ids], device=rt.device), None
-            for _ in range(SUBJECT_TOKENS):
-                out = rt.model(input_ids=step, past_key_values=past, use_cache=True, logits_to_keep=1)
-                ids.append(int(out.logits[0, -1].argmax()))
-                step, past = torch.tensor([ids[-1:]], device=rt.device), out.past_key_values
-        routes = rt.router.skip([rt.gated_circuits(agent_id)], rt.router.features([ids]))
-        if circuit.id in routes[0]:
-            return None
-        x = torch.tensor([ids], device=rt.device)
-        plan = rt.planner.plan([agent_id], skip=(routes[0] | {circuit.id},))
-        with torch.no_grad(), rt.activate(plan, rt.new_session(plan, observe=False)):
-            reference = torch.log_softmax(rt.model(input_ids=x, use_cache=False).logits.float(), -1)
-        return x, reference, routes
-
     def _train(
         self,
         agent_id: str,
         circuit: Circuit,
         examples: list[tuple[torch.Tensor, torch.Tensor]],
         skip=None,
-        anchor=None,
+        subject: SubjectText | None = None,
     ) -> float:
         """``steps_per_learn`` Adam steps on the circuit's trainable factors (damped if SCREENED), each on the mean
         loss of ``examples`` (ids, labels): the interaction and the learner's own variants of it, plus, given an
-        ``anchor`` (see :meth:`_subject_anchor`), ``subject_locality`` × the mean KL divergence there from the
+        ``subject`` text (see subject.py), ``subject_locality`` × the mean KL divergence there from the
         stack without the circuit; returns the interaction's first loss."""
         cfg = self.rt.config.learning
         params = [t for _, t in self._params(circuit)]
@@ -323,7 +203,7 @@ class ContextLearner:
         first = None
         try:
             for _ in range(cfg.steps_per_learn):
-                losses, kl = self._step_losses(agent_id, examples, skip, anchor)
+                losses, kl = self._step_losses(agent_id, examples, skip, subject)
                 first = float(losses[0].detach()) if first is None else first
                 loss = sum(losses) / len(losses)
                 if kl is not None:
@@ -340,12 +220,14 @@ class ContextLearner:
         self.rt.hierarchy.scope(("context", agent_id)).touch()
         return first
 
-    def _step_losses(self, agent_id: str, examples, skip, anchor) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-        """One forward of the examples (and the anchor) as rows of a batch: each example's loss on its labels, and
-        the anchor's mean KL divergence from its reference (None without one). Rows are right-padded: a causal
-        model's positions never see what follows them, so each row's outputs are its own sequence's."""
+    def _step_losses(
+        self, agent_id: str, examples, skip, subject: SubjectText | None
+    ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """One forward of the examples (and the subject text) as rows of a batch: each example's loss on its
+        labels, and the subject text's mean KL divergence from its reference (None without one). Rows are
+        right-padded: a causal model's positions never see what follows them, so each row's outputs are its own."""
         rt = self.rt
-        rows = [ids[0] for ids, _ in examples] + ([anchor[0][0]] if anchor is not None else [])
+        rows = [ids[0] for ids, _ in examples] + ([subject.ids[0]] if subject is not None else [])
         batch = torch.zeros(len(rows), max(len(r) for r in rows), dtype=torch.long, device=rt.device)
         for i, r in enumerate(rows):
             batch[i, : len(r)] = r
@@ -356,10 +238,10 @@ class ContextLearner:
             scored = labels[0, 1:] != -100
             keep[i, : scored.shape[0]] = scored
             targets.append(labels[0, 1:][scored])
-        if anchor is not None:
-            keep[-1, : anchor[0].shape[1]] = True
+        if subject is not None:
+            keep[-1, : subject.ids.shape[1]] = True
         own = skip[0] if skip else frozenset()
-        skips = (own,) * len(examples) + ((anchor[2][0],) if anchor is not None else ())
+        skips = (own,) * len(examples) + ((subject.routes,) if subject is not None else ())
         plan = rt.planner.plan([agent_id] * len(rows), trainable=True, skip=skips)
         with rt.activate(plan, rt.new_session(plan, observe=False)):
             if self._keeps_logits:
@@ -368,10 +250,10 @@ class ContextLearner:
                 logits = rt.model(input_ids=batch, use_cache=False).logits.float()[keep]
         pieces = logits.reshape(-1, logits.shape[-1]).split(keep.sum(1).tolist())
         losses = [torch.nn.functional.cross_entropy(p, t) for p, t in zip(pieces, targets)]
-        if anchor is None:
+        if subject is None:
             return losses, None
         log_q = torch.log_softmax(pieces[-1], -1)
-        return losses, torch.nn.functional.kl_div(log_q, anchor[1][0], log_target=True, reduction="batchmean")
+        return losses, torch.nn.functional.kl_div(log_q, subject.reference[0], log_target=True, reduction="batchmean")
 
     @functools.cached_property
     def _keeps_logits(self) -> bool:
@@ -483,11 +365,11 @@ class ContextLearner:
             )
         best.observe_example(1.0 if spawned else best_act, *texts)
         routes = skip()
-        anchor = None
+        subject = None
         if cfg.subject_locality > 0 and feature is not None and rt.router.tokens and best.gate is not None:
-            anchor = self._subject_anchor(agent_id, best, prompt_ids, feature)
+            subject = subject_text(rt, agent_id, best, prompt_ids, feature)
         examples = [(ids, labels), *self._variants(prompt_ids, completion_ids)]
-        loss_before = self._train(agent_id, best, examples, routes, anchor)
+        loss_before = self._train(agent_id, best, examples, routes, subject)
         best.critical = best.critical or critical
         best.updated_tick = rt.clock.tick
         best.origin_interactions.append(rt.clock.interactions)

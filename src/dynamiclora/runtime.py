@@ -9,6 +9,8 @@ dynamics, learning, the cache or persistence, which are built on it.
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import re
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -277,6 +279,8 @@ class Runtime:
         state of the prompt (B, d): the model's own summary of the prompt, WaveGen's semantic vector.
         """
 
+        cache = self._cache_argument
+
         def forward(ids, mask, pos, past, keep: int = 1):
             prefill = past is None
             session.mask = mask if prefill else None
@@ -284,7 +288,7 @@ class Runtime:
                 input_ids=ids,
                 attention_mask=mask,
                 position_ids=pos,
-                past_key_values=past,
+                **{cache: past},
                 use_cache=use_kv_cache,
                 logits_to_keep=keep,
                 output_hidden_states=pooled is not None and prefill,
@@ -292,9 +296,15 @@ class Runtime:
             if pooled is not None and prefill:
                 weights = mask.unsqueeze(-1).to(out.hidden_states[-1].dtype)
                 pooled.append(((out.hidden_states[-1] * weights).sum(1) / weights.sum(1).clamp_min(1)).float())
-            return (out.logits[:, -1] if keep == 1 else out.logits), out.past_key_values
+            return (out.logits[:, -1] if keep == 1 else out.logits), getattr(out, cache)
 
         return forward
+
+    @functools.cached_property
+    def _cache_argument(self) -> str:
+        """The model's name for its KV cache, in its forward and its output: ``cache`` (Transformers 5.2x on;
+        ``past_key_values`` is deprecated there), ``past_key_values`` before."""
+        return "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
 
     def generate_ids(
         self,

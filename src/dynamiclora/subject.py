@@ -1,0 +1,74 @@
+"""Subject locality: text about what a taught fact is about, which the fact's circuit must leave as it was.
+
+A circuit gated on a fact's subject acts on every text that names the subject, not only on the question it was
+taught (see ``LearningConfig.subject_locality``). The learner writes such a text itself: the prompt's most
+distinctive word, whole, in a neutral frame, then the base model's greedy continuation; a learn step then keeps
+the stack's distribution there close to the stack's without the circuit. No evaluation text is ever used.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from .circuits import Circuit
+from .config import TIERS, GenerationConfig
+
+if TYPE_CHECKING:
+    from .runtime import Runtime
+
+# the frame of the subject word (not first: a first token's state is an attention sink, which a token gate leaves
+# out), and how many tokens of the base model's continuation follow it
+SUBJECT_FRAME = "Re: {}"
+SUBJECT_TOKENS = 12
+
+
+@dataclass
+class SubjectText:
+    """A text about a circuit's subject: its ids (1, T), the stack's log-probabilities there without the circuit
+    (1, T, V) and the routes of its row (the gated circuits it does not reach)."""
+
+    ids: torch.Tensor
+    reference: torch.Tensor
+    routes: frozenset[str]
+
+
+def word_span(words: list[str], lo: int, hi: int, start: int, end: int) -> tuple[int, int]:
+    """``[lo, hi)`` widened within ``[start, end)`` to whole words, given each token's text (``words``): a token
+    that neither begins with a space nor follows one continues the word before it."""
+
+    def continues(i: int) -> bool:  # token i is a later piece of the word token i - 1 ends
+        return bool(words[i]) and words[i][0].isalnum() and bool(words[i - 1]) and words[i - 1][-1].isalnum()
+
+    while lo > start and continues(lo):
+        lo -= 1
+    while hi < end and continues(hi):
+        hi += 1
+    return lo, hi
+
+
+def subject_text(
+    rt: Runtime, agent_id: str, circuit: Circuit, prompt_ids: list[int], feature: torch.Tensor
+) -> SubjectText | None:
+    """The text about this prompt's subject for ``circuit`` (its feature as ``Router.feature_of`` gives it), or
+    None where no word is found or the circuit's gate does not reach the text (it cannot act there)."""
+    first = rt.router.distinctive_positions(feature, prompt_ids)[0]
+    start, end = rt.chat.content_span(prompt_ids)
+    lo, hi = word_span([rt.tokenizer.decode([t]) for t in prompt_ids], first, first + 1, start, end)
+    subject = rt.tokenizer.decode(prompt_ids[lo:hi], skip_special_tokens=True).strip()
+    if not subject:
+        return None
+    frame = rt.encode(SUBJECT_FRAME.format(subject))
+    greedy = GenerationConfig(max_new_tokens=SUBJECT_TOKENS, stop_at_eos=False)
+    decoded, _, _ = rt.generate_ids([agent_id], [frame], greedy, without=TIERS)
+    ids = frame + decoded.tokens[0]
+    routes = rt.router.skip([rt.gated_circuits(agent_id)], rt.router.features([ids]))[0]
+    if circuit.id in routes:
+        return None
+    x = torch.tensor([ids], device=rt.device)
+    plan = rt.planner.plan([agent_id], skip=(routes | {circuit.id},))
+    with torch.no_grad(), rt.activate(plan, rt.new_session(plan, observe=False)):
+        reference = torch.log_softmax(rt.model(input_ids=x, use_cache=False).logits.float(), -1)
+    return SubjectText(x, reference, routes)
