@@ -36,6 +36,19 @@ def scaled(c: Circuit, factor: float) -> Circuit:
     return Circuit(factors=c.factors, tier="", scope="", scale=c.scale * factor)
 
 
+def test_gram_is_every_pairs_dense_inner_product_across_ranks_scales_and_modules():
+    dl = make_dl()
+    g = torch.Generator().manual_seed(5)
+    circuits = [random_circuit(dl, r, g, scale=s) for r, s in ((1, 1.0), (4, 0.5), (2, 2.0), (3, 1.0))]
+    names = sorted(dl.layers)
+    circuits[2].factors = {m: circuits[2].factors[m] for m in names[: len(names) // 2]}  # covers half the modules
+    circuits[3].factors = {m: circuits[3].factors[m] for m in names[len(names) // 2 :]}  # the other half
+    dense64 = [{m: c.scale * (b.double() @ a.double()) for m, (a, b) in c.factors.items()} for c in circuits]
+    expected = torch.tensor([[inner(x, y) for y in dense64] for x in dense64], dtype=torch.float64)
+    assert expected[2, 3] == 0 and expected[0, 2] != 0
+    torch.testing.assert_close(gram(circuits), expected, rtol=1e-9, atol=1e-12)
+
+
 @pytest.fixture
 def base():
     dl = make_dl()

@@ -171,6 +171,41 @@ def frobenius_inner(c1: Circuit, c2: Circuit) -> float:
     return c1.scale * c2.scale * total
 
 
+def inner_products(xs: list[Circuit], ys: list[Circuit]) -> torch.Tensor:
+    """``G[i, j] = ⟨s_i B_i A_i, s_j B_j A_j⟩`` (float64, CPU) for every pair: :func:`frobenius_inner`, all at once.
+
+    Per module, the circuits that cover it are stacked (ranks zero-padded, which adds nothing) and the two r×r
+    products come from two einsums over the whole set."""
+    g = torch.zeros(len(xs), len(ys), dtype=torch.float64)
+    modules = sorted({m for c in xs for m in c.factors} & {m for c in ys for m in c.factors})
+    for name in modules:
+        left = [(i, c) for i, c in enumerate(xs) if name in c.factors]
+        right = [(j, c) for j, c in enumerate(ys) if name in c.factors]
+        if not left or not right:
+            continue
+        a_left, b_left = _stacked(name, [c for _, c in left])  # (k, r, in), (k, out, r)
+        a_right, b_right = _stacked(name, [c for _, c in right])
+        bb = torch.einsum("kor,los->klrs", b_left, b_right)
+        aa = torch.einsum("krd,lsd->klrs", a_left, a_right)
+        rows = torch.tensor([i for i, _ in left])[:, None]
+        cols = torch.tensor([j for j, _ in right])[None, :]
+        g[rows, cols] += (bb * aa).sum((2, 3)).cpu()
+    return g
+
+
+def _stacked(name: str, circuits: list[Circuit]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A (k, r, in) and s·B (k, out, r) of these circuits on one module, float64, ranks zero-padded to the largest."""
+    r = max(c.factors[name][0].shape[0] for c in circuits)
+    a0, b0 = circuits[0].factors[name]
+    a = torch.zeros(len(circuits), r, a0.shape[1], dtype=torch.float64, device=a0.device)
+    b = torch.zeros(len(circuits), b0.shape[0], r, dtype=torch.float64, device=a0.device)
+    for k, c in enumerate(circuits):
+        ca, cb = c.factors[name]
+        a[k, : ca.shape[0]] = ca.detach().double()
+        b[k, :, : cb.shape[1]] = cb.detach().double() * c.scale
+    return a, b
+
+
 def concat_factors(
     circuits: list[Circuit], module: str, in_features: int, out_features: int, dtype: torch.dtype | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:

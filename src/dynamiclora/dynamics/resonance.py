@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..circuits import Circuit, Factors, frobenius_inner
+from ..circuits import Circuit, Factors, frobenius_inner, inner_products
 from ..gates import overlap
 
 
@@ -108,14 +108,12 @@ class Consensus:
         return sorted((sorted(g) for g in groups), key=lambda g: g[0])
 
 
+ORTHOGONAL = 1e-6  # |cosine| below this is orthogonal (the rounding noise of the factor products)
+
+
 def gram(circuits: list[Circuit]) -> torch.Tensor:
     """``G[i, j] = ⟨Δ_i, Δ_j⟩`` (Frobenius, summed over modules, scales included), from the factors."""
-    n = len(circuits)
-    g = torch.zeros(n, n, dtype=torch.float64)
-    for i in range(n):
-        for j in range(i, n):
-            g[i, j] = g[j, i] = frobenius_inner(circuits[i], circuits[j])
-    return g
+    return inner_products(circuits, circuits)
 
 
 def resonate(
@@ -126,6 +124,7 @@ def resonate(
     g = gram([p.circuit for p in proposals]) if g is None else g
     norms = g.diagonal().clamp_min(0).sqrt()
     cos = g / (norms[:, None] * norms[None, :]).clamp_min(1e-30)
+    cos[cos.abs() < ORTHOGONAL] = 0.0  # rounding noise: such a pair neither supports nor opposes
     for i in range(n):  # where no input reaches both, two circuits neither support nor oppose each other
         for j in range(i + 1, n):
             if not overlap(proposals[i].circuit.gate, proposals[j].circuit.gate):
