@@ -66,6 +66,30 @@ def test_new_circuit_does_not_change_outputs_at_spawn(dl):
     assert float((x["m"] @ a.T).pow(2).sum() / x["m"].pow(2).sum()) > 0.8
 
 
+def test_a_key_off_the_background_ignores_what_every_token_shares_and_keeps_its_reach():
+    """Inputs = a direction every token shares (large) + one specific to a few tokens: the plain key is the shared
+    direction; the key off the background is the specific one, as strong on its own inputs as the plain key."""
+    from dynamiclora.keys import background_bases, init_factors
+
+    g = torch.Generator().manual_seed(0)
+    shared, specific = torch.linalg.qr(torch.randn(32, 2, generator=g))[0].T  # orthonormal (32,) directions
+    ordinary = 5 * shared + 0.3 * torch.randn(40, 32, generator=g)  # background text: the shared direction
+    pattern = 5 * shared + torch.outer(torch.tensor([0.0, 0.0, 3.0, 0.0]), specific)  # a subject at token 2
+    pattern = pattern + 0.01 * torch.randn(4, 32, generator=g)
+    bg = background_bases({"m": ordinary}, 1)
+    keys = {}
+    for protected in (None, bg):
+        factors = init_factors({"m": pattern}, {"m": 8}, 1, True, torch.Generator(), protected, rescale=True)
+        keys[protected is None] = factors["m"][0][0]
+    plain, off = keys[True], keys[False]
+    assert abs(float(plain @ shared)) > 0.95 * float(plain.norm())  # the plain key: what every token shares
+    assert abs(float(off @ specific)) > 0.99 * float(off.norm())  # the key off the background: the specific one
+    assert abs(float(off @ shared)) < 0.01 * float(off.norm())
+    reach = (pattern @ off).abs()
+    assert reach.argmax() == 2 and reach[[0, 1, 3]].max() < 0.05 * reach[2]  # it acts on the subject's token
+    torch.testing.assert_close(reach.max(), pattern.norm(dim=1).max(), rtol=1e-5, atol=0)  # rescaled
+
+
 def test_context_capacity_drops_the_weakest_circuit():
     # threshold 1.0: every interaction spawns (attribution quality is not what this test is about)
     dl = make_dl(

@@ -216,6 +216,16 @@ class LearningConfig:
             "costs one more row in each step's batch."
         ),
     )
+    key_background: int = field(
+        default=0,
+        metadata=_help(
+            "Keep a new circuit's key (its A rows) off the top this many principal directions of ordinary text's "
+            "inputs to each module (the reference prompts under the base model), rescaled so its largest "
+            "activation on its own inputs is theirs: the circuit then acts where what is specific to its pattern "
+            "is (a fact's subject), and little on the tokens around it. 0: off (the key is the inputs' top "
+            "direction, which every token shares)."
+        ),
+    )
     circuit_modules: tuple[str, ...] | None = field(
         default=None,
         metadata=_help(
@@ -236,6 +246,7 @@ class LearningConfig:
         _check(
             self.subject_locality >= 0, f"LearningConfig.subject_locality must be >= 0, got {self.subject_locality}"
         )
+        _check(self.key_background >= 0, f"LearningConfig.key_background must be >= 0, got {self.key_background}")
         _check(self.route_keys >= 1, f"LearningConfig.route_keys must be >= 1, got {self.route_keys}")
         self.learn_variants = tuple(self.learn_variants)
         _check(

@@ -12,6 +12,8 @@ import torch
 
 from .circuits import Circuit
 
+MAX_KEY_SCALE = 20.0  # a rescaled key's rows are at most this long (see init_factors)
+
 
 def init_factors(
     inputs: dict[str, torch.Tensor],
@@ -20,12 +22,15 @@ def init_factors(
     from_activations: bool,
     generator: torch.Generator,
     protected: dict[str, torch.Tensor] | None = None,
+    rescale: bool = False,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """A (r, in) with orthonormal rows and B (out, r) = 0 for every module.
 
     ``protected`` maps modules to orthonormal bases (in, k) of subspaces the new keys must stay out of (the keys
-    of SCREENED circuits): inputs and random completions are projected onto their orthogonal complement, as
-    O-LoRA keeps a new task's LoRA subspace orthogonal to earlier ones.
+    of SCREENED circuits, the background): inputs and random completions are projected onto their orthogonal
+    complement, as O-LoRA keeps a new task's LoRA subspace orthogonal to earlier ones. ``rescale``: A's rows are
+    then scaled so that its largest activation on ``inputs`` equals their largest norm (at most ``MAX_KEY_SCALE``),
+    so that B learns at the rate an unprojected key gives it.
     """
     factors = {}
     for name, x in inputs.items():
@@ -44,8 +49,30 @@ def init_factors(
             extra = complement(torch.randn(rank - rows.shape[0], in_features, generator=generator))
             q, _ = torch.linalg.qr(torch.cat([rows, extra], 0).T)  # orthonormal columns, first ones span `rows`
             rows = q.T[:rank]
+        if rescale and basis is not None:
+            reach = float((x @ rows.T).norm(dim=1).max())
+            rows = rows * min(float(x.norm(dim=1).max()) / max(reach, 1e-12), MAX_KEY_SCALE)
         factors[name] = (rows.contiguous(), torch.zeros(out_features[name], rank))
     return factors
+
+
+def background_bases(inputs: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
+    """Per module, an orthonormal basis (in, k) of the top ``k`` principal directions (uncentered: the mean
+    direction first) of ordinary text's inputs ``(N, in)``."""
+    out = {}
+    for name, x in inputs.items():
+        _, _, vh = torch.linalg.svd(x.float().cpu(), full_matrices=False)
+        out[name] = vh[:k].T.contiguous()
+    return out
+
+
+def joined_bases(*bases: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per module, an orthonormal basis of the span of the given bases (in, k) together."""
+    out = {}
+    for name in {n for b in bases for n in b}:
+        q, r = torch.linalg.qr(torch.cat([b[name] for b in bases if name in b], 1))
+        out[name] = q[:, r.diagonal().abs() > 1e-6]
+    return out
 
 
 def screened_bases(circuits: list[Circuit]) -> dict[str, torch.Tensor]:

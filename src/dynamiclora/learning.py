@@ -20,7 +20,7 @@ import torch
 
 from .circuits import Circuit
 from .config import TIERS
-from .keys import init_factors, key_activations, screened_bases
+from .keys import background_bases, init_factors, joined_bases, key_activations, screened_bases
 from .subject import SubjectText, subject_text
 
 if TYPE_CHECKING:
@@ -53,6 +53,7 @@ class ContextLearner:
         self.rt = runtime
         self.on_use: Callable[[Circuit], None] = lambda circuit: None  # an input matched this circuit
         self._optimizers: dict[str, torch.optim.Optimizer] = {}
+        self._background: dict[str, torch.Tensor] | None = None
 
     def forget(self, circuit_id: str) -> None:
         self._optimizers.pop(circuit_id, None)
@@ -157,28 +158,51 @@ class ContextLearner:
             dropped = weakest.id
             scope.remove(weakest.id)
             self.forget(weakest.id)
-        protected = screened_bases(protect_from) if rt.config.dynamics.protect_screened else None
-        circuit = self._keyed_circuit(capture, "context", agent_id, protected or None)
+        protected = screened_bases(protect_from) if rt.config.dynamics.protect_screened else {}
+        circuit = self._keyed_circuit(capture, agent_id, "context", agent_id, protected)
         rt.place(scope.key, circuit)
         return circuit, dropped
 
     def _keyed_circuit(
-        self, capture: dict[str, torch.Tensor], tier: str, scope: str, protected: dict[str, torch.Tensor] | None = None
+        self,
+        capture: dict[str, torch.Tensor],
+        agent_id: str,
+        tier: str,
+        scope: str,
+        protected: dict[str, torch.Tensor] | None = None,
     ) -> Circuit:
-        """A new circuit (in no scope yet) keyed on these base-model inputs: explained-variance A, B = 0."""
+        """A new circuit (in no scope yet) keyed on these base-model inputs: explained-variance A (off the subspaces
+        in ``protected`` and, with ``key_background``, off the background), B = 0."""
         rt = self.rt
+        background = rt.config.learning.key_background > 0
+        if background:
+            protected = joined_bases(self._background_bases(agent_id), protected or {})
         factors = init_factors(
             {n: capture[n] for n in rt.circuit_modules},
             {n: layer.out_features for n, layer in rt.layers.items()},
             rt.config.adapter.circuit_rank,
             rt.config.learning.init_from_activations,
             rt.generator,
-            protected,
+            protected or None,
+            rescale=background,
         )
         factors = {n: (a.to(rt.device), b.to(rt.device)) for n, (a, b) in factors.items()}
         circuit = Circuit(factors=factors, tier=tier, scope=scope, created_tick=rt.clock.tick)
         circuit.key_self = key_activations([circuit], capture)[0]
         return circuit
+
+    def _background_bases(self, agent_id: str) -> dict[str, torch.Tensor]:
+        """Per circuit module, the top ``key_background`` principal directions of the reference prompts' inputs
+        under the base model, their first (sink) tokens left out: a constant of the base model, computed once."""
+        if self._background is None:
+            states: dict[str, list[torch.Tensor]] = {}
+            for ids in self.rt.router.reference_ids():
+                capture = self._capture_base(agent_id, torch.tensor([ids], device=self.rt.device))
+                for n in self.rt.circuit_modules:
+                    states.setdefault(n, []).append(capture[n][0, 1:].float().cpu())
+            inputs = {n: torch.cat(xs) for n, xs in states.items()}
+            self._background = background_bases(inputs, self.rt.config.learning.key_background)
+        return self._background
 
     def _train(
         self,
@@ -399,7 +423,7 @@ class ContextLearner:
         rt = self.rt
         ids, labels = _example(prompt_ids, completion_ids, rt.device)
         targets = ids[0, len(prompt_ids) :]
-        circuit = self._keyed_circuit(self._capture_base(agent_id, ids), "", "")
+        circuit = self._keyed_circuit(self._capture_base(agent_id, ids), agent_id, "", "")
         if rt.router.enabled:  # gated like a context circuit: it holds this prompt's continuation
             circuit.gate = rt.router.new_gate(rt.router.features([prompt_ids])[0], prompt_ids, agent_id)
         routes = rt.route([agent_id], [prompt_ids])

@@ -215,17 +215,18 @@ class Router:
         offset = _first_kept(*self.chat.content_span(prompt_ids))
         return [int(i) + offset for i in self._distinctive(feature)]
 
-    def _reference_ids(self) -> list[list[int]]:
+    def reference_ids(self) -> list[list[int]]:
+        """The reference prompts' token ids: ordinary text of many kinds, fixed."""
         return [list(self.tokenizer(p)["input_ids"]) or [0] for p in REFERENCE_PROMPTS]
 
     def _reference_features(self) -> list[torch.Tensor]:
-        return list(self.features(self._reference_ids()))
+        return list(self.features(self.reference_ids()))
 
     @property
     def unit(self) -> float:
         """The base model's distance unit: the spread of the reference prompts' features (computed once)."""
         if self._unit is None:
-            feats = self.features(self._reference_ids())
+            feats = self.features(self.reference_ids())
             spread = float((feats - feats.mean(0)).pow(2).sum(1).mean().sqrt())
             self._unit = max(spread, 1e-6 * float(feats.norm(dim=1).mean()), 1e-12)
         return self._unit

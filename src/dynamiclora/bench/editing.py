@@ -29,6 +29,7 @@ from .wise import WiseSideMemory
 
 MAX_TRIES = 4  # learn calls per edit, stopping once the taught prompt reproduces the target
 LOCAL_TOKENS = 4  # the base model's own next tokens that locality checks
+KEY_BACKGROUND = 16  # facts-keys: principal directions of ordinary text a key is kept off (LearningConfig)
 PERPLEXITY_FACTS = 100  # held-out perplexity: text about the first this many facts' subjects and neighbours
 
 
@@ -234,7 +235,8 @@ def main(argv: list[str] | None = None) -> dict:
         parser.add_argument("--steps", help="edit counts, e.g. 1,10,100")
         parser.add_argument(
             "--methods",
-            help="of prototype, tokens, facts, facts-strict, facts-local, tokens-still, peft, replay, wise",
+            help="of prototype, tokens, facts, facts-strict, facts-local, facts-keys, tokens-still, peft, replay,"
+            " wise",
         )
 
     args = arguments(__doc__, argv, extra=extra)
@@ -255,6 +257,10 @@ def main(argv: list[str] | None = None) -> dict:
     data = facts(max(steps))
     probe = Probe(tokenizer, model, data)
     capacity = max(steps)
+
+    def facts_method(**options):  # fact circuits (FACT_CIRCUITS) with these DynamicLoRAMethod options
+        return lambda: DynamicLoRAMethod(fresh(), tokenizer, ["editor"], capacity=capacity, **options, **FACT_CIRCUITS)
+
     methods = {
         "prototype": (
             "prototype gate (embeddings)",
@@ -264,27 +270,15 @@ def main(argv: list[str] | None = None) -> dict:
             "token gate (distinctive token states)",
             lambda: DynamicLoRAMethod(fresh(), tokenizer, ["editor"], capacity=capacity, route_match="tokens"),
         ),
-        "facts": (
-            "fact circuits: token gate, rank 1 on v_proj, chat variant",
-            lambda: DynamicLoRAMethod(fresh(), tokenizer, ["editor"], capacity=capacity, **FACT_CIRCUITS),
-        ),
-        "facts-strict": (
-            "fact circuits, strict gates",
-            lambda: DynamicLoRAMethod(
-                fresh(), tokenizer, ["editor"], capacity=capacity, route_strict=True, **FACT_CIRCUITS
-            ),
-        ),
+        "facts": ("fact circuits: token gate, rank 1 on v_proj, chat variant", facts_method()),
+        "facts-strict": ("fact circuits, strict gates", facts_method(route_strict=True)),
         "facts-local": (
             "fact circuits, strict gates, subject locality",
-            lambda: DynamicLoRAMethod(
-                fresh(),
-                tokenizer,
-                ["editor"],
-                capacity=capacity,
-                route_strict=True,
-                subject_locality=2.0,
-                **FACT_CIRCUITS,
-            ),
+            facts_method(route_strict=True, subject_locality=2.0),
+        ),
+        "facts-keys": (
+            "fact circuits, strict gates, subject locality, keys off the background",
+            facts_method(route_strict=True, subject_locality=2.0, key_background=KEY_BACKGROUND),
         ),
         "tokens-still": (  # diagnostic: the same without ticks (no decay of the facts not used since)
             "token gate, no ticks",

@@ -109,6 +109,7 @@ class DynamicLoRAMethod(Method):
         learn_variants: tuple[str, ...] = (),
         route_strict: bool = False,
         subject_locality: float = 0.0,
+        key_background: int = 0,
     ) -> None:
         # capacity: the longest stream holds 20 facts of one agent; the default 16 would drop the oldest ones
         cfg = DynamicLoRAConfig(
@@ -125,6 +126,7 @@ class DynamicLoRAMethod(Method):
                 learn_variants=learn_variants,
                 route_strict=route_strict,
                 subject_locality=subject_locality,
+                key_background=key_background,
             ),
         )
         self.dl = DynamicLoRA(model, tokenizer, cfg)
@@ -140,6 +142,7 @@ class DynamicLoRAMethod(Method):
             + ([f"learns {', '.join(learn_variants)} variants"] if learn_variants else [])
             + (["strict gates"] if route_strict else [])
             + ([f"subject locality {subject_locality:g}"] if subject_locality else [])
+            + ([f"keys off {key_background} background directions"] if key_background else [])
             + ([f"tick every {tick_interval}"] if tick_interval != 100 else [])
         )
         if details:
