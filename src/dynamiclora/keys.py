@@ -77,13 +77,8 @@ def joined_bases(*bases: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def screened_bases(circuits: list[Circuit]) -> dict[str, torch.Tensor]:
     """Per module, an orthonormal basis (in, k) of the span of the SCREENED circuits' keys."""
-    bases = {}
     screened = [c for c in circuits if c.phase == "SCREENED"]
-    for name in {m for c in screened for m in c.factors}:
-        rows = torch.cat([c.factors[name][0].detach().float().cpu() for c in screened if name in c.factors], 0)
-        q, r = torch.linalg.qr(rows.T)
-        bases[name] = q[:, r.diagonal().abs() > 1e-6]
-    return bases
+    return joined_bases(*({m: a.detach().float().cpu().T for m, (a, _) in c.factors.items()} for c in screened))
 
 
 def key_activations(circuits: list[Circuit], inputs: dict[str, torch.Tensor]) -> list[float]:
