@@ -235,6 +235,14 @@ class LearningConfig:
             "for rank 8 on every module."
         ),
     )
+    circuits_after_route: bool = field(
+        default=False,
+        metadata=_help(
+            "A newly learned circuit covers only modules at or after the route module (of those circuit_modules "
+            "names). Nothing learned then changes what the route module sees, and a request routes inside its own "
+            "forward instead of a base-model pre-pass of the layers before it (see inline_routing.py)."
+        ),
+    )
 
     def __post_init__(self) -> None:
         _check_types(self)

@@ -219,11 +219,13 @@ class TokenGateIndex:
         radii = torch.cat([g.radii for g in gates]) if gates else torch.zeros(0)
         self.count, self.threshold, self.strict = _prototypes(self.groups, radii, strict)
 
-    def reached(self, feature: torch.Tensor) -> torch.Tensor:
-        """(gates,) bool: which gates this input's token states (T, d) reach."""
+    def reached(self, feature: torch.Tensor, slack: float = 0.0) -> torch.Tensor:
+        """(gates,) bool: which gates this input's token states (T, d) reach; ``slack``: with every prototype's
+        score counted this much higher (negative: lower)."""
         if self.size == 0:
             return torch.zeros(0, dtype=torch.bool)
-        near = _prototype_distances(self.keys, self.groups, self.count, self.threshold, self.strict, feature) <= 1.0
+        distance = _prototype_distances(self.keys, self.groups, self.count, self.threshold, self.strict, feature)
+        near = distance <= 1.0 + slack / (1.0 - self.threshold).clamp_min(1e-6)
         return torch.zeros(self.size).index_add_(0, self.owner, near.float()) > 0
 
 

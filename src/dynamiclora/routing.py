@@ -245,19 +245,29 @@ class Router:
             return 1.0 - (1.0 - theta) * distance
         return theta / distance
 
-    def skip(self, gated_rows: list[list[Circuit]], features) -> tuple[frozenset[str], ...]:
+    def skip(self, gated_rows: list[list[Circuit]], features, slack: float = 0.0) -> tuple[frozenset[str], ...]:
         """Per row, the ids of its gated circuits (``gated_rows[i]``) that its prompt's feature does not reach.
-        Token gates are matched all at once (:class:`TokenGateIndex`, kept for the most recent sets of gates)."""
+        Token gates are matched all at once (:class:`TokenGateIndex`, kept for the most recent sets of gates).
+        ``slack``: every match counts as this much nearer its gate (a token gate's score, a pooled distance in
+        radii); negative: farther."""
         out = []
         for row, f in zip(gated_rows, features):
             token = [c for c in row if c.gate.tokens] if self.tokens else []
             pooled = [c for c in row if not (self.tokens and c.gate.tokens)]
-            unreached = {c.id for c in pooled if c.gate.distance(f) > 1.0}
+            unreached = {c.id for c in pooled if c.gate.distance(f) > 1.0 + slack}
             if token:
-                reached = self._index([c.gate for c in token]).reached(f)
+                reached = self._index([c.gate for c in token]).reached(f, slack)
                 unreached.update(c.id for c, hit in zip(token, reached.tolist()) if not hit)
             out.append(frozenset(unreached))
         return tuple(out)
+
+    def certain_skip(
+        self, gated_rows: list[list[Circuit]], features, slack: float
+    ) -> tuple[frozenset[str], ...] | None:
+        """:meth:`skip`, if no match lies within ``slack`` of deciding otherwise (features computed with some
+        rounding away from the pre-pass's then route as the pre-pass's would); None if one does."""
+        lenient = self.skip(gated_rows, features, slack)
+        return lenient if lenient == self.skip(gated_rows, features, -slack) else None
 
     def _index(self, gates: list[Gate]) -> TokenGateIndex:
         key = tuple(id(g) for g in gates)  # gates are immutable: a circuit that changes gets a new one

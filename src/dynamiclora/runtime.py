@@ -26,6 +26,7 @@ from .errors import ConfigError, InvalidInputError, PromptTooLongError
 from .fingerprint import model_fingerprint, tokenizer_fingerprint
 from .generation import Decoded, ForwardFn, Observer, decode, row_generators
 from .hierarchy import Clock, Hierarchy, ScopeKey, Snapshot
+from .inline_routing import InlineRoute, InlineRouting, RouteInDoubt
 from .planner import BatchPlan, Planner
 from .routing import Router
 from .stack import Session, StackedLinear, find_target_modules, inject, probe_input_groups
@@ -62,16 +63,21 @@ class Runtime:
                 f"LearningConfig.route_module {route_module!r} is not an adapted module; choose one of {names[:4]} …"
             )
         patterns = config.learning.circuit_modules
-        # the modules a newly learned circuit covers (LearningConfig.circuit_modules)
-        self.circuit_modules = [n for n in names if patterns is None or any(re.search(p, n) for p in patterns)]
+        route_index = names.index(route_module)
+        # the modules a newly learned circuit covers (LearningConfig.circuit_modules, circuits_after_route)
+        candidates = names[route_index:] if config.learning.circuits_after_route else names
+        self.circuit_modules = [n for n in candidates if patterns is None or any(re.search(p, n) for p in patterns)]
         if not self.circuit_modules:
             raise ConfigError(
-                f"LearningConfig.circuit_modules={patterns!r} matches no adapted module; choose among {names[:4]} …"
+                f"LearningConfig.circuit_modules={patterns!r} matches no adapted module"
+                + (f" at or after the route module {route_module!r}" if config.learning.circuits_after_route else "")
+                + f"; choose among {candidates[:4]} …"
             )
         self.chat = ChatFormat(tokenizer)
         self.router = Router(
             self.model, self.layers[route_module], route_module, tokenizer, self.chat, config.learning
         )
+        self.inline = InlineRouting(self.router, self.planner, hierarchy, self.binding, frozenset(names[:route_index]))
         self.generator = torch.Generator().manual_seed(config.seed)
         # which forwards sample the merged tiers' usage: its own stream, so that observing never shifts sampling
         self.usage_sampler = torch.Generator().manual_seed(config.seed + 1)
@@ -118,10 +124,20 @@ class Runtime:
         return getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
 
     def new_session(
-        self, plan: BatchPlan, observe: bool | None = None, capture: bool = False, mask: torch.Tensor | None = None
+        self,
+        plan: BatchPlan,
+        observe: bool | None = None,
+        capture: bool = False,
+        mask: torch.Tensor | None = None,
+        sample: bool | None = None,
     ) -> Session:
+        """A session for one run of ``plan``. ``sample``: whether it samples the merged tiers' usage (None: drawn
+        now; a run that starts over after an inline route in doubt keeps its first draw)."""
         rate = self.config.adapter.merged_usage_sample_rate
-        sample = bool(plan.merged_circuits) and rate > 0 and float(torch.rand((), generator=self.usage_sampler)) < rate
+        if sample is None:
+            sample = (
+                bool(plan.merged_circuits) and rate > 0 and float(torch.rand((), generator=self.usage_sampler)) < rate
+            )
         return Session(
             len(plan.agent_ids),
             len(plan.circuits),
@@ -165,30 +181,62 @@ class Runtime:
         self.check_length(input_ids.shape[1])
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
 
-        def prompts() -> list[list[int]]:  # each row's real tokens, as far as they route
-            return [[t for t, m in zip(r.tolist(), k.tolist()) if m][:route_tokens] for r, k in zip(input_ids, mask)]
+        def rows() -> list[tuple[list[int], torch.Tensor]]:  # each row's real tokens as far as they route, and where
+            where = [k.nonzero().flatten()[:route_tokens].cpu() for k in mask]
+            return [(r.cpu()[w].tolist(), w) for r, w in zip(input_ids, where)]
 
-        plan = self.planner.plan(list(agent_ids), skip=self.route(agent_ids, prompts))
-        session = self.new_session(plan, observe=observe, mask=attention_mask)
-        with torch.no_grad(), self.activate(plan, session):
-            out = self.model(
-                input_ids=input_ids.to(self.device),
-                attention_mask=None if attention_mask is None else attention_mask.to(self.device),
-                use_cache=False,
-            )
-        return out.logits, session
+        def run(plan: BatchPlan, session: Session) -> torch.Tensor:
+            with torch.no_grad(), self.activate(plan, session):
+                return self.model(
+                    input_ids=input_ids.to(self.device),
+                    attention_mask=None if attention_mask is None else attention_mask.to(self.device),
+                    use_cache=False,
+                ).logits
+
+        sample = None
+        inline = self.inline_route(agent_ids, (), rows)
+        if inline is not None:
+            session = self.new_session(inline.plan, observe=observe, mask=attention_mask)
+            try:
+                with inline.hooked():
+                    return run(inline.plan, session), session
+            except RouteInDoubt:
+                sample = session.sample_merged
+        plan = self.planner.plan(list(agent_ids), skip=self.route(agent_ids, lambda: [p for p, _ in rows()]))
+        session = self.new_session(plan, observe=observe, mask=attention_mask, sample=sample)
+        return run(plan, session), session
+
+    def inline_route(
+        self,
+        agent_ids: Sequence[str],
+        without: tuple[str, ...],
+        rows: Callable[[], list[tuple[list[int], torch.Tensor]]],
+    ) -> InlineRoute | None:
+        """This batch routed inside its own forward, if that gives the pre-pass's routes (see inline_routing.py):
+        some row's stack holds gated circuits and no circuit acts before the route module. ``rows``: a function
+        giving each row's routed prompt and its positions in the batch."""
+        if not self.router.enabled:
+            return None
+        gated = [self.gated_circuits(a) for a in agent_ids]
+        if not any(gated) or not self.inline.applies(agent_ids, without):
+            return None
+        return self.inline.route(agent_ids, without, gated, rows())
 
     def route(
         self, agent_ids: Sequence[str], prompts: list[list[int]] | Callable[[], list[list[int]]]
     ) -> tuple[frozenset[str], ...] | None:
         """Per row, the gated circuits its prompt does not reach (None when routing is off). ``prompts`` may be a
-        function, called only when some row's stack holds a gated circuit."""
+        function, called only when some row's stack holds a gated circuit; only those rows' prompts are routed."""
         if not self.router.enabled:
             return None
         gated = [self.gated_circuits(a) for a in agent_ids]
         if not any(gated):
             return tuple(frozenset() for _ in agent_ids)
-        features = self.router.features(prompts() if callable(prompts) else prompts)
+        prompts = prompts() if callable(prompts) else prompts
+        needed = [i for i, g in enumerate(gated) if g]
+        features: list = [None] * len(gated)
+        for i, f in zip(needed, self.router.features([prompts[i] for i in needed])):
+            features[i] = f
         return self.router.skip(gated, features)
 
     def gated_circuits(self, agent_id: str) -> list[Circuit]:
@@ -329,27 +377,48 @@ class Runtime:
                 raise InvalidInputError("the prompt is empty after tokenization; give at least one token of text")
             self.check_length(len(ids) + cfg.max_new_tokens, len(ids), cfg.max_new_tokens)
         t0 = time.perf_counter()
-        plan = self.planner.plan(list(agent_ids), without=without, skip=self.route(agent_ids, prompts))
-        session = self.new_session(plan)
-        t_plan = time.perf_counter()
-        timings = {"plan_s": t_plan - t0}
+        timings: dict[str, float] = {}
+        width = max(len(p) for p in prompts)  # (prefill left-pads every prompt to the longest)
+        where = lambda: [(p, torch.arange(width - len(p), width)) for p in prompts]  # noqa: E731
+        inline = self.inline_route(agent_ids, without, where)
 
-        def prefill_done():
-            timings["prefill_s"] = time.perf_counter() - t_plan
+        def run(plan: BatchPlan, session: Session) -> Decoded:
+            t_plan = time.perf_counter()
+            timings["plan_s"] = t_plan - t0
 
-        with torch.no_grad(), self.activate(plan, session):
-            decoded = decode(
-                self.decoder_forward(session, use_kv_cache, pooled),
-                prompts,
-                cfg,
-                pad_id=self.pad_id,
-                eos_id=self.tokenizer.eos_token_id,
-                device=self.device,
-                generator=row_generators(cfg, len(prompts), self.generator),
-                use_kv_cache=use_kv_cache,
-                on_prefill_done=prefill_done,
-                observer=observer,
-            )
+            def prefill_done():
+                timings["prefill_s"] = time.perf_counter() - t_plan
+
+            with torch.no_grad(), self.activate(plan, session):
+                return decode(
+                    self.decoder_forward(session, use_kv_cache, pooled),
+                    prompts,
+                    cfg,
+                    pad_id=self.pad_id,
+                    eos_id=self.tokenizer.eos_token_id,
+                    device=self.device,
+                    # (drawn from before the prefill: a run that starts over after it draws the same seeds)
+                    generator=generators,
+                    use_kv_cache=use_kv_cache,
+                    on_prefill_done=prefill_done,
+                    observer=observer,
+                )
+
+        decoded = sample = generators = None
+        if inline is not None:
+            session = self.new_session(inline.plan)
+            generators = row_generators(cfg, len(prompts), self.generator)
+            try:
+                with inline.hooked():
+                    decoded, plan = run(inline.plan, session), inline.plan
+            except RouteInDoubt:
+                sample = session.sample_merged
+        if decoded is None:
+            plan = self.planner.plan(list(agent_ids), without=without, skip=self.route(agent_ids, prompts))
+            session = self.new_session(plan, sample=sample)
+            if generators is None:  # (greedy: None, and nothing drawn)
+                generators = row_generators(cfg, len(prompts), self.generator)
+            decoded = run(plan, session)
         timings["total_s"] = time.perf_counter() - t0
         if interaction:
             self.use_routes(plan)

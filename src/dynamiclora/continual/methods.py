@@ -110,6 +110,7 @@ class DynamicLoRAMethod(Method):
         route_strict: bool = False,
         subject_locality: float = 0.0,
         key_background: int = 0,
+        circuits_after_route: bool = False,
     ) -> None:
         # capacity: the longest stream holds 20 facts of one agent; the default 16 would drop the oldest ones
         cfg = DynamicLoRAConfig(
@@ -127,6 +128,7 @@ class DynamicLoRAMethod(Method):
                 route_strict=route_strict,
                 subject_locality=subject_locality,
                 key_background=key_background,
+                circuits_after_route=circuits_after_route,
             ),
         )
         self.dl = DynamicLoRA(model, tokenizer, cfg)
@@ -143,6 +145,7 @@ class DynamicLoRAMethod(Method):
             + (["strict gates"] if route_strict else [])
             + ([f"subject locality {subject_locality:g}"] if subject_locality else [])
             + ([f"keys off {key_background} background directions"] if key_background else [])
+            + (["circuits from the route layer on"] if circuits_after_route else [])
             + ([f"tick every {tick_interval}"] if tick_interval != 100 else [])
         )
         if details:
