@@ -367,3 +367,25 @@ def test_subject_locality_keeps_a_circuit_out_of_other_text_about_its_subject_an
         taught[weight] = float(torch.nn.functional.cross_entropy(logits[0, n - 1 : -1], ids[0, n:]))
     assert drift[4.0] < 0.6 * drift[0.0], drift  # (0.28 -> 0.15 when written)
     assert taught[4.0] < 2 * taught[0.0] + 0.5, taught  # the fact itself is still learned
+
+
+def test_a_subject_texts_base_continuation_is_written_once_per_frame_and_is_the_base_models(monkeypatch):
+    from collections import OrderedDict
+
+    from dynamiclora.subject import base_continuation
+
+    learning = {"route_match": "tokens", "subject_locality": 1.0}
+    dl = make_dl(config=DynamicLoRAConfig(learning=learning, dynamics={"tick_interval": 0}))
+    dl.agent("alice", swarm="team", domain="python")
+    rt, calls = dl.runtime, []
+    generate = rt.generate_ids
+    monkeypatch.setattr(rt, "generate_ids", lambda *a, **k: calls.append(a[1]) or generate(*a, **k))
+    for fact, new in ((("The capital of Zoxquk is", " Belro"), 1), (("The capital of Zoxquk is", " Belro"), 0),
+                      (("The river of Mavtrel is", " Quon"), 1)):  # fmt: skip
+        before = len(calls)
+        dl.agent("alice").learn(*fact)
+        assert len(calls) - before == new  # the same fact learned again reuses its frame's continuation
+    kept = dl.learner._continuations
+    assert len(kept) == 2
+    for frame, tokens in kept.items():  # each is what the base model continues that frame with
+        assert tokens == base_continuation(rt, "alice", list(frame), OrderedDict())

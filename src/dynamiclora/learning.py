@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -54,6 +55,7 @@ class ContextLearner:
         self.on_use: Callable[[Circuit], None] = lambda circuit: None  # an input matched this circuit
         self._optimizers: dict[str, torch.optim.Optimizer] = {}
         self._background: dict[str, torch.Tensor] | None = None
+        self._continuations: OrderedDict[tuple[int, ...], list[int]] = OrderedDict()  # (see subject.py)
 
     def forget(self, circuit_id: str) -> None:
         self._optimizers.pop(circuit_id, None)
@@ -391,7 +393,7 @@ class ContextLearner:
         routes = skip()
         subject = None
         if cfg.subject_locality > 0 and feature is not None and rt.router.tokens and best.gate is not None:
-            subject = subject_text(rt, agent_id, best, prompt_ids, feature)
+            subject = subject_text(rt, agent_id, best, prompt_ids, feature, self._continuations)
         examples = [(ids, labels), *self._variants(prompt_ids, completion_ids)]
         loss_before = self._train(agent_id, best, examples, routes, subject)
         best.critical = best.critical or critical

@@ -8,6 +8,7 @@ the stack's distribution there close to the stack's without the circuit. No eval
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
 # out), and how many tokens of the base model's continuation follow it
 SUBJECT_FRAME = "Re: {}"
 SUBJECT_TOKENS = 12
+CONTINUATIONS_KEPT = 64  # base-model continuations of subject frames a learner keeps (a fact learned again)
 
 
 @dataclass
@@ -50,10 +52,17 @@ def word_span(words: list[str], lo: int, hi: int, start: int, end: int) -> tuple
 
 
 def subject_text(
-    rt: Runtime, agent_id: str, circuit: Circuit, prompt_ids: list[int], feature: torch.Tensor
+    rt: Runtime,
+    agent_id: str,
+    circuit: Circuit,
+    prompt_ids: list[int],
+    feature: torch.Tensor,
+    continuations: OrderedDict[tuple[int, ...], list[int]] | None = None,
 ) -> SubjectText | None:
     """The text about this prompt's subject for ``circuit`` (its feature as ``Router.feature_of`` gives it), or
-    None where no word is found or the circuit's gate does not reach the text (it cannot act there)."""
+    None where no word is found or the circuit's gate does not reach the text (it cannot act there).
+    ``continuations``: the base model's continuations of frames written before (a function of the base model and
+    the frame alone), kept there for the next learn call of the same fact."""
     first = rt.router.distinctive_positions(feature, prompt_ids)[0]
     start, end = rt.chat.content_span(prompt_ids)
     lo, hi = word_span([rt.tokenizer.decode([t]) for t in prompt_ids], first, first + 1, start, end)
@@ -61,9 +70,7 @@ def subject_text(
     if not subject:
         return None
     frame = rt.encode(SUBJECT_FRAME.format(subject))
-    greedy = GenerationConfig(max_new_tokens=SUBJECT_TOKENS, stop_at_eos=False)
-    decoded, _, _ = rt.generate_ids([agent_id], [frame], greedy, without=TIERS)
-    ids = frame + decoded.tokens[0]
+    ids = frame + base_continuation(rt, agent_id, frame, continuations if continuations is not None else OrderedDict())
     routes = rt.router.skip([rt.gated_circuits(agent_id)], rt.router.features([ids]))[0]
     if circuit.id in routes:
         return None
@@ -72,3 +79,18 @@ def subject_text(
     with torch.no_grad(), rt.activate(plan, rt.new_session(plan, observe=False)):
         reference = torch.log_softmax(rt.model(input_ids=x, use_cache=False).logits.float(), -1)
     return SubjectText(x, reference, routes)
+
+
+def base_continuation(
+    rt: Runtime, agent_id: str, frame: list[int], known: OrderedDict[tuple[int, ...], list[int]]
+) -> list[int]:
+    """The base model's greedy ``SUBJECT_TOKENS`` after ``frame``, from ``known`` if it holds them (then kept
+    there, the most recent ``CONTINUATIONS_KEPT``)."""
+    key = tuple(frame)
+    if key not in known:
+        greedy = GenerationConfig(max_new_tokens=SUBJECT_TOKENS, stop_at_eos=False)
+        known[key] = rt.generate_ids([agent_id], [frame], greedy, without=TIERS)[0].tokens[0]
+        while len(known) > CONTINUATIONS_KEPT:
+            known.popitem(last=False)
+    known.move_to_end(key)
+    return known[key]
