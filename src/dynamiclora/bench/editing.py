@@ -143,8 +143,9 @@ def evaluate(method: Method, agent: str, probe: Probe, t: int) -> dict:
     return out
 
 
-def run(make, probe: Probe, steps: list[int], base, agent: str = "editor") -> dict:
-    """Edit facts one by one with a fresh method; evaluate after the T-th edit for every T in ``steps``."""
+def run(make, probe: Probe, steps: list[int], base, agent: str = "editor", saved=lambda partial: None) -> dict:
+    """Edit facts one by one with a fresh method; evaluate after the T-th edit for every T in ``steps``. ``saved``
+    gets the result so far after each evaluation (a long run that is cut off keeps what it measured)."""
     method = make()
     rows, learn_s, tries = [], [], []
     for i, pair in enumerate(probe.edits[: max(steps)]):
@@ -184,6 +185,7 @@ def run(make, probe: Probe, steps: list[int], base, agent: str = "editor") -> di
                     forgotten=len(method.dl.memory.forgotten),
                 )
             rows.append(r)
+            saved({"method": method.name, "rows": rows, "per_edit": {"learn_s": learn_s, "learn_calls": tries}})
             print(f"  {method.name} T={t}: rel {r['reliability']:.2f} gen {r['generalization_mean']:.2f} "
                   f"loc {r['locality_neighbour']:.2f}/{r['locality_general']:.2f}", flush=True)  # fmt: skip
     out = {"method": method.name, "rows": rows, "per_edit": {"learn_s": learn_s, "learn_calls": tries}}
@@ -235,8 +237,8 @@ def main(argv: list[str] | None = None) -> dict:
         parser.add_argument("--steps", help="edit counts, e.g. 1,10,100")
         parser.add_argument(
             "--methods",
-            help="of prototype, tokens, facts, facts-strict, facts-local, facts-keys, tokens-still, peft, replay,"
-            " wise",
+            help="of prototype, tokens, facts, facts-strict, facts-local, facts-keys, facts-late, tokens-still, peft,"
+            " replay, wise",
         )
 
     args = arguments(__doc__, argv, extra=extra)
@@ -280,6 +282,12 @@ def main(argv: list[str] | None = None) -> dict:
             "fact circuits, strict gates, subject locality, keys off the background",
             facts_method(route_strict=True, subject_locality=2.0, key_background=KEY_BACKGROUND),
         ),
+        "facts-late": (
+            "fact circuits as facts-keys, from the route layer on (routed inside the forward)",
+            facts_method(
+                route_strict=True, subject_locality=2.0, key_background=KEY_BACKGROUND, circuits_after_route=True
+            ),
+        ),
         "tokens-still": (  # diagnostic: the same without ticks (no decay of the facts not used since)
             "token gate, no ticks",
             lambda: DynamicLoRAMethod(
@@ -293,24 +301,29 @@ def main(argv: list[str] | None = None) -> dict:
     everything = ["prototype", "tokens", "facts", "peft", "replay", "wise"]
     default = ["prototype", "facts", "wise"] if args.quick else everything
     chosen = args.methods.split(",") if args.methods else default
-    results = []
-    for name, make in (methods[k] for k in chosen):
-        print(name, flush=True)
-        t0 = time.perf_counter()
-        r = run(make, probe, steps, model)
-        r["label"], r["wall_s"] = name, time.perf_counter() - t0
-        results.append(r)
-    record = {
-        "model": selected_model(),
-        "steps": steps,
-        "methods": results,
-        "families": sorted({f.family for f in data}),
-    }
     name = "editing-cpu" + ("-quick" if args.quick else model_suffix())
-    md = _markdown(results)
-    write(Path(args.out), name, record, md)
+    results = []
+
+    def save(partial: list[dict], complete: bool) -> dict:
+        record = {
+            "model": selected_model(),
+            "steps": steps,
+            "methods": partial,
+            "families": sorted({f.family for f in data}),
+            "complete": complete,
+        }
+        write(Path(args.out), name, record, _markdown(partial))
+        return record
+
+    for label, make in (methods[k] for k in chosen):
+        print(label, flush=True)
+        t0 = time.perf_counter()
+        r = run(make, probe, steps, model, saved=lambda p: save(results + [{**p, "label": label}], False))
+        r["label"], r["wall_s"] = label, time.perf_counter() - t0
+        results.append(r)
+    record = save(results, True)
     plot(results, Path(args.out) / f"{name}.png")
-    print(md)
+    print(_markdown(results))
     return record
 
 
