@@ -11,8 +11,9 @@ import torch
 from dynamiclora import DynamicLoRA, DynamicLoRAConfig, GenerationConfig
 from dynamiclora.errors import ConfigError
 from dynamiclora.gates import Gate
+from dynamiclora.inline_routing import SLACK
 
-from .conftest import make_dl
+from .conftest import make_dl, random_circuit
 from .test_token_gates import FACT, NOT_REACHED, REACHED
 
 GREEDY = GenerationConfig(max_new_tokens=4, stop_at_eos=False)
@@ -88,7 +89,7 @@ def test_a_route_that_rounding_could_flip_is_decided_by_the_pre_pass(monkeypatch
     text = NOT_REACHED[0]  # the template about another entity: a partial match (about 0.5), not reached
     match = 1.0 - Gate.prototype(gate.keys, 0.0).distance(dl.router.features([dl.encode(text)])[0])
     assert match < 0.9  # (the keys' mean best cosine: a threshold just above it is a threshold below 1)
-    for offset in (3e-4, -3e-4):  # just above the prompt's match (not reached), just below (reached)
+    for offset in (SLACK / 3, -SLACK / 3):  # just above the prompt's match (not reached), just below (reached)
         circuit.gate = Gate(gate.keys, torch.full_like(gate.radii, match + offset), gate.owners, gate.groups)
         dl.hierarchy.scope(("context", "alice")).touch()
         expected = pre_pass_outputs(dl, [text], monkeypatch)
@@ -108,6 +109,18 @@ def test_a_circuit_before_the_route_module_routes_with_the_pre_pass(monkeypatch)
     passes = PrePasses(dl, monkeypatch)
     got = outputs(dl, [FACT[0]])
     assert passes.count == 1
+    assert_same(got, pre_pass_outputs(dl, [FACT[0]], monkeypatch))
+
+
+def test_a_circuit_added_before_the_route_module_later_sends_the_next_request_to_the_pre_pass(monkeypatch):
+    dl = late_dl()
+    passes = PrePasses(dl, monkeypatch)
+    outputs(dl, [FACT[0]])
+    assert passes.count == 0  # routed inline
+    dl.hierarchy.scope(("swarm", "team")).add(random_circuit(dl, 2, torch.Generator().manual_seed(0)))
+    dl.router.forget_features()
+    got = outputs(dl, [FACT[0]])
+    assert passes.count == 1  # an ungated circuit on every module now changes what the route module sees
     assert_same(got, pre_pass_outputs(dl, [FACT[0]], monkeypatch))
 
 

@@ -5,6 +5,8 @@ forgetting)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -256,8 +258,22 @@ def test_many_token_gates_matched_at_once_reach_what_each_gate_reaches_alone():
         feature = torch.cat([source + 0.6 * unit(*source.shape), unit(5, 16)])
         alone = torch.tensor([bool(gate.reached_by(feature).any()) for gate in gates])
         assert torch.equal(index.reached(feature), alone)
+        slacks = (0.05, 0.0, -0.05)  # matched once for several slacks: each as matched alone at that slack
+        assert torch.equal(
+            index.reached_within(feature, slacks), torch.stack([index.reached(feature, s) for s in slacks])
+        )
         hits += int(alone.sum())
     assert 0 < hits < 30 * 40  # the cases reach some gates and miss others
+
+
+def test_a_circuit_copied_under_a_new_id_with_the_same_gate_is_routed_under_its_own_id():
+    dl = tokens_dl()
+    circuit = learned(dl)
+    taught, unrelated = dl.router.features([dl.encode(FACT[0]), dl.encode(NOT_REACHED[2])])
+    assert dl.router.skip([[circuit]], [unrelated]) == (frozenset({circuit.id}),)
+    copy = dataclasses.replace(circuit, id="copy")  # the same gate object, as a copy in another scope keeps it
+    assert dl.router.skip([[copy]], [unrelated]) == (frozenset({"copy"}),)
+    assert dl.router.skip([[copy], [circuit]], [taught, unrelated]) == (frozenset(), frozenset({circuit.id}))
 
 
 def test_a_learned_circuit_covers_only_the_modules_learning_config_names():

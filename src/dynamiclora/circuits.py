@@ -207,26 +207,32 @@ def _stacked(name: str, circuits: list[Circuit]) -> tuple[torch.Tensor, torch.Te
 
 
 def concat_factors(
-    circuits: list[Circuit], module: str, in_features: int, out_features: int, dtype: torch.dtype | None = None
+    circuits: list[Circuit],
+    module: str,
+    in_features: int,
+    out_features: int,
+    dtype: torch.dtype | None = None,
+    ranks: list[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Stack circuits along the rank axis with their scales folded into B.
 
     Returns ``A_cat (R, in)`` and ``B_cat (out, R)`` such that ``B_cat A_cat = Σ s·B A``. A circuit that does
-    not cover ``module`` contributes zero columns of its rank, so rank offsets agree across modules.
+    not cover ``module`` contributes zero columns of its rank, so rank offsets agree across modules. ``ranks``:
+    the circuits' ranks, when the caller has them (one stack per module: not recounted for each).
     """
     a_parts, b_parts = [], []
     device = next((f[0].device for c in circuits for f in c.factors.values()), None)
-    for c in circuits:
+    for c, rank in zip(circuits, ranks if ranks is not None else [c.rank for c in circuits]):
         if module in c.factors:
             a, b = c.factors[module]
-            if a.shape[0] < c.rank:  # modules of one circuit may differ in rank (imported rank patterns)
-                a = torch.cat([a, a.new_zeros(c.rank - a.shape[0], a.shape[1])], 0)
-                b = torch.cat([b, b.new_zeros(b.shape[0], c.rank - b.shape[1])], 1)
+            if a.shape[0] < rank:  # modules of one circuit may differ in rank (imported rank patterns)
+                a = torch.cat([a, a.new_zeros(rank - a.shape[0], a.shape[1])], 0)
+                b = torch.cat([b, b.new_zeros(b.shape[0], rank - b.shape[1])], 1)
             a_parts.append(a)
             b_parts.append(b * c.scale)
-        elif c.rank:
-            a_parts.append(torch.zeros(c.rank, in_features, device=device))
-            b_parts.append(torch.zeros(out_features, c.rank, device=device))
+        elif rank:
+            a_parts.append(torch.zeros(rank, in_features, device=device))
+            b_parts.append(torch.zeros(out_features, rank, device=device))
     if not a_parts:
         return torch.zeros(0, in_features, dtype=dtype, device=device), torch.zeros(
             out_features, 0, dtype=dtype, device=device

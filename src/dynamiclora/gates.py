@@ -222,11 +222,16 @@ class TokenGateIndex:
     def reached(self, feature: torch.Tensor, slack: float = 0.0) -> torch.Tensor:
         """(gates,) bool: which gates this input's token states (T, d) reach; ``slack``: with every prototype's
         score counted this much higher (negative: lower)."""
+        return self.reached_within(feature, (slack,))[0]
+
+    def reached_within(self, feature: torch.Tensor, slacks: tuple[float, ...]) -> torch.Tensor:
+        """(len(slacks), gates) bool: :meth:`reached` at each slack, the input matched once."""
         if self.size == 0:
-            return torch.zeros(0, dtype=torch.bool)
+            return torch.zeros(len(slacks), 0, dtype=torch.bool)
         distance = _prototype_distances(self.keys, self.groups, self.count, self.threshold, self.strict, feature)
-        near = distance <= 1.0 + slack / (1.0 - self.threshold).clamp_min(1e-6)
-        return torch.zeros(self.size).index_add_(0, self.owner, near.float()) > 0
+        room = (1.0 - self.threshold).clamp_min(1e-6)
+        near = torch.stack([distance <= 1.0 + slack / room for slack in slacks])
+        return torch.zeros(len(slacks), self.size).index_add_(1, self.owner, near.float()) > 0
 
 
 def _prototypes(

@@ -145,6 +145,7 @@ class Planner:
         ]
         circuits: list[Circuit] = list({c.id: c for gc in group_circuits for c in gc}.values())
         column = {c.id: i for i, c in enumerate(circuits)}
+        rank = {c.id: c.rank for c in circuits}
 
         merge_groups = list(dict.fromkeys(row_merged))
         merged_sets = [[c for k in m for c in scopes[k].circuits.values() if c.gate is None] for m in merge_groups]
@@ -170,7 +171,9 @@ class Planner:
             # a module that none of the plan's circuits covers runs as the base layer (or merged weight) alone
             covered = any(name in c.factors for c in circuits)
             parts = (
-                [self._factors(gc, layer, column, len(circuits), observe) for gc in group_circuits] if covered else []
+                [self._factors(gc, layer, column, len(circuits), observe, rank) for gc in group_circuits]
+                if covered
+                else []
             )
             r_max = max(p[0].shape[0] for p in parts) if parts else 0
             if r_max > 0:
@@ -216,15 +219,20 @@ class Planner:
 
     @staticmethod
     def _factors(
-        circuits: list[Circuit], layer: StackedLinear, column: dict[str, int], num_columns: int, observe: bool = True
+        circuits: list[Circuit],
+        layer: StackedLinear,
+        column: dict[str, int],
+        num_columns: int,
+        observe: bool = True,
+        rank: dict[str, int] | None = None,
     ):
         """A_cat (R, in), B_cat (out, R) and the observation map (R, C) of circuits on one layer (all zero when
-        the plan will run without the usage probe)."""
-        a, b = concat_factors(circuits, layer.name, layer.in_features, layer.out_features)
+        the plan will run without the usage probe). ``rank``: each circuit's rank by id, if known."""
+        ranks = [rank[c.id] for c in circuits] if rank is not None else [c.rank for c in circuits]
+        a, b = concat_factors(circuits, layer.name, layer.in_features, layer.out_features, ranks=ranks)
         obs = torch.zeros(a.shape[0], num_columns)
         offset = 0
-        for c in circuits if observe else ():
-            r = c.rank
+        for c, r in zip(circuits, ranks) if observe else ():
             if layer.name in c.factors:
                 ca = c.factors[layer.name][0].detach().float()
                 rms2 = float(ca.pow(2).sum()) / max(r, 1)

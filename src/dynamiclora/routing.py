@@ -56,7 +56,7 @@ REFERENCE_PROMPTS = (
 
 
 MEMO_SIZE = 256  # route features of the most recent distinct prompts
-INDEX_CACHE_SIZE = 8  # sets of token gates matched at once (see TokenGateIndex)
+INDEX_CACHE_SIZE = 8  # sets of gated circuits prepared for matching (see _Matcher)
 
 
 class _Captured(Exception):
@@ -86,7 +86,7 @@ class Router:
     _unit: float | None = None
     _background: torch.Tensor | None = None
     _memo: OrderedDict[tuple[int, ...], torch.Tensor] = field(default_factory=OrderedDict)
-    _indexes: OrderedDict[tuple[int, ...], tuple[list[Gate], TokenGateIndex]] = field(default_factory=OrderedDict)
+    _matchers: OrderedDict[tuple[int, ...], _Matcher] = field(default_factory=OrderedDict)
 
     @property
     def enabled(self) -> bool:
@@ -250,30 +250,56 @@ class Router:
         Token gates are matched all at once (:class:`TokenGateIndex`, kept for the most recent sets of gates).
         ``slack``: every match counts as this much nearer its gate (a token gate's score, a pooled distance in
         radii); negative: farther."""
-        out = []
-        for row, f in zip(gated_rows, features):
-            token = [c for c in row if c.gate.tokens] if self.tokens else []
-            pooled = [c for c in row if not (self.tokens and c.gate.tokens)]
-            unreached = {c.id for c in pooled if c.gate.distance(f) > 1.0 + slack}
-            if token:
-                reached = self._index([c.gate for c in token]).reached(f, slack)
-                unreached.update(c.id for c, hit in zip(token, reached.tolist()) if not hit)
-            out.append(frozenset(unreached))
-        return tuple(out)
+        return tuple(within[0] for within in self._skips(gated_rows, features, (slack,)))
 
     def certain_skip(
         self, gated_rows: list[list[Circuit]], features, slack: float
     ) -> tuple[frozenset[str], ...] | None:
         """:meth:`skip`, if no match lies within ``slack`` of deciding otherwise (features computed with some
         rounding away from the pre-pass's then route as the pre-pass's would); None if one does."""
-        lenient = self.skip(gated_rows, features, slack)
-        return lenient if lenient == self.skip(gated_rows, features, -slack) else None
+        rows = self._skips(gated_rows, features, (slack, -slack))
+        return tuple(lenient for lenient, _ in rows) if all(a == b for a, b in rows) else None
 
-    def _index(self, gates: list[Gate]) -> TokenGateIndex:
-        key = tuple(id(g) for g in gates)  # gates are immutable: a circuit that changes gets a new one
-        if key not in self._indexes:
-            self._indexes[key] = (gates, TokenGateIndex(gates))  # (the gates kept alive: their ids stay theirs)
-            while len(self._indexes) > INDEX_CACHE_SIZE:
-                self._indexes.popitem(last=False)
-        self._indexes.move_to_end(key)
-        return self._indexes[key][1]
+    def _skips(self, gated_rows: list[list[Circuit]], features, slacks: tuple[float, ...]) -> list[tuple]:
+        """Per row, :meth:`skip`'s set at each of ``slacks``, each row's feature matched once."""
+        return [
+            self._matcher(row).unreached(f, slacks) if row else tuple(frozenset() for _ in slacks)
+            for row, f in zip(gated_rows, features)
+        ]
+
+    def _matcher(self, circuits: list[Circuit]) -> _Matcher:
+        # gates are immutable (a circuit that changes gets a new one); a circuit copied elsewhere gets a new id
+        key = tuple((c.id, id(c.gate)) for c in circuits)
+        if key not in self._matchers:
+            self._matchers[key] = _Matcher(circuits, self.tokens)
+            while len(self._matchers) > INDEX_CACHE_SIZE:
+                self._matchers.popitem(last=False)
+        self._matchers.move_to_end(key)
+        return self._matchers[key]
+
+
+class _Matcher:
+    """One set of gated circuits prepared to be matched against many prompts: its token gates in one
+    :class:`TokenGateIndex`, the rest (pooled gates) matched one by one. Keeps the gates alive, so that the ids
+    that key it stay theirs."""
+
+    def __init__(self, circuits: list[Circuit], tokens: bool) -> None:
+        token = [c for c in circuits if tokens and c.gate.tokens]
+        self.pooled = [(c.id, c.gate) for c in circuits if not (tokens and c.gate.tokens)]
+        self.index = TokenGateIndex([c.gate for c in token]) if token else None
+        self.token_ids = [c.id for c in token]
+        self.every_token_id = frozenset(self.token_ids)
+        self.gates = [c.gate for c in circuits]
+
+    def unreached(self, feature, slacks: tuple[float, ...]) -> tuple[frozenset[str], ...]:
+        """At each slack, the ids of the circuits this feature does not reach."""
+        distances = [(i, gate.distance(feature)) for i, gate in self.pooled]
+        hits = self.index.reached_within(feature, slacks) if self.index is not None else None
+        out = []
+        for k, slack in enumerate(slacks):
+            unreached = {i for i, d in distances if d > 1.0 + slack}
+            if hits is not None:
+                reached = {self.token_ids[j] for j in hits[k].nonzero().flatten().tolist()}
+                unreached |= self.every_token_id - reached
+            out.append(frozenset(unreached))
+        return tuple(out)
