@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..circuits import Circuit, frobenius_inner
+from ..circuits import Circuit, frobenius_inner, inner_products
 from ..config import TIERS
 from ..eventlog import EventLog
 from ..gates import covers as gate_covers
@@ -230,9 +230,11 @@ class Sharing:
             return out
         threshold = self.memory.config.resonance_threshold
         squared = torch.tensor([frobenius_inner(x, x) for x in existing], dtype=torch.float64).clamp_min(1e-30)
-        for p in proposals:
-            inner = torch.tensor([frobenius_inner(p.circuit, x) for x in existing], dtype=torch.float64)
-            cos = inner / (squared.sqrt() * max(frobenius_inner(p.circuit, p.circuit), 1e-30) ** 0.5)
+        cross = inner_products([p.circuit for p in proposals], existing)  # (proposals, existing), one pass per module
+        for row, p in enumerate(proposals):
+            inner = cross[row]
+            own = frobenius_inner(p.circuit, p.circuit)
+            cos = inner / (squared.sqrt() * max(own, 1e-30) ** 0.5)
             best = int(cos.argmax())
             if float(cos[best]) < threshold:
                 continue
