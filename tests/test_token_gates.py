@@ -262,6 +262,9 @@ def test_many_token_gates_matched_at_once_reach_what_each_gate_reaches_alone():
         assert torch.equal(
             index.reached_within(feature, slacks), torch.stack([index.reached(feature, s) for s in slacks])
         )
+        # each gate's distance, matched at once, is the one it gives alone (what learning attributes by)
+        nearest = torch.tensor([gate.distance(feature) for gate in gates])
+        assert torch.allclose(index.distances(feature), nearest, rtol=1e-5, atol=1e-6)
         hits += int(alone.sum())
     assert 0 < hits < 30 * 40  # the cases reach some gates and miss others
 

@@ -224,6 +224,15 @@ class TokenGateIndex:
         score counted this much higher (negative: lower)."""
         return self.reached_within(feature, (slack,))[0]
 
+    def distances(self, feature: torch.Tensor) -> torch.Tensor:
+        """(gates,) each gate's distance to an input's token states (T, d): its nearest prototype's, in units of
+        that prototype's threshold, as :meth:`Gate.distance` gives it per gate (up to rounding)."""
+        if self.size == 0:
+            return torch.zeros(0)
+        distance = _prototype_distances(self.keys, self.groups, self.count, self.threshold, self.strict, feature)
+        nearest = torch.full((self.size,), float("inf"))
+        return nearest.scatter_reduce(0, self.owner, distance, reduce="amin", include_self=True)
+
     def reached_within(self, feature: torch.Tensor, slacks: tuple[float, ...]) -> torch.Tensor:
         """(len(slacks), gates) bool: :meth:`reached` at each slack, the input matched once."""
         if self.size == 0:

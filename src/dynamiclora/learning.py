@@ -313,15 +313,17 @@ class ContextLearner:
 
     def _affinities(
         self, circuits: list[Circuit], capture: dict[str, torch.Tensor], feature: torch.Tensor | None
-    ) -> list[float]:
+    ) -> tuple[list[float], dict[str, float]]:
         """How much of each circuit's pattern this input is, on one scale: a gated circuit by its route distance
-        (see routing.py), an ungated one by its key's activation relative to its activation on its own origin."""
+        (see routing.py), an ungated one by its key's activation relative to its activation on its own origin.
+        Also the gated circuits' route distances, by id (their gates matched all at once)."""
         router = self.rt.router
         routed = [c for c in circuits if feature is not None and c.gate is not None]
         keyed = [c for c in circuits if feature is None or c.gate is None]  # only these need key activations
         score = {c.id: a / (c.key_self or 1.0) for c, a in zip(keyed, key_activations(keyed, capture))}
-        score.update({c.id: router.affinity(c.gate.distance(feature)) for c in routed})
-        return [score[c.id] for c in circuits]
+        distance = router.distances(routed, feature)
+        score.update({c.id: router.affinity(distance[c.id]) for c in routed})
+        return [score[c.id] for c in circuits], distance
 
     def learn(self, agent_id: str, prompt_ids: list[int], completion_ids: list[int], critical: bool) -> LearnResult:
         rt, cfg = self.rt, self.rt.config.learning
@@ -338,7 +340,7 @@ class ContextLearner:
         stack = rt.hierarchy.stack_scopes(agent_id)  # foundation … context
         context = list(stack[-1].circuits.values())
         slower = [c for scope in stack[:-1] for c in scope.circuits.values()]  # agent tier and the shared ones
-        acts = self._affinities(context + slower, capture, feature)
+        acts, distance = self._affinities(context + slower, capture, feature)
         ctx_acts, slower_acts = acts[: len(context)], acts[len(context) :]
         # usage is activation: every circuit whose key this input matches is used, whichever of them learns
         for c, a in zip(context + slower, acts):
@@ -365,7 +367,7 @@ class ContextLearner:
         if not spawned and rt.router.tokens and self._another_fact(best, feature, texts[1]):
             # a new prompt that reaches a circuit holding another answer is another fact that looks alike, not
             # that circuit's fact asked another way: it gets a circuit of its own, with a threshold above their prompts
-            others = [c for c in context if c.gate is not None and c.gate.tokens and c.gate.distance(feature) <= 1.0]
+            others = [c for c in context if c.gate is not None and c.gate.tokens and distance[c.id] <= 1.0]
             spawned = True
             if cfg.exclude_lookalikes:  # and theirs no longer reach it: their circuits stop acting on this prompt
                 for c in others:

@@ -260,6 +260,11 @@ class Router:
         rows = self._skips(gated_rows, features, (slack, -slack))
         return tuple(lenient for lenient, _ in rows) if all(a == b for a, b in rows) else None
 
+    def distances(self, circuits: list[Circuit], feature) -> dict[str, float]:
+        """Each gated circuit's gate distance (in radii, ≤ 1: reached) to one prompt's feature, by id; token gates
+        matched all at once, as :meth:`skip` matches them."""
+        return self._matcher(circuits).distances(feature) if circuits else {}
+
     def _skips(self, gated_rows: list[list[Circuit]], features, slacks: tuple[float, ...]) -> list[tuple]:
         """Per row, :meth:`skip`'s set at each of ``slacks``, each row's feature matched once."""
         return [
@@ -290,6 +295,13 @@ class _Matcher:
         self.token_ids = [c.id for c in token]
         self.every_token_id = frozenset(self.token_ids)
         self.gates = [c.gate for c in circuits]
+
+    def distances(self, feature) -> dict[str, float]:
+        """Each circuit's gate distance to this feature, by id."""
+        out = {i: gate.distance(feature) for i, gate in self.pooled}
+        if self.index is not None:
+            out.update(zip(self.token_ids, self.index.distances(feature).tolist()))
+        return out
 
     def unreached(self, feature, slacks: tuple[float, ...]) -> tuple[frozenset[str], ...]:
         """At each slack, the ids of the circuits this feature does not reach."""
