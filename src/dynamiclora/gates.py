@@ -22,6 +22,7 @@ Two kinds, one per routing mode (``LearningConfig.route_match``):
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,6 +63,15 @@ class Gate:
     def tokens(self) -> bool:
         return self.groups is not None
 
+    @functools.cached_property
+    def prototype_index(self) -> torch.Tensor:
+        """(k,) token gates: each key's prototype numbered 0 … G-1 (kept once computed: a gate never changes)."""
+        return torch.unique(self.groups, return_inverse=True)[1]
+
+    @functools.cached_property
+    def num_prototypes(self) -> int:
+        return int(self.prototype_index.max()) + 1 if self.prototype_index.numel() else 0
+
     @classmethod
     def single(cls, feature: torch.Tensor, radius: float, owner: str | None = None) -> Gate:
         """A pooled gate of one key."""
@@ -91,7 +101,7 @@ class Gate:
         """(k,) each key's distance to this input in units of its radius (token gates: its prototype's)."""
         if not self.tokens:
             return (self.keys - feature.reshape(1, -1).float()).norm(dim=-1) / self.radii.clamp_min(1e-12)
-        index = torch.unique(self.groups, return_inverse=True)[1]
+        index = self.prototype_index
         count, threshold, strict = _prototypes(index, self.radii, self.strict)
         return _prototype_distances(self.keys, index, count, threshold, strict, feature)[index]
 
@@ -109,7 +119,7 @@ class Gate:
         ``THRESHOLD_MARGIN`` above that input's match (at most ``THRESHOLD_CAP``); the others as they are."""
         if not self.tokens:
             raise InvalidInputError("only a token gate can be raised above an input")
-        index = torch.unique(self.groups, return_inverse=True)[1]
+        index = self.prototype_index
         count, threshold, strict = _prototypes(index, self.radii, self.strict)
         score = _prototype_scores(self.keys, index, count, strict, feature)
         raised = torch.where(score >= threshold, (score + THRESHOLD_MARGIN).clamp(max=THRESHOLD_CAP), threshold)
@@ -209,9 +219,8 @@ class TokenGateIndex:
         strict = torch.cat([g.strictness for g in gates]) if any(g.strict is not None for g in gates) else None
         offsets, owner, groups = 0, [], []
         for i, g in enumerate(gates):
-            local = torch.unique(g.groups, return_inverse=True)[1]
-            groups.append(local + offsets)
-            count = int(local.max()) + 1 if local.numel() else 0
+            groups.append(g.prototype_index + offsets)
+            count = g.num_prototypes
             owner += [i] * count
             offsets += count
         self.groups = torch.cat(groups) if gates else torch.zeros(0, dtype=torch.long)
