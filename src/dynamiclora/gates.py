@@ -69,8 +69,10 @@ class Gate:
         return torch.unique(self.groups, return_inverse=True)[1]
 
     @functools.cached_property
-    def num_prototypes(self) -> int:
-        return int(self.prototype_index.max()) + 1 if self.prototype_index.numel() else 0
+    def prototypes(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Token gates: per prototype, its number of keys, its threshold and whether it is strict (see
+        :func:`_prototypes`), kept once computed."""
+        return _prototypes(self.prototype_index, self.radii, self.strict)
 
     @classmethod
     def single(cls, feature: torch.Tensor, radius: float, owner: str | None = None) -> Gate:
@@ -102,7 +104,7 @@ class Gate:
         if not self.tokens:
             return (self.keys - feature.reshape(1, -1).float()).norm(dim=-1) / self.radii.clamp_min(1e-12)
         index = self.prototype_index
-        count, threshold, strict = _prototypes(index, self.radii, self.strict)
+        count, threshold, strict = self.prototypes
         return _prototype_distances(self.keys, index, count, threshold, strict, feature)[index]
 
     def distance(self, feature: torch.Tensor) -> float:
@@ -120,7 +122,7 @@ class Gate:
         if not self.tokens:
             raise InvalidInputError("only a token gate can be raised above an input")
         index = self.prototype_index
-        count, threshold, strict = _prototypes(index, self.radii, self.strict)
+        count, threshold, strict = self.prototypes
         score = _prototype_scores(self.keys, index, count, strict, feature)
         raised = torch.where(score >= threshold, (score + THRESHOLD_MARGIN).clamp(max=THRESHOLD_CAP), threshold)
         return Gate(self.keys, raised.maximum(threshold)[index], self.owners, self.groups, self.strict)
@@ -220,7 +222,7 @@ class TokenGateIndex:
         offsets, owner, groups = 0, [], []
         for i, g in enumerate(gates):
             groups.append(g.prototype_index + offsets)
-            count = g.num_prototypes
+            count = len(g.prototypes[0])
             owner += [i] * count
             offsets += count
         self.groups = torch.cat(groups) if gates else torch.zeros(0, dtype=torch.long)

@@ -298,18 +298,21 @@ class _Matcher:
 
     def distances(self, feature) -> dict[str, float]:
         """Each circuit's gate distance to this feature, by id."""
-        out = {i: gate.distance(feature) for i, gate in self.pooled}
+        out = self._pooled_distances(feature)
         if self.index is not None:
             out.update(zip(self.token_ids, self.index.distances(feature).tolist()))
         return out
 
+    def _pooled_distances(self, feature) -> dict[str, float]:
+        return {i: gate.distance(feature) for i, gate in self.pooled}  # (pooled gates: one by one)
+
     def unreached(self, feature, slacks: tuple[float, ...]) -> tuple[frozenset[str], ...]:
         """At each slack, the ids of the circuits this feature does not reach."""
-        distances = [(i, gate.distance(feature)) for i, gate in self.pooled]
+        distances = self._pooled_distances(feature)
         hits = self.index.reached_within(feature, slacks) if self.index is not None else None
         out = []
         for k, slack in enumerate(slacks):
-            unreached = {i for i, d in distances if d > 1.0 + slack}
+            unreached = {i for i, d in distances.items() if d > 1.0 + slack}
             if hits is not None:
                 reached = {self.token_ids[j] for j in hits[k].nonzero().flatten().tolist()}
                 unreached |= self.every_token_id - reached
