@@ -125,6 +125,28 @@ def test_screened_circuit_decays_much_slower_when_unused():
     )  # acting strength: vigor rounded up to a step
 
 
+def test_an_idle_gated_circuit_acts_whole_until_it_is_forgotten():
+    """Disuse fades a learned (gated) circuit's vigor, but its outputs stay the learned ones, bit for bit and under
+    the same hash, until it is forgotten; then the base model's come back. (An ungated one steps down: above.)"""
+    dl = dyn_dl(decay=0.1, forget_below=0.05)
+    alice, carol = dl.agent("alice"), dl.agent("carol", swarm="backend", domain="python")
+    prompt = dl.encode("def get_alpha_port():")
+    ids = torch.tensor([prompt + dl.encode(" return 'cedar'", special=False)])
+    alice.learn("def get_alpha_port():", " return 'cedar'")
+    (circuit,) = dl.hierarchy.all_circuits()
+    assert circuit.gate is not None and circuit.tier == "context"
+    learned, learned_hash = alice.logits(ids, route_tokens=len(prompt)), alice.snapshot().provenance_hash
+    assert not torch.equal(learned, carol.logits(ids, route_tokens=len(prompt)))
+    ticks = 0
+    while dl.circuits(tier="context"):
+        assert torch.equal(alice.logits(ids, route_tokens=len(prompt)), learned), f"moved at tick {ticks}"
+        assert alice.snapshot().provenance_hash == learned_hash
+        dl.tick()
+        ticks += 1
+    assert circuit.vigor < 0.05 and ticks in range(25, 32)  # faded at the FREE rate, then forgotten
+    assert torch.equal(alice.logits(ids, route_tokens=len(prompt)), carol.logits(ids, route_tokens=len(prompt)))
+
+
 def test_recurring_learning_migrates_and_preserves_the_owners_outputs():
     dl = dyn_dl(window_min=16, decay=0.0)  # no decay: the migration is the tick's only change
     alice = dl.agent("alice")

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from dynamiclora import DynamicLoRA, DynamicLoRAConfig, LearningConfig
+from dynamiclora.config import DynamicsConfig
 
 from .conftest import make_dl, populate
 
@@ -101,6 +102,30 @@ def test_context_capacity_drops_the_weakest_circuit():
     results = [alice.learn(p, c) for p, c in [("aaa", " 1"), ("import zz", " 2"), ("class Q:", " 3")]]
     assert len(dl.hierarchy.scope("context:alice")) == 2
     assert results[-1].dropped is not None
+
+
+def test_a_full_context_tier_drops_the_most_faded_circuit_though_gated_ones_act_whole():
+    """Gated circuits keep their strength while they fade (see dynamics.memory), so capacity pressure reads their
+    vigor: the circuit idle longest goes first, though it was once used and the other never was."""
+    dl = make_dl(
+        config=DynamicLoRAConfig(
+            dynamics=DynamicsConfig(tick_interval=0),
+            learning=LearningConfig(context_capacity=2, steps_per_learn=1, attribution_threshold=1.0),
+        )
+    )
+    alice = dl.agent("alice", swarm="s", domain="d")
+    used_once = dl.hierarchy.find_circuit(alice.learn("aaa", " 1").circuit_id)[1]
+    for _ in range(4):
+        dl.memory.record_use(used_once)
+        dl.tick()
+    for _ in range(4):
+        dl.tick()
+    never_used = dl.hierarchy.find_circuit(alice.learn("import zz", " 2").circuit_id)[1]
+    for _ in range(6):
+        dl.tick()
+    assert used_once.gate is not None and used_once.strength == never_used.strength == 1.0
+    assert used_once.vigor < never_used.vigor and used_once.u > never_used.u
+    assert alice.learn("class Q:", " 3").dropped == used_once.id
 
 
 def test_critical_flag_is_recorded(dl):

@@ -93,7 +93,7 @@ def _snapshot(dl: DynamicLoRA, series: dict, t: int) -> None:
     for c in dl.hierarchy.all_circuits():
         if c.tier in ("context", "agent"):
             series.setdefault(c.id, {"label": c.label, "points": []})["points"].append(
-                (t, c.strength, c.phase, c.tier)
+                (t, c.vigor, c.phase, c.tier)
             )
 
 
@@ -107,13 +107,13 @@ def _plot(series: dict, dl: DynamicLoRA, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(10, 4.5))
     for cid, s in series.items():
         ts = [p[0] for p in s["points"]]
-        strengths = [p[1] for p in s["points"]]
-        (line,) = ax.plot(ts, strengths, lw=1.5, label=one_line(s["label"])[:28])
-        for t, strength, phase, tier in s["points"]:
+        vigors = [p[1] for p in s["points"]]
+        (line,) = ax.plot(ts, vigors, lw=1.5, label=one_line(s["label"])[:28])
+        for t, vigor, phase, tier in s["points"]:
             marker = "s" if tier == "agent" else "o"
             ax.scatter(
                 t,
-                strength,
+                vigor,
                 s=14,
                 marker=marker,
                 color=line.get_color(),
@@ -123,7 +123,7 @@ def _plot(series: dict, dl: DynamicLoRA, path: Path) -> Path:
     for m in dl.migrations():
         ax.axvline(m["tick"], color="k", ls=":", lw=0.8)
     ax.set_xlabel("tick")
-    ax.set_ylabel("strength (scale / scale on entering its tier)")
+    ax.set_ylabel("vigor (disuse fades it; forgotten below the floor)")
     ax.set_title(
         "circuits over time — circles: context tier, squares: agent tier, black edge: SCREENED, dotted: migration",
         fontsize=9,

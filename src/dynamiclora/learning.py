@@ -22,6 +22,7 @@ import torch
 from .circuits import Circuit
 from .config import TIERS
 from .keys import background_bases, init_factors, joined_bases, key_activations, screened_bases
+from .routing import first_kept
 from .subject import SubjectText, subject_text
 
 if TYPE_CHECKING:
@@ -155,7 +156,7 @@ class ContextLearner:
         if len(scope) >= cfg.context_capacity:  # make room: the weakest FREE circuit goes first
             weakest = min(
                 scope.circuits.values(),
-                key=lambda c: (c.critical, c.phase == "SCREENED", c.strength, c.u, c.updated_tick),
+                key=lambda c: (c.critical, c.phase == "SCREENED", c.vigor, c.u, c.updated_tick),
             )
             dropped = weakest.id
             scope.remove(weakest.id)
@@ -195,13 +196,14 @@ class ContextLearner:
 
     def _background_bases(self, agent_id: str) -> dict[str, torch.Tensor]:
         """Per circuit module, the top ``key_background`` principal directions of the reference prompts' inputs
-        under the base model, their first (sink) tokens left out: a constant of the base model, computed once."""
+        under the base model, their first (sink) tokens left out as a token gate leaves them out
+        (``routing.first_kept``): a constant of the base model, computed once."""
         if self._background is None:
             states: dict[str, list[torch.Tensor]] = {}
             for ids in self.rt.router.reference_ids():
                 capture = self._capture_base(agent_id, torch.tensor([ids], device=self.rt.device))
                 for n in self.rt.circuit_modules:
-                    states.setdefault(n, []).append(capture[n][0, 1:].float().cpu())
+                    states.setdefault(n, []).append(capture[n][0, first_kept(0, len(ids)) :].float().cpu())
             inputs = {n: torch.cat(xs) for n, xs in states.items()}
             self._background = background_bases(inputs, self.rt.config.learning.key_background)
         return self._background

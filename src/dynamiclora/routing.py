@@ -63,7 +63,7 @@ class _Captured(Exception):
     """Raised by the capture hook once the route module's input is in hand: nothing after it needs to run."""
 
 
-def _first_kept(start: int, end: int) -> int:
+def first_kept(start: int, end: int) -> int:
     """The first position of a content span ``[start, end)`` that a token feature keeps: a plain text's first token
     (an attention sink, alike for every prompt) is left out unless it is the only one."""
     return start + 1 if start == 0 and end - start > 1 else start
@@ -147,7 +147,7 @@ class Router:
         states = base_inputs[self.module][0, start:end].float()
         if not self.tokens:
             return states.mean(0).cpu()
-        states = states[_first_kept(start, end) - start :]
+        states = states[first_kept(start, end) - start :]
         return torch.nn.functional.normalize(states, dim=-1).cpu()
 
     # -- token gates ----------------------------------------------------------------------------------
@@ -212,7 +212,7 @@ class Router:
 
     def distinctive_positions(self, feature: torch.Tensor, prompt_ids: list[int]) -> list[int]:
         """Where in ``prompt_ids`` the tokens a new gate would key on lie, the most distinctive first."""
-        offset = _first_kept(*self.chat.content_span(prompt_ids))
+        offset = first_kept(*self.chat.content_span(prompt_ids))
         return [int(i) + offset for i in self._distinctive(feature)]
 
     def reference_ids(self) -> list[list[int]]:
@@ -274,7 +274,7 @@ class Router:
 
     def _matcher(self, circuits: list[Circuit]) -> _Matcher:
         # gates are immutable (a circuit that changes gets a new one); a circuit copied elsewhere gets a new id
-        key = tuple((c.id, id(c.gate)) for c in circuits)
+        key = tuple([(c.id, id(c.gate)) for c in circuits])
         if key not in self._matchers:
             self._matchers[key] = _Matcher(circuits, self.tokens)
             while len(self._matchers) > INDEX_CACHE_SIZE:

@@ -24,7 +24,7 @@ import torch
 
 from ..continual.methods import FACT_CIRCUITS, DynamicLoRAMethod, Method, Replay, SequentialLoRA, encode, perplexity
 from .editing_data import GENERAL, GENERAL_CHAT, PARAPHRASE_KINDS, Fact, facts, heldout_texts
-from .record import arguments, model_path, model_suffix, selected_model, write
+from .record import arguments, fresh_models, model_suffix, selected_model, write
 from .wise import WiseSideMemory
 
 MAX_TRIES = 4  # learn calls per edit, stopping once the taught prompt reproduces the target
@@ -182,6 +182,7 @@ def run(make, probe: Probe, steps: list[int], base, agent: str = "editor", saved
                 r.update(
                     circuits=len(circuits),
                     strength_mean=statistics.mean(c.strength for c in circuits) if circuits else 0.0,
+                    vigor_mean=statistics.mean(c.vigor for c in circuits) if circuits else 0.0,  # (disuse fades it)
                     forgotten=len(method.dl.memory.forgotten),
                 )
             rows.append(r)
@@ -240,37 +241,38 @@ def main(argv: list[str] | None = None) -> dict:
             help="of prototype, tokens, facts, facts-strict, facts-local, facts-keys, facts-late, tokens-still, peft,"
             " replay, wise",
         )
+        parser.add_argument(
+            "--tick-interval",
+            type=int,
+            default=100,
+            help="DynamicLoRA methods: interactions between ticks (the memory dynamics; 0: none). A smaller interval"
+            " gives a short run the ticks, and so the decay, of a long one",
+        )
 
     args = arguments(__doc__, argv, extra=extra)
-    if args.quick:
-        from ..testing import tiny_chat_model
-
-        fresh = lambda: tiny_chat_model("llama")[0]  # noqa: E731
-        tokenizer = tiny_chat_model("llama")[1]
-        steps = [1, 10]
-    else:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        path = model_path(progress=True)
-        fresh = lambda: AutoModelForCausalLM.from_pretrained(path).eval()  # noqa: E731
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        steps = [int(s) for s in args.steps.split(",")] if args.steps else [1, 10, 100]
+    fresh, tokenizer = fresh_models(args.quick)
+    steps = [1, 10] if args.quick else [int(s) for s in args.steps.split(",")] if args.steps else [1, 10, 100]
     model = fresh()
     data = facts(max(steps))
     probe = Probe(tokenizer, model, data)
     capacity = max(steps)
+    ticks = args.tick_interval
 
     def facts_method(**options):  # fact circuits (FACT_CIRCUITS) with these DynamicLoRAMethod options
-        return lambda: DynamicLoRAMethod(fresh(), tokenizer, ["editor"], capacity=capacity, **options, **FACT_CIRCUITS)
+        return lambda: DynamicLoRAMethod(
+            fresh(), tokenizer, ["editor"], tick_interval=ticks, capacity=capacity, **options, **FACT_CIRCUITS
+        )
 
     methods = {
         "prototype": (
             "prototype gate (embeddings)",
-            lambda: DynamicLoRAMethod(fresh(), tokenizer, ["editor"], capacity=capacity),
+            lambda: DynamicLoRAMethod(fresh(), tokenizer, ["editor"], tick_interval=ticks, capacity=capacity),
         ),
         "tokens": (
             "token gate (distinctive token states)",
-            lambda: DynamicLoRAMethod(fresh(), tokenizer, ["editor"], capacity=capacity, route_match="tokens"),
+            lambda: DynamicLoRAMethod(
+                fresh(), tokenizer, ["editor"], tick_interval=ticks, capacity=capacity, route_match="tokens"
+            ),
         ),
         "facts": ("fact circuits: token gate, rank 1 on v_proj, chat variant", facts_method()),
         "facts-strict": ("fact circuits, strict gates", facts_method(route_strict=True)),
@@ -301,7 +303,7 @@ def main(argv: list[str] | None = None) -> dict:
     everything = ["prototype", "tokens", "facts", "peft", "replay", "wise"]
     default = ["prototype", "facts", "wise"] if args.quick else everything
     chosen = args.methods.split(",") if args.methods else default
-    name = "editing-cpu" + ("-quick" if args.quick else model_suffix())
+    name = "editing-cpu" + ("-quick" if args.quick else model_suffix()) + (f"-tick{ticks}" if ticks != 100 else "")
     results = []
 
     def save(partial: list[dict], complete: bool) -> dict:

@@ -159,6 +159,19 @@ def model_under_test(quick: bool, config: DynamicLoRAConfig, progress: bool = Fa
     return DynamicLoRA.from_pretrained(model_path(progress), config)
 
 
+def fresh_models(quick: bool) -> tuple[Callable[[], Any], Any]:
+    """A function that loads a fresh copy of the model under test (a tiny random chat Llama with ``--quick``, the
+    selected model otherwise), and its tokenizer: for benchmarks that give each method a model of its own."""
+    if quick:
+        from ..testing import tiny_chat_model
+
+        return (lambda: tiny_chat_model("llama")[0]), tiny_chat_model("llama")[1]
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = model_path(progress=True)
+    return (lambda: AutoModelForCausalLM.from_pretrained(path).eval()), AutoTokenizer.from_pretrained(path)
+
+
 def write(out_dir: Path, name: str, record: dict[str, Any], markdown: str) -> tuple[Path, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     record = {

@@ -196,10 +196,11 @@ def zipf_workload(quick: bool, learn_every: int) -> dict:
 
 def personal_workload(quick: bool, strength_step: float) -> dict:
     """Agent-tier entries and idle circuits: 8 agents each ask their own 4 prompts (Zipf), and each agent's own
-    tier holds a circuit it never uses (gated on a prompt nobody asks), which decays at every tick (every 50
-    requests). An agent-tier entry is keyed by its agent's tier content, so it lives until that circuit's content
-    changes: with ``strength_step`` 0.7 (the default) at the few ticks that cross a step, with 0.999 (nearly
-    continuous decay, what every tick did before) at every tick."""
+    tier holds an ungated circuit that nothing rehearses (a gated one would act whole until forgotten, see
+    dynamics.memory), which decays at every tick (every 50 requests). An agent-tier entry is keyed by its agent's
+    tier content, so it lives until that circuit's content changes: with ``strength_step`` 0.7 (the default) at
+    the few ticks that cross a step, with 0.999 (nearly continuous decay, what every tick did before) at every
+    tick."""
     requests = 200 if quick else 400
     config = DynamicLoRAConfig(
         wavegen={"min_coherence": 0.0}, dynamics={"tick_interval": 50, "strength_step": strength_step}
@@ -219,8 +220,6 @@ def personal_workload(quick: bool, strength_step: float) -> dict:
             tier="",
             scope="",
         )
-        unused = dl.encode(f"# unused {agent.id}")
-        idle.gate = dl.router.new_gate(dl.router.features([unused])[0], unused, agent.id)
         dl.add_circuit(f"agent:{agent.id}", idle, pinned=False)
     rng = random.Random(1)
     weights = [1 / (k + 1) ** 1.1 for k in range(4)]

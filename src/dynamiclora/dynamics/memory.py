@@ -3,8 +3,10 @@
 Per tick and per circuit: the closed tick's use (0/1) is appended to its series; its usage statistic u is the
 fraction of used ticks over the tier's horizon (set by homeostasis); u ≥ θ_on makes it SCREENED, u ≤ θ_off
 FREE, in between nothing changes (hysteresis). Use strengthens, disuse weakens: a circuit used in a tick is
-back at full strength, an unused one loses ``decay`` of its strength (SCREENED ones only
-``screened_decay_ratio`` of that); below ``forget_below`` it is deleted and the forgetting logged. Context
+back at full vigor, an unused one loses ``decay`` of its vigor (SCREENED ones only ``screened_decay_ratio`` of
+that); below ``forget_below`` it is deleted and the forgetting logged. An ungated circuit acts at its vigor, rounded
+to a step; a gated one acts whole until it is forgotten: its gate already keeps it to its own inputs, and a fact at
+part strength is a wrong answer there, not a fainter one (docs/memory-dynamics.md). Context
 circuits whose use persists across the window (see detector.py) move to their agent's tier, at most
 ``bandwidth`` per tick, best stability first; critical ones skip the queue. Detector windows derive from
 measured figures (timescales.py): a tier's own memory span and the time scale of the faster tier below.
@@ -121,14 +123,17 @@ class Memory:
                 used, c.uses_this_tick = c.uses_this_tick, 0
                 if c.pinned:  # imported or added by hand: only its owner removes it
                     continue
-                if used:  # use rehearses: back to full strength
+                if used:  # use rehearses: back to full vigor
                     c.vigor = 1.0
                 else:  # disuse weakens
                     c.vigor *= 1.0 - reg.decay * (cfg.screened_decay_ratio if c.phase == SCREENED else 1.0)
                 if c.vigor < cfg.forget_below:
                     self._forget(scope, c, report)
                     continue
-                scale = c.scale_on_entry * stepped(c.vigor, cfg.strength_step) if c.scale_on_entry else c.scale
+                if not c.scale_on_entry:
+                    continue
+                # an ungated circuit acts at its vigor, rounded to a step; a gated one whole until it is forgotten
+                scale = c.scale_on_entry * (1.0 if c.gate is not None else stepped(c.vigor, cfg.strength_step))
                 if scale != c.scale:  # content changes only when the strength crosses a step
                     c.scale = scale
                     scope.touch()
