@@ -89,6 +89,21 @@ def test_reach_benchmark_quick_counts_earlier_gates_each_prompt_reaches(tmp_path
     assert (tmp_path / "reach-cpu-quick.md").exists()
 
 
+def test_fact_forward_benchmark_quick_routes_new_requests_inside_their_forward(tmp_path):
+    from dynamiclora.bench import fact_forward
+
+    record = fact_forward.main(["--quick", "--out", str(tmp_path), "--repeats", "1"])
+    assert [r["facts"] for r in record["rows"]] == [10, 60]
+    for row in record["rows"]:
+        assert 0 < row["circuits"] <= row["facts"] and row["learn_call_s"] > 0
+        for mode in ("remembered", "new_request"):
+            assert set(row[mode]) == set(fact_forward.KINDS)
+        # circuits from the route layer on: a new request needs no route pre-pass (a match within SLACK of its
+        # threshold may still take it, hence not all)
+        assert all(row["new_request"][k]["routed_inline"] > 0.5 for k in fact_forward.KINDS)
+    assert (tmp_path / "fact-forward-cpu-quick.md").exists() and (tmp_path / "fact-forward-cpu-quick.png").exists()
+
+
 def test_dynamics_benchmark_quick_writes_its_records(tmp_path):
     from dynamiclora.bench import dynamics
 

@@ -237,7 +237,10 @@ def concat_factors(
         return torch.zeros(0, in_features, dtype=dtype, device=device), torch.zeros(
             out_features, 0, dtype=dtype, device=device
         )
-    a_cat, b_cat = torch.cat(a_parts, 0), torch.cat(b_parts, 1)
+    if len(a_parts) == 1:  # (one circuit: its A as it is, no copy)
+        a_cat, b_cat = a_parts[0], b_parts[0]
+    else:
+        a_cat, b_cat = torch.cat(a_parts, 0), torch.cat(b_parts, 1)
     if dtype is not None:
         a_cat, b_cat = a_cat.to(dtype), b_cat.to(dtype)
     return a_cat, b_cat

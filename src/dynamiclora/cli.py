@@ -187,10 +187,11 @@ def cmd_export_peft(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """Run a benchmark and write JSON + markdown (+ plots) under the output directory."""
-    from .bench import continual, dynamics, editing, forward, persistence, reach, server, swarm, wavegen
+    from .bench import continual, dynamics, editing, fact_forward, forward, persistence, reach, server, swarm, wavegen
 
     benches = {
         "editing": editing,
+        "fact-forward": fact_forward,
         "forward": forward,
         "dynamics": dynamics,
         "wavegen": wavegen,
@@ -262,7 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help=cmd_bench.__doc__)
     p.add_argument(
         "name",
-        choices=["forward", "dynamics", "wavegen", "swarm", "server", "continual", "persistence", "editing", "reach"],
+        choices=["forward", "dynamics", "wavegen", "swarm", "server", "continual", "persistence", "editing",
+                 "fact-forward", "reach"],  # fmt: skip
     )
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--quick", action="store_true", help="tiny model only, few repeats")

@@ -155,8 +155,17 @@ class Planner:
         hetero = len(groups) > 1
         row_index = torch.tensor(row_group)
 
+        covered = {name for c in circuits for name in c.factors}
+        sampled = observe and bool(merged_circuits) and self.config.merged_usage_sample_rate > 0
+        several_weights = len(merge_groups) > 1 and any(wt is not None for wt in weights)
+        no_weight = weights[0] is None if len(merge_groups) == 1 else not several_weights
+        bare = ModulePlan()  # shared by the modules that run their base layer alone (most, with fact circuits)
         modules = {}
         for name, layer in self.layers.items():
+            # a module that none of the plan's circuits covers runs as the base layer (or merged weight) alone
+            if no_weight and not sampled and name not in covered:
+                modules[name] = bare
+                continue
             w = layer.base_layer.weight
             dtype, device = w.dtype, w.device
             low = dtype in (torch.float16, torch.bfloat16)  # deltas are applied in float32, rounded once
@@ -164,31 +173,32 @@ class Planner:
             mp = ModulePlan(hetero=hetero, upcast=low)
             if len(merge_groups) == 1:
                 mp.weight = None if weights[0] is None else weights[0][name]
-            elif any(wt is not None for wt in weights):
+            elif several_weights:
                 mp.weight_rows = [
                     (rows.to(device), None if wt is None else wt[name]) for rows, wt in zip(merge_rows, weights)
                 ]
-            # a module that none of the plan's circuits covers runs as the base layer (or merged weight) alone
-            covered = any(name in c.factors for c in circuits)
             parts = (
                 [self._factors(gc, layer, column, len(circuits), observe, rank) for gc in group_circuits]
-                if covered
+                if name in covered
                 else []
             )
             r_max = max(p[0].shape[0] for p in parts) if parts else 0
             if r_max > 0:
-                # padding ranks with zeros at the end changes no row's sums: a row batched equals the row alone
-                a = torch.stack([F.pad(p[0], (0, 0, 0, r_max - p[0].shape[0])) for p in parts])  # (U, R, in)
-                b = torch.stack([F.pad(p[1], (0, r_max - p[1].shape[1])) for p in parts])  # (U, out, R)
-                obs = torch.stack([F.pad(p[2], (0, 0, 0, r_max - p[2].shape[0])) for p in parts])  # (U, R, C)
-                if hetero:
-                    a, b, obs = a[row_index], b[row_index], obs[row_index]  # (B, …): one set of factors per row
+                if len(parts) == 1:  # one group of rows (not hetero): its factors as they are
+                    a, b, obs = parts[0][0].unsqueeze(0), parts[0][1].unsqueeze(0), parts[0][2]
                 else:
-                    obs = obs[0]  # (R, C); the factors stay (1, …) and are expanded over the batch
+                    # padding ranks with zeros at the end changes no row's sums: a row batched equals the row alone
+                    a = torch.stack([F.pad(p[0], (0, 0, 0, r_max - p[0].shape[0])) for p in parts])  # (U, R, in)
+                    b = torch.stack([F.pad(p[1], (0, r_max - p[1].shape[1])) for p in parts])  # (U, out, R)
+                    obs = torch.stack([F.pad(p[2], (0, 0, 0, r_max - p[2].shape[0])) for p in parts])  # (U, R, C)
+                    if hetero:
+                        a, b, obs = a[row_index], b[row_index], obs[row_index]  # (B, …): one set of factors per row
+                    else:
+                        obs = obs[0]  # (R, C); the factors stay (1, …) and are expanded over the batch
                 mp.a = a.transpose(1, 2).contiguous().to(device, adapter_dtype)  # (B or 1, in, R)
                 mp.b = b.transpose(1, 2).contiguous().to(device, adapter_dtype)  # (B or 1, R, out)
                 mp.obs = obs.to(device)
-            if observe and merged_circuits and self.config.merged_usage_sample_rate > 0:
+            if sampled:
                 ma, _, mobs = self._factors(
                     merged_circuits, layer, {c.id: i for i, c in enumerate(merged_circuits)}, len(merged_circuits)
                 )
