@@ -129,3 +129,37 @@ def test_circuits_after_route_needs_a_circuit_module_there():
     with pytest.raises(ConfigError, match="at or after the route module"):
         learning = {"route_match": "tokens", "circuits_after_route": True, "circuit_modules": (early,)}
         make_dl(config=DynamicLoRAConfig(learning=learning))
+
+
+def test_the_servers_prefill_routes_inside_its_forward_and_decodes_what_the_pre_pass_would(monkeypatch):
+    """Rows admitted to the running decode (two a step after the first) route on their own prefill's states, and
+    every row decodes the tokens the pre-pass's routes give, which are the agent's own generate's."""
+    from dynamiclora.server.scheduler import GenerateJob, Scheduler
+
+    dl = late_dl()
+    dl.config.generation.stop_at_eos = False
+    rows = [("alice", FACT[0]), ("alice", NOT_REACHED[0]), ("bob", REACHED[0])]
+
+    def served() -> dict[tuple[str, str], list[int]]:
+        done: dict[tuple[str, str], list[int]] = {}
+        finished = lambda j, c: done.setdefault((j.agent_id, j.prompt), c.token_ids)  # noqa: E731
+        sched = Scheduler(dl.runtime, dl.wavegen, False, finished)
+        jobs = [GenerateJob(a, t, dl.encode(t), 6) for a, t in rows]
+        sched.admit(jobs[:1])
+        sched.step()
+        sched.admit(jobs[1:])
+        while sched.rows:
+            sched.step()
+        return done
+
+    with monkeypatch.context() as m:
+        m.setattr(dl.runtime.inline, "applies", lambda *args: False)
+        expected = served()
+    passes = PrePasses(dl, monkeypatch)
+    got = served()
+    assert passes.count == 0  # routed inside the prefills
+    assert got == expected and len(got) == 3
+    six = GenerationConfig(max_new_tokens=6, stop_at_eos=False)
+    for agent, text in rows:
+        assert got[agent, text] == dl.generate_ids([agent], [dl.encode(text)], six)[0].tokens[0]
+    assert got["alice", FACT[0]] != dl.generate_ids(["bob"], [dl.encode(FACT[0])], six)[0].tokens[0]  # it acts

@@ -101,6 +101,7 @@ class InlineRoute:
             agent_ids, without=without, skip=tuple(frozenset(c.id for c in g) for g in gated)
         )
         self.routed = False
+        self.skip: tuple[frozenset[str], ...] | None = None  # per row, once routed: the gated circuits it leaves out
 
     @contextlib.contextmanager
     def hooked(self) -> Iterator[InlineRoute]:
@@ -125,6 +126,7 @@ class InlineRoute:
         skip = router.certain_skip(self.gated, features, slack)
         if skip is None:
             raise RouteInDoubt
+        self.skip = skip
         self.plan = self.routing.planner.plan(self.agent_ids, without=self.without, skip=skip)
         binding = self.routing.binding
         binding.plans = self.plan.module_list

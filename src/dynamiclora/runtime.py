@@ -14,6 +14,7 @@ import inspect
 import re
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -30,6 +31,24 @@ from .inline_routing import InlineRoute, InlineRouting, RouteInDoubt
 from .planner import BatchPlan, Planner
 from .routing import Router
 from .stack import Session, StackedLinear, find_target_modules, inject, probe_input_groups
+
+
+@dataclass
+class Routed:
+    """What :meth:`Runtime.run_routed` ran: the run's result, the plan and session it ran under, and per row the
+    gated circuits its prompt does not reach (None when routing is off)."""
+
+    result: Any
+    plan: BatchPlan
+    session: Session
+    skip: tuple[frozenset[str], ...] | None
+
+
+def left_padded(prompts: list[list[int]]) -> Callable[[], list[tuple[list[int], torch.Tensor]]]:
+    """``rows`` for :meth:`Runtime.run_routed` of a prefill, which left-pads every prompt to the longest: each
+    prompt and its positions."""
+    width = max(len(p) for p in prompts)
+    return lambda: [(p, torch.arange(width - len(p), width)) for p in prompts]
 
 
 class Runtime:
@@ -193,18 +212,36 @@ class Runtime:
                     use_cache=False,
                 ).logits
 
+        routed = self.run_routed(agent_ids, (), rows, run, observe=observe, mask=attention_mask)
+        return routed.result, routed.session
+
+    def run_routed(
+        self,
+        agent_ids: Sequence[str],
+        without: tuple[str, ...],
+        rows: Callable[[], list[tuple[list[int], torch.Tensor]]],
+        run: Callable[[BatchPlan, Session], Any],
+        **session_options: Any,
+    ) -> Routed:
+        """``run(plan, session)`` on this batch (its rows' stacks less the tiers in ``without``) with every row
+        routed: inside the forward where that gives the pre-pass's routes (see inline_routing.py), else after the
+        pre-pass. ``rows``: a function giving each row's routed prompt and its positions in the batch;
+        ``session_options`` go to :meth:`new_session`. A run stopped in doubt starts over, with the same draw of
+        whether it samples the merged tiers' usage."""
         sample = None
-        inline = self.inline_route(agent_ids, (), rows)
+        inline = self.inline_route(agent_ids, without, rows)
         if inline is not None:
-            session = self.new_session(inline.plan, observe=observe, mask=attention_mask)
+            session = self.new_session(inline.plan, **session_options)
             try:
                 with inline.hooked():
-                    return run(inline.plan, session), session
+                    result = run(inline.plan, session)
+                return Routed(result, inline.plan, session, inline.skip)
             except RouteInDoubt:
                 sample = session.sample_merged
-        plan = self.planner.plan(list(agent_ids), skip=self.route(agent_ids, lambda: [p for p, _ in rows()]))
-        session = self.new_session(plan, observe=observe, mask=attention_mask, sample=sample)
-        return run(plan, session), session
+        skip = self.route(agent_ids, lambda: [p for p, _ in rows()])
+        plan = self.planner.plan(list(agent_ids), without=without, skip=skip)
+        session = self.new_session(plan, sample=sample, **session_options)
+        return Routed(run(plan, session), plan, session, skip)
 
     def inline_route(
         self,
@@ -378,9 +415,8 @@ class Runtime:
             self.check_length(len(ids) + cfg.max_new_tokens, len(ids), cfg.max_new_tokens)
         t0 = time.perf_counter()
         timings: dict[str, float] = {}
-        width = max(len(p) for p in prompts)  # (prefill left-pads every prompt to the longest)
-        where = lambda: [(p, torch.arange(width - len(p), width)) for p in prompts]  # noqa: E731
-        inline = self.inline_route(agent_ids, without, where)
+        # drawn before the prefill: a run that starts over after an inline route in doubt draws the same seeds
+        generators = row_generators(cfg, len(prompts), self.generator)
 
         def run(plan: BatchPlan, session: Session) -> Decoded:
             t_plan = time.perf_counter()
@@ -397,28 +433,14 @@ class Runtime:
                     pad_id=self.pad_id,
                     eos_id=self.tokenizer.eos_token_id,
                     device=self.device,
-                    # (drawn from before the prefill: a run that starts over after it draws the same seeds)
                     generator=generators,
                     use_kv_cache=use_kv_cache,
                     on_prefill_done=prefill_done,
                     observer=observer,
                 )
 
-        decoded = sample = generators = None
-        if inline is not None:
-            session = self.new_session(inline.plan)
-            generators = row_generators(cfg, len(prompts), self.generator)
-            try:
-                with inline.hooked():
-                    decoded, plan = run(inline.plan, session), inline.plan
-            except RouteInDoubt:
-                sample = session.sample_merged
-        if decoded is None:
-            plan = self.planner.plan(list(agent_ids), without=without, skip=self.route(agent_ids, prompts))
-            session = self.new_session(plan, sample=sample)
-            if generators is None:  # (greedy: None, and nothing drawn)
-                generators = row_generators(cfg, len(prompts), self.generator)
-            decoded = run(plan, session)
+        routed = self.run_routed(agent_ids, without, left_padded(prompts), run)
+        decoded, plan, session = routed.result, routed.plan, routed.session
         timings["total_s"] = time.perf_counter() - t0
         if interaction:
             self.use_routes(plan)

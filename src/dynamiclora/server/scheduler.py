@@ -29,7 +29,7 @@ import torch
 
 from ..config import TIERS, GenerationConfig
 from ..generation import DecodeState, feed, join, joinable, keep_rows, prefill, row_generators, run, sample_next
-from ..runtime import Runtime
+from ..runtime import Runtime, left_padded
 from ..wavegen.controller import WaveController
 from ..wavegen.observe import Recorder
 from ..wavegen.signature import sampling_key
@@ -203,12 +203,17 @@ class Scheduler:
     def _prefill(self, rows: list[Row]) -> None:
         rt = self.rt
         agents, prompts = [r.job.agent_id for r in rows], [r.job.prompt_ids for r in rows]
-        skips = rt.route(agents, prompts) or tuple(frozenset() for _ in rows)
-        plan = rt.planner.plan(agents, skip=skips)
-        session = rt.new_session(plan)
         pooled: list[torch.Tensor] = []
-        with torch.no_grad(), rt.activate(plan, session):
-            state = prefill(rt.decoder_forward(session, True, pooled), prompts, pad_id=rt.pad_id, device=rt.device)
+
+        def run(plan, session) -> DecodeState:
+            pooled.clear()  # (a run stopped in doubt pooled nothing, but start clean)
+            with torch.no_grad(), rt.activate(plan, session):
+                return prefill(rt.decoder_forward(session, True, pooled), prompts, pad_id=rt.pad_id, device=rt.device)
+
+        # routed inside the prefill where no circuit acts before the route module (no route pre-pass)
+        routed = rt.run_routed(agents, (), left_padded(prompts), run)
+        state, plan, session = routed.result, routed.plan, routed.session
+        skips = routed.skip or tuple(frozenset() for _ in rows)
         rt.use_routes(plan)
         acts = rt.record_usage(plan, session)
         for i, r in enumerate(rows):
