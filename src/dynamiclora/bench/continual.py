@@ -16,6 +16,7 @@ import torch
 from ..continual import streams
 from ..continual.methods import (
     FACT_CIRCUITS,
+    FACTS_LATE,
     DynamicLoRAMethod,
     FastSlowEMA,
     Method,
@@ -260,7 +261,12 @@ def targets(reports: list[dict]) -> tuple[dict, list[str]]:
     return {name: {"measured": value, "met": ok} for name, value, ok in rows}, md
 
 
-GATE_CONFIGS = {"pooled": {"route_match": "pooled"}, "tokens": {"route_match": "tokens"}, "facts": FACT_CIRCUITS}
+GATE_CONFIGS = {
+    "pooled": {"route_match": "pooled"},
+    "tokens": {"route_match": "tokens"},
+    "facts": FACT_CIRCUITS,
+    "facts-late": FACTS_LATE,
+}
 
 
 def gates(quick: bool, lr: float, which: list[str]) -> dict:
@@ -282,12 +288,15 @@ def main(argv: list[str] | None = None) -> dict:
     args = arguments(
         __doc__,
         argv,
-        extra=lambda p: p.add_argument(
-            "--gates", nargs="?", const="pooled,tokens,facts", help="DynamicLoRA alone, e.g. pooled,tokens,facts"
+        extra=lambda p: (
+            p.add_argument(
+                "--gates", nargs="?", const="pooled,tokens,facts", help="DynamicLoRA alone, e.g. pooled,tokens,facts"
+            ),
+            p.add_argument("--lr", type=float, help="with --gates: the learning rate (default 3e-3 on a real model)"),
         ),
     )
     if args.gates:  # DynamicLoRA alone, three ways: about 15 min on the default model
-        lr = LEARNING_RATES[0] if args.quick or selected_model() == "stdlib" else 3e-3
+        lr = args.lr or (LEARNING_RATES[0] if args.quick or selected_model() == "stdlib" else 3e-3)
         report = gates(args.quick, lr, args.gates.split(","))
         name = "continual-gates-cpu" + ("-quick" if args.quick else model_suffix())
         md = ["# Continual learning: pooled gates, token gates, fact circuits (cpu)", "", *table(report), ""]

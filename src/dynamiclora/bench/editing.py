@@ -22,7 +22,16 @@ from pathlib import Path
 
 import torch
 
-from ..continual.methods import FACT_CIRCUITS, DynamicLoRAMethod, Method, Replay, SequentialLoRA, encode, perplexity
+from ..continual.methods import (
+    FACT_CIRCUITS,
+    FACTS_LATE,
+    DynamicLoRAMethod,
+    Method,
+    Replay,
+    SequentialLoRA,
+    encode,
+    perplexity,
+)
 from .editing_data import GENERAL, GENERAL_CHAT, PARAPHRASE_KINDS, Fact, facts, heldout_texts
 from .record import arguments, fresh_models, model_suffix, selected_model, write
 from .wise import WiseSideMemory
@@ -286,8 +295,8 @@ def main(argv: list[str] | None = None) -> dict:
         ),
         "facts-late": (
             "fact circuits as facts-keys, from the route layer on (routed inside the forward)",
-            facts_method(
-                route_strict=True, subject_locality=2.0, key_background=KEY_BACKGROUND, circuits_after_route=True
+            lambda: DynamicLoRAMethod(
+                fresh(), tokenizer, ["editor"], tick_interval=ticks, capacity=capacity, **FACTS_LATE
             ),
         ),
         "tokens-still": (  # diagnostic: the same without ticks (no decay of the facts not used since)

@@ -16,7 +16,7 @@ Also recorded: the share of new requests routed inside their forward (the rest f
 plans built per forward, and the median time of one ``learn`` call for the next facts (attribution over N gates,
 the plan, the steps).
 
-Run: ``python benchmarks/fact_forward.py`` (SmolLM2, N = 10, 100, 1,000, about ten minutes; ``--quick``: a tiny
+Run: ``python benchmarks/fact_forward.py`` (SmolLM2, N = 10, 100, 1,000, about six minutes; ``--quick``: a tiny
 model, N = 10, 60).
 """
 

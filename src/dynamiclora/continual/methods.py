@@ -87,6 +87,9 @@ class Method(ABC):
 # fact circuits (docs/editing.md): token gates, a rank-1 circuit on every value projection (99 KB with its gate on
 # SmolLM2), trained on the prompt and on the learner's own chat rendering of it; DynamicLoRAMethod's keywords
 FACT_CIRCUITS = dict(route_match="tokens", rank=1, circuit_modules=(r"self_attn\.v_proj",), learn_variants=("chat",))
+# fact circuits with strict gates, subject locality, keys off 16 background directions, from the route layer on
+# (routed inside the forward): the editing benchmark's facts-late
+FACTS_LATE = dict(FACT_CIRCUITS, route_strict=True, subject_locality=2.0, key_background=16, circuits_after_route=True)
 
 
 class DynamicLoRAMethod(Method):
