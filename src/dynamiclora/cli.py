@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sqlite3
@@ -185,24 +186,26 @@ def cmd_export_peft(args: argparse.Namespace) -> int:
     return 0
 
 
+# benchmark name -> its module under dynamiclora.bench (imported when run)
+BENCHMARKS = {
+    "forward": "forward",
+    "dynamics": "dynamics",
+    "wavegen": "wavegen",
+    "swarm": "swarm",
+    "server": "server",
+    "continual": "continual",
+    "persistence": "persistence",
+    "editing": "editing",
+    "fact-forward": "fact_forward",
+    "reach": "reach",
+}
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     """Run a benchmark and write JSON + markdown (+ plots) under the output directory."""
-    from .bench import continual, dynamics, editing, fact_forward, forward, persistence, reach, server, swarm, wavegen
-
-    benches = {
-        "editing": editing,
-        "fact-forward": fact_forward,
-        "forward": forward,
-        "dynamics": dynamics,
-        "wavegen": wavegen,
-        "swarm": swarm,
-        "server": server,
-        "continual": continual,
-        "persistence": persistence,
-        "reach": reach,
-    }
+    bench = importlib.import_module(f".bench.{BENCHMARKS[args.name]}", __package__)
     own = ["--out", args.out, "--model", args.model] + (["--quick"] if args.quick else [])
-    benches[args.name].main(own + list(getattr(args, "options", [])))
+    bench.main(own + list(getattr(args, "options", [])))
     return 0
 
 
@@ -263,8 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help=cmd_bench.__doc__)
     p.add_argument(
         "name",
-        choices=["forward", "dynamics", "wavegen", "swarm", "server", "continual", "persistence", "editing",
-                 "fact-forward", "reach"],  # fmt: skip
+        choices=list(BENCHMARKS),
     )
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--quick", action="store_true", help="tiny model only, few repeats")

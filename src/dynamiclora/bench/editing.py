@@ -38,7 +38,7 @@ from .wise import WiseSideMemory
 
 MAX_TRIES = 4  # learn calls per edit, stopping once the taught prompt reproduces the target
 LOCAL_TOKENS = 4  # the base model's own next tokens that locality checks
-KEY_BACKGROUND = 16  # facts-keys: principal directions of ordinary text a key is kept off (LearningConfig)
+KEY_BACKGROUND = FACTS_LATE["key_background"]  # facts-keys: directions of ordinary text a key is kept off
 PERPLEXITY_FACTS = 100  # held-out perplexity: text about the first this many facts' subjects and neighbours
 
 

@@ -2,7 +2,9 @@
 
 The memory is built without training: each of the editing data's first N facts gets the gate the learner would give
 it (``reach.teach``, both ways, strict gates) on a rank-1 circuit over the value projections from the route layer on
-(the ``facts-late`` configuration: routed inside the forward) with random factors. A forward's cost depends on which
+(``facts-late``'s gates and modules: routed inside the forward) with random factors. ``facts-late``'s learning
+options (subject locality, keys off the background) are left out: they change what a learn step costs, not a
+forward, so the learn call timed here is a plain fact circuit's. A forward's cost depends on which
 circuits a prompt reaches and on their shapes, not on the trained values, so this measures at N = 1,000 in minutes
 what the editing benchmark measures after hours of edits.
 
