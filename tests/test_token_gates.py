@@ -109,6 +109,25 @@ def test_a_second_prompt_adds_a_prototype_and_forgetting_one_keeps_the_other():
     assert circuit.gate.distance(other) == pytest.approx(0.0, abs=1e-5)  # the other prototype still reaches
 
 
+def test_a_prompt_in_lower_case_reaches_its_gate_through_a_prototype_of_its_own():
+    """Lower case spells a name with other tokens. The taught prompt's prototype keeps a threshold set by variants
+    that keep its tokens (a line before it, doubled spaces); the lower-case form reaches the gate through a
+    prototype made from it, not by pulling the taught one's threshold down to where other names reach it."""
+    dl = tokens_dl()
+    text = "def ZorbexKamun_Port():"
+    ids = dl.encode(text)
+    gate = dl.router.new_gate(dl.router.features([ids])[0], ids, "a")
+    assert gate.groups.unique().numel() == 2
+    taught = gate.keeping(gate.groups == gate.groups.min())
+    lower = dl.router.features([dl.encode(text.lower())])[0]
+    assert gate.distance(lower) <= 1.0
+    assert taught.distance(lower) > 1.0
+    for other in ("# settings, draft\n" + text, "def  ZorbexKamun_Port():"):  # the taught prototype's own reach
+        assert taught.distance(dl.router.features([dl.encode(other)])[0]) <= 1.0, other
+    neighbour = dl.router.features([dl.encode("def ZorbexVelmun_Port():")])[0]  # shares two of the three keys
+    assert gate.distance(neighbour) > 1.0
+
+
 def test_consensus_of_token_gated_copies_shares_a_token_gate_with_the_members():
     from .test_swarms import GAIN, copy, persistent
 

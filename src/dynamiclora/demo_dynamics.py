@@ -92,9 +92,7 @@ def run_dynamics(
 def _snapshot(dl: DynamicLoRA, series: dict, t: int) -> None:
     for c in dl.hierarchy.all_circuits():
         if c.tier in ("context", "agent"):
-            series.setdefault(c.id, {"label": c.label, "points": []})["points"].append(
-                (t, c.vigor, c.phase, c.tier)
-            )
+            series.setdefault(c.id, {"label": c.label, "points": []})["points"].append((t, c.vigor, c.phase, c.tier))
 
 
 def _plot(series: dict, dl: DynamicLoRA, path: Path) -> Path:
