@@ -69,6 +69,20 @@ def first_kept(start: int, end: int) -> int:
     return start + 1 if start == 0 and end - start > 1 else start
 
 
+def word_span(words: list[str], lo: int, hi: int, start: int, end: int) -> tuple[int, int]:
+    """``[lo, hi)`` widened within ``[start, end)`` to whole words, given each token's text (``words``): a token
+    that neither begins with a space nor follows one continues the word before it."""
+
+    def continues(i: int) -> bool:  # token i is a later piece of the word token i - 1 ends
+        return bool(words[i]) and words[i][0].isalnum() and bool(words[i - 1]) and words[i - 1][-1].isalnum()
+
+    while lo > start and continues(lo):
+        lo -= 1
+    while hi < end and continues(hi):
+        hi += 1
+    return lo, hi
+
+
 @dataclass
 class Router:
     """Computes route features on the base model and decides, per row, which gated circuits a prompt reaches.
@@ -187,7 +201,7 @@ class Router:
         """The prompt's prototype (keys, threshold), and for a plain-text prompt that lower case spells with other
         tokens, its lower-case form's too. A name in lower case is other tokens, whose states match the taught
         ones poorly: as one of the variants that set the threshold it pulled many gates down to where neighbours
-        reach them (1,000 facts: 0.77 of neighbours reached some gate; with a prototype of its own, 0.13)."""
+        reach them (1,000 facts: 0.77 of neighbours reached some gate; with a prototype of its own, 0.16)."""
         out = [self._prototype(feature, prompt_ids, negatives)]
         if self.chat.content_span(prompt_ids) == (0, len(prompt_ids)):
             text = self.tokenizer.decode(prompt_ids, skip_special_tokens=True)
@@ -195,6 +209,13 @@ class Router:
             if lower and lower != list(prompt_ids):
                 out.append(self._prototype(self.features([lower])[0], lower, negatives))
         return out
+
+    def subject(self, feature: torch.Tensor, prompt_ids: list[int]) -> str:
+        """What a prompt is about: the whole word around its most distinctive token (a name, an identifier)."""
+        first = self.distinctive_positions(feature, prompt_ids)[0]
+        start, end = self.chat.content_span(prompt_ids)
+        lo, hi = word_span([self.tokenizer.decode([t]) for t in prompt_ids], first, first + 1, start, end)
+        return self.tokenizer.decode(prompt_ids[lo:hi], skip_special_tokens=True).strip()
 
     def _prototype(
         self, feature: torch.Tensor, prompt_ids: list[int], negatives: list[torch.Tensor] = ()

@@ -37,20 +37,6 @@ class SubjectText:
     routes: frozenset[str]
 
 
-def word_span(words: list[str], lo: int, hi: int, start: int, end: int) -> tuple[int, int]:
-    """``[lo, hi)`` widened within ``[start, end)`` to whole words, given each token's text (``words``): a token
-    that neither begins with a space nor follows one continues the word before it."""
-
-    def continues(i: int) -> bool:  # token i is a later piece of the word token i - 1 ends
-        return bool(words[i]) and words[i][0].isalnum() and bool(words[i - 1]) and words[i - 1][-1].isalnum()
-
-    while lo > start and continues(lo):
-        lo -= 1
-    while hi < end and continues(hi):
-        hi += 1
-    return lo, hi
-
-
 def subject_text(
     rt: Runtime,
     agent_id: str,
@@ -63,10 +49,7 @@ def subject_text(
     None where no word is found or the circuit's gate does not reach the text (it cannot act there).
     ``continuations``: the base model's continuations of frames written before (a function of the base model and
     the frame alone), kept there for the next learn call of the same fact."""
-    first = rt.router.distinctive_positions(feature, prompt_ids)[0]
-    start, end = rt.chat.content_span(prompt_ids)
-    lo, hi = word_span([rt.tokenizer.decode([t]) for t in prompt_ids], first, first + 1, start, end)
-    subject = rt.tokenizer.decode(prompt_ids[lo:hi], skip_special_tokens=True).strip()
+    subject = rt.router.subject(feature, prompt_ids)
     if not subject:
         return None
     frame = rt.encode(SUBJECT_FRAME.format(subject))
