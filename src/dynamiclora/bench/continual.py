@@ -298,7 +298,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.gates:  # DynamicLoRA alone, three ways: about 15 min on the default model
         lr = args.lr or (LEARNING_RATES[0] if args.quick or selected_model() == "stdlib" else 3e-3)
         report = gates(args.quick, lr, args.gates.split(","))
-        name = "continual-gates-cpu" + ("-quick" if args.quick else model_suffix())
+        chosen = args.gates.split(",")
+        label = "gates" if chosen == ["pooled", "tokens", "facts"] else "-".join(chosen)  # (a subset: its own record)
+        name = f"continual-{label}-cpu" + ("-quick" if args.quick else model_suffix())
         md = ["# Continual learning: pooled gates, token gates, fact circuits (cpu)", "", *table(report), ""]
         write(Path(args.out), name, {"streams": [report]}, "\n".join(md) + "\n")
         print("\n".join(md))
