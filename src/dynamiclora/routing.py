@@ -16,6 +16,7 @@ moves another agent's gates, and no later configuration change moves a gate that
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -55,6 +56,9 @@ REFERENCE_PROMPTS = (
 )
 
 
+# token gates: the learner's own variants of a plain-text prompt that set a prototype's threshold (a line before
+# it, doubled spaces); lower case is not one of them, it gets a prototype of its own (see Router._prototypes)
+VARIANTS: tuple[Callable[[str], str], ...] = (lambda text: "# note\n" + text, lambda text: text.replace(" ", "  "))
 MEMO_SIZE = 256  # route features of the most recent distinct prompts
 INDEX_CACHE_SIZE = 8  # sets of gated circuits prepared for matching (see _Matcher)
 
@@ -203,11 +207,21 @@ class Router:
         ones poorly: as one of the variants that set the threshold it pulled many gates down to where neighbours
         reach them (1,000 facts: 0.77 of neighbours reached some gate; with a prototype of its own, 0.16)."""
         out = [self._prototype(feature, prompt_ids, negatives)]
-        if self.chat.content_span(prompt_ids) == (0, len(prompt_ids)):
-            text = self.tokenizer.decode(prompt_ids, skip_special_tokens=True)
-            lower = list(self.tokenizer(text.lower())["input_ids"])
-            if lower and lower != list(prompt_ids):
-                out.append(self._prototype(self.features([lower])[0], lower, negatives))
+        for lower in self._rewrites(prompt_ids, (str.lower,)):
+            out.append(self._prototype(self.features([lower])[0], lower, negatives))
+        return out
+
+    def _rewrites(self, prompt_ids: list[int], rewrites: tuple[Callable[[str], str], ...]) -> list[list[int]]:
+        """A plain-text prompt's token ids after each of ``rewrites`` of its text, where they are other ids than
+        the prompt's (none for a conversation: its scaffold is not the learner's to rewrite)."""
+        if self.chat.content_span(prompt_ids) != (0, len(prompt_ids)):
+            return []
+        text = self.tokenizer.decode(prompt_ids, skip_special_tokens=True)
+        out = []
+        for rewrite in rewrites:
+            ids = list(self.tokenizer(rewrite(text))["input_ids"])
+            if ids and ids != list(prompt_ids):
+                out.append(ids)
         return out
 
     def subject(self, feature: torch.Tensor, prompt_ids: list[int]) -> str:
@@ -232,14 +246,7 @@ class Router:
             return 1.0 - probe.distance(states)  # at threshold 0: the mean (strict: lowest) best cosine
 
         floor = max(match(f) for f in [*self._reference_features(), *negatives]) + THRESHOLD_MARGIN
-        start, end = self.chat.content_span(prompt_ids)
-        variants = []
-        if (start, end) == (0, len(prompt_ids)):  # plain text: the learner's own variants of it
-            text = self.tokenizer.decode(prompt_ids, skip_special_tokens=True)
-            for variant in ("# note\n" + text, text.replace(" ", "  ")):
-                ids = list(self.tokenizer(variant)["input_ids"])
-                if ids and ids != list(prompt_ids):
-                    variants.append(ids)
+        variants = self._rewrites(prompt_ids, VARIANTS)  # the learner's own variants of a plain-text prompt
         worst = min((match(f) for f in self.features(variants)), default=0.95)
         return keys, float(min(max(0.9 * worst, floor), THRESHOLD_CAP))
 

@@ -284,22 +284,23 @@ def gates(quick: bool, lr: float, which: list[str]) -> dict:
             "results": results}  # fmt: skip
 
 
+ALL_GATES = "pooled,tokens,facts"  # bench continual --gates: the record continual-gates-cpu
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = arguments(
         __doc__,
         argv,
         extra=lambda p: (
-            p.add_argument(
-                "--gates", nargs="?", const="pooled,tokens,facts", help="DynamicLoRA alone, e.g. pooled,tokens,facts"
-            ),
+            p.add_argument("--gates", nargs="?", const=ALL_GATES, help=f"DynamicLoRA alone, e.g. {ALL_GATES}"),
             p.add_argument("--lr", type=float, help="with --gates: the learning rate (default 3e-3 on a real model)"),
         ),
     )
     if args.gates:  # DynamicLoRA alone, three ways: about 15 min on the default model
         lr = args.lr or (LEARNING_RATES[0] if args.quick or selected_model() == "stdlib" else 3e-3)
-        report = gates(args.quick, lr, args.gates.split(","))
         chosen = args.gates.split(",")
-        label = "gates" if chosen == ["pooled", "tokens", "facts"] else "-".join(chosen)  # (a subset: its own record)
+        report = gates(args.quick, lr, chosen)
+        label = "gates" if args.gates == ALL_GATES else "-".join(chosen)  # (a subset: a record of its own)
         name = f"continual-{label}-cpu" + ("-quick" if args.quick else model_suffix())
         md = ["# Continual learning: pooled gates, token gates, fact circuits (cpu)", "", *table(report), ""]
         write(Path(args.out), name, {"streams": [report]}, "\n".join(md) + "\n")
