@@ -7,11 +7,17 @@ refreshes every few seconds. It reports what it loaded in ``#status`` (the headl
 
 from __future__ import annotations
 
+import asyncio
 import io
 from collections import Counter
 from typing import Any
 
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import HTMLResponse, Response
+
 from ..config import TIERS
+from .protocol import APIError
+from .service import Service, service
 
 PHASE_COLOURS = {"SCREENED": "#1f77b4", "FREE": "#ff7f0e"}
 
@@ -183,3 +189,33 @@ setInterval(refresh, 5000);
 </script>
 </body></html>
 """
+
+
+def dashboard_key(request: Request, svc: Service = Depends(service)) -> None:
+    """The dashboard's data need the admin key, given as ``?key=`` (the page cannot send a header)."""
+    key = request.query_params.get("key", "")
+    who = svc.keys.resolve(key) if key else None
+    if who is None or not who.admin:
+        raise APIError(401, "the dashboard's data needs the admin key (?key=...)", "authentication_error")
+
+
+router = APIRouter()
+
+
+@router.get("/", response_class=HTMLResponse)
+async def page():
+    return PAGE
+
+
+@router.get("/dashboard/data", dependencies=[Depends(dashboard_key)])
+async def dashboard_data(svc: Service = Depends(service)):
+    return await svc.run(lambda: {**data(svc.dl), "batch": svc.engine.live()})
+
+
+@router.get("/dashboard/plot/{name}.png", dependencies=[Depends(dashboard_key)])
+async def dashboard_plot(name: str, svc: Service = Depends(service)):
+    if name not in PLOTS:
+        raise APIError(404, f"no plot {name!r}; choose from {sorted(PLOTS)}", "not_found_error")
+    snapshot = await svc.run(lambda: data(svc.dl))
+    png = await asyncio.to_thread(PLOTS[name], snapshot)
+    return Response(png, media_type="image/png", headers={"Cache-Control": "no-store"})
