@@ -194,3 +194,37 @@ def test_persistence_benchmark_quick_writes_its_records(tmp_path):
     record = persistence.main(["--quick", "--out", str(tmp_path)])
     assert [c["entries"] for c in record["cases"]] == [0, 1_000, 5_000] and record["targets"]
     assert (tmp_path / "persistence-quick.md").exists() and (tmp_path / "persistence-quick.png").exists()
+
+
+class CutOff(Exception):
+    pass
+
+
+def test_an_editing_run_cut_off_goes_on_from_its_checkpoint_to_the_figures_of_a_run_never_cut(tmp_path, monkeypatch):
+    from dynamiclora.bench import checkpoint, editing
+
+    args = ["--quick", "--methods", "facts-late", "--steps", "2,4", "--tick-interval", "3"]
+    whole = editing.main([*args, "--out", str(tmp_path / "whole")])["methods"][0]
+
+    save = checkpoint.Checkpoint.save
+
+    def save_then_stop(self, method, progress):  # the session ends right after the checkpoint at T = 2
+        save(self, method, progress)
+        raise CutOff
+
+    monkeypatch.setattr(checkpoint.Checkpoint, "save", save_then_stop)
+    resumable = [*args, "--checkpoint", str(tmp_path / "checkpoint")]
+    with pytest.raises(CutOff):
+        editing.main([*resumable, "--out", str(tmp_path / "cut")])
+    monkeypatch.setattr(checkpoint.Checkpoint, "save", save)
+    resumed = editing.main([*resumable, "--out", str(tmp_path / "resumed")])["methods"][0]
+
+    clock = {"learn_s_per_edit", "learn_s_recent", "forward_ratio", "forward_ratio_first"}
+    figures = lambda rows: [{k: v for k, v in r.items() if k not in clock} for r in rows]  # noqa: E731
+    assert [r["edits"] for r in resumed["rows"]] == [2, 4]
+    assert figures(resumed["rows"]) == figures(whole["rows"])
+    assert {k: v for k, v in resumed["exported"].items() if k not in clock} == {
+        k: v for k, v in whole["exported"].items() if k not in clock
+    }
+    assert resumed["per_edit"]["learn_calls"] == whole["per_edit"]["learn_calls"]
+    assert resumed["per_edit"]["sessions_began_at"] == [0, 2]

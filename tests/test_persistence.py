@@ -235,3 +235,14 @@ def test_logs_are_capped_and_their_sequence_numbers_survive(tmp_path):
     dl.save(tmp_path / "s")
     again = DynamicLoRA.load(tmp_path / "s", model=make_dl().model, tokenizer=dl.tokenizer)
     assert list(again.forgotten()) == [{"i": 1}, {"i": 2}, {"i": 3}] and again.memory.forgotten.total == 10
+
+
+def test_a_reloaded_memory_samples_merged_usage_at_the_same_requests_as_the_saved_one(tmp_path, ids):
+    """The draws that decide which requests sample the merged tiers' usage (which the dynamics read) are part of
+    the state: after a reload they go on where the saved memory's stopped, not from the seed."""
+    dl = make_dl()
+    draw = lambda d: [float(torch.rand((), generator=d.runtime.usage_sampler)) for _ in range(8)]  # noqa: E731
+    draw(dl)  # requests served before the save
+    dl.save(tmp_path / "s")
+    again = DynamicLoRA.load(tmp_path / "s", model=tiny_model("llama")[0], tokenizer=dl.tokenizer)
+    assert draw(again) == draw(dl)

@@ -351,7 +351,15 @@ class DynamicLoRA:
             "config": json.dumps(self.config.to_dict(), sort_keys=True),
         }
         return Parts(
-            self.hierarchy, self.clock, self.memory, self.wavegen, self.learner, self.generator, identity, self.device
+            self.hierarchy,
+            self.clock,
+            self.memory,
+            self.wavegen,
+            self.learner,
+            self.generator,
+            self.runtime.usage_sampler,
+            identity,
+            self.device,
         )
 
     def save(self, state_dir: str | Path, overwrite_other_model: bool = False) -> Path:

@@ -182,7 +182,8 @@ class Parts:
     memory: Memory
     wavegen: WaveController
     learner: ContextLearner
-    generator: torch.Generator
+    generator: torch.Generator  # the learner's draws (key complements, augmentations)
+    usage_sampler: torch.Generator  # which requests sample the merged tiers' usage (the dynamics read it)
     identity: dict[str, str]  # base_model, base_fingerprint, tokenizer_fingerprint, config (JSON)
     device: torch.device
 
@@ -243,6 +244,7 @@ class Writer:
                 "interactions": str(dl.clock.interactions),
                 "dynamics": json.dumps(dl.memory.state(), sort_keys=True),
                 "generator_state": dl.generator.get_state().numpy().tobytes().hex(),
+                "usage_sampler_state": dl.usage_sampler.get_state().numpy().tobytes().hex(),
                 "wavegen": json.dumps(cache.state(), sort_keys=True),
                 "log_totals": json.dumps({t: log.total for t, log in logs.items()}, sort_keys=True),
             }
@@ -468,8 +470,9 @@ def restore_state(saved: Saved, dl: Parts, writer: Writer) -> None:
                 dl.learner.restore(load_file(path))
             except (SafetensorError, OSError) as exc:
                 raise CorruptStateError(f"{path} (optimizer state of {key}) cannot be read: {exc}") from exc
-    if meta.get("generator_state"):
-        dl.generator.set_state(torch.frombuffer(bytearray.fromhex(meta["generator_state"]), dtype=torch.uint8))
+    for name, generator in (("generator_state", dl.generator), ("usage_sampler_state", dl.usage_sampler)):
+        if meta.get(name):  # (a state saved before the usage sampler was kept: it starts from its seed)
+            generator.set_state(torch.frombuffer(bytearray.fromhex(meta[name]), dtype=torch.uint8))
     dl.clock.tick = int(meta.get("tick_count", 0))
     dl.clock.interactions = int(meta.get("interactions", 0))
     entries = [CacheEntry.from_record(json.loads(r), _vector(v)) for r, v in saved.cache_rows]

@@ -16,6 +16,7 @@ Run: ``python benchmarks/editing.py`` (SmolLM2, T up to 100; ``--quick``: a tiny
 from __future__ import annotations
 
 import copy
+import json
 import statistics
 import time
 from pathlib import Path
@@ -32,6 +33,7 @@ from ..continual.methods import (
     encode,
     perplexity,
 )
+from .checkpoint import EVERY, Checkpoint, Progress
 from .editing_data import GENERAL, GENERAL_CHAT, PARAPHRASE_KINDS, Fact, facts, heldout_texts
 from .record import arguments, fresh_models, model_suffix, selected_model, write
 from .wise import WiseSideMemory
@@ -50,7 +52,7 @@ def chat_prompt(tokenizer, question: str) -> list[int]:
 class Probe:
     """The token ids of every evaluation prompt and target, and the base model's own continuations (locality)."""
 
-    def __init__(self, tokenizer, model, edits: list[Fact]) -> None:
+    def __init__(self, tokenizer, model, edits: list[Fact], cache: Path | None = None, model_id: str = "") -> None:
         self.edits = [encode(tokenizer, f.prompt, f.target) for f in edits]
         self.paraphrases = {kind: [] for kind in PARAPHRASE_KINDS}
         for f in edits:
@@ -63,11 +65,17 @@ class Probe:
                     p, c = encode(tokenizer, f.paraphrases[kind], f.target)
                     self.paraphrases[kind].append((p, c[:-1]))  # EOS is not part of what a paraphrase must give
         self.edits = [(p, c[:-1]) for p, c in self.edits]
-        self.neighbours = [self._own(model, list(tokenizer(f.neighbour)["input_ids"])) for f in edits]
+        neighbours = [list(tokenizer(f.neighbour)["input_ids"]) for f in edits]
         general = [list(tokenizer(p)["input_ids"]) for p in GENERAL] + [
             chat_prompt(tokenizer, q) for q in GENERAL_CHAT
         ]
-        self.general = [self._own(model, p) for p in general]
+        known = self._known(cache, model_id)
+        self.neighbours = [known.get(str(p)) or self._own(model, p) for p in neighbours]
+        self.general = [known.get(str(p)) or self._own(model, p) for p in general]
+        if cache is not None:  # the base model's continuations, for a run that resumes (minutes on SmolLM2)
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            pairs = [[p, own] for p, own in self.neighbours + self.general]
+            cache.write_text(json.dumps({"model": model_id, "local_tokens": LOCAL_TOKENS, "pairs": pairs}))
         chunk = lambda text: torch.tensor([tokenizer(text)["input_ids"]])  # noqa: E731
         self.heldout_facts = [chunk(t) for t in heldout_texts(edits[:PERPLEXITY_FACTS])]
         self.heldout_general = [chunk(t) for t in GENERAL]
@@ -76,6 +84,16 @@ class Probe:
     def heldout(self, t: int) -> list[torch.Tensor]:
         """Held-out text after ``t`` edits: about the taught subjects so far (two per fact) and general text."""
         return self.heldout_facts[: 2 * t] + self.heldout_general
+
+    @staticmethod
+    def _known(cache: Path | None, model: str) -> dict[str, tuple[list[int], list[int]]]:
+        """The base model's continuations saved in ``cache`` by a run on the same model, by prompt."""
+        if cache is None or not cache.exists():
+            return {}
+        saved = json.loads(cache.read_text())
+        if saved["model"] != model or saved["local_tokens"] != LOCAL_TOKENS:
+            return {}
+        return {str(p): (p, own) for p, own in saved["pairs"]}
 
     @staticmethod
     @torch.no_grad()
@@ -152,12 +170,34 @@ def evaluate(method: Method, agent: str, probe: Probe, t: int) -> dict:
     return out
 
 
-def run(make, probe: Probe, steps: list[int], base, agent: str = "editor", saved=lambda partial: None) -> dict:
+def run(
+    make,
+    probe: Probe,
+    steps: list[int],
+    base,
+    agent: str = "editor",
+    saved=lambda partial: None,
+    checkpoint: Checkpoint | None = None,
+) -> dict:
     """Edit facts one by one with a fresh method; evaluate after the T-th edit for every T in ``steps``. ``saved``
-    gets the result so far after each evaluation (a long run that is cut off keeps what it measured)."""
+    gets the result so far after each evaluation (a long run that is cut off keeps what it measured); with
+    ``checkpoint`` (DynamicLoRA methods), a run goes on from the progress saved there, and saves its own every
+    ``checkpoint.EVERY`` edits and after each evaluation."""
     method = make()
-    rows, learn_s, tries = [], [], []
+    if not isinstance(method, DynamicLoRAMethod):
+        checkpoint = None
+    progress = checkpoint.restore(method, base) if checkpoint is not None else Progress({})
+    rows, learn_s, tries = progress.rows, progress.learn_s, progress.learn_calls
+    if progress.edits:
+        print(f"  resumed after edit {progress.edits} from {checkpoint.directory}", flush=True)
+
+    def measured() -> dict:
+        per_edit = {"learn_s": learn_s, "learn_calls": tries, "sessions_began_at": progress.sessions}
+        return {"method": method.name, "rows": rows, "per_edit": per_edit}
+
     for i, pair in enumerate(probe.edits[: max(steps)]):
+        if i < progress.edits:
+            continue
         t0 = time.perf_counter()
         n = 0
         for n in range(1, MAX_TRIES + 1):
@@ -167,6 +207,7 @@ def run(make, probe: Probe, steps: list[int], base, agent: str = "editor", saved
         method.end_task([(pair[0], pair[1] + probe_eos(method))])  # (replay: the edit joins its buffer)
         learn_s.append(time.perf_counter() - t0)
         tries.append(n)
+        progress.edits = i + 1
         if (i + 1) % 50 == 0:  # progress of a long run, useful even if it is cut off
             print(f"  edit {i + 1}: last 50 {statistics.mean(learn_s[-50:]):.2f} s/edit, "
                   f"{statistics.mean(tries[-50:]):.2f} learn calls/edit", flush=True)  # fmt: skip
@@ -195,10 +236,12 @@ def run(make, probe: Probe, steps: list[int], base, agent: str = "editor", saved
                     forgotten=len(method.dl.memory.forgotten),
                 )
             rows.append(r)
-            saved({"method": method.name, "rows": rows, "per_edit": {"learn_s": learn_s, "learn_calls": tries}})
+            saved(measured())
             print(f"  {method.name} T={t}: rel {r['reliability']:.2f} gen {r['generalization_mean']:.2f} "
                   f"loc {r['locality_neighbour']:.2f}/{r['locality_general']:.2f}", flush=True)  # fmt: skip
-    out = {"method": method.name, "rows": rows, "per_edit": {"learn_s": learn_s, "learn_calls": tries}}
+        if checkpoint is not None and ((i + 1) % EVERY == 0 or i + 1 in steps):
+            checkpoint.save(method, progress)  # after the evaluation: what it read is part of the memory's history
+    out = measured()
     if isinstance(method, DynamicLoRAMethod):  # what a PEFT export of the memory keeps of it
         exported = ExportedAdapter(method, agent, base)
         out["exported"] = evaluate(exported, agent, probe, max(steps))
@@ -251,6 +294,11 @@ def main(argv: list[str] | None = None) -> dict:
             " replay, wise",
         )
         parser.add_argument(
+            "--checkpoint",
+            help="a directory where a DynamicLoRA method's run keeps its progress (every 50 edits), and from which a"
+            " run cut off goes on when started again with the same arguments",
+        )
+        parser.add_argument(
             "--tick-interval",
             type=int,
             default=100,
@@ -260,10 +308,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     args = arguments(__doc__, argv, extra=extra)
     fresh, tokenizer = fresh_models(args.quick)
-    steps = [1, 10] if args.quick else [int(s) for s in args.steps.split(",")] if args.steps else [1, 10, 100]
+    steps = [int(s) for s in args.steps.split(",")] if args.steps else [1, 10] if args.quick else [1, 10, 100]
     model = fresh()
     data = facts(max(steps))
-    probe = Probe(tokenizer, model, data)
+    checkpoints = Path(args.checkpoint) if args.checkpoint else None
+    model_id = "tiny random chat Llama" if args.quick else selected_model()  # what a checkpoint belongs to
+    probe = Probe(tokenizer, model, data, checkpoints / "probe.json" if checkpoints else None, model_id)
     capacity = max(steps)
     ticks = args.tick_interval
 
@@ -329,7 +379,16 @@ def main(argv: list[str] | None = None) -> dict:
     for label, make in (methods[k] for k in chosen):
         print(label, flush=True)
         t0 = time.perf_counter()
-        r = run(make, probe, steps, model, saved=lambda p: save(results + [{**p, "label": label}], False))
+        r = run(
+            make,
+            probe,
+            steps,
+            model,
+            saved=lambda p: save(results + [{**p, "label": label}], False),
+            checkpoint=Checkpoint(checkpoints, label, {"steps": steps, "model": model_id, "ticks": ticks})
+            if checkpoints
+            else None,
+        )
         r["label"], r["wall_s"] = label, time.perf_counter() - t0
         results.append(r)
     record = save(results, True)
