@@ -429,3 +429,25 @@ def test_a_subject_texts_base_continuation_is_written_once_per_frame_and_is_the_
     assert len(kept) == 2
     for frame, tokens in kept.items():  # each is what the base model continues that frame with
         assert tokens == base_continuation(rt, "alice", list(frame), OrderedDict())
+
+
+def test_the_lower_case_variant_teaches_the_fact_for_the_request_in_lower_case():
+    """A name in lower case is other tokens: the gate reaches them (a prototype of their own), and with the learner's
+    'lower' variant the circuit is also trained to answer there, not only where the taught tokens are."""
+    text, answer = "def ZorbexKamun_Port():", " return 7311"
+    losses = {}
+    for variants in ((), ("lower",)):
+        config = DynamicLoRAConfig(
+            learning={"route_match": "tokens", "learn_variants": variants}, dynamics={"tick_interval": 0}
+        )
+        dl = make_dl(config=config)
+        alice = dl.agent("alice", swarm="s", domain="d")
+        alice.learn(text, answer)
+        prompt = dl.encode(text.lower())
+        ids = torch.tensor([prompt + dl.encode(answer, special=False)])
+        logits = alice.logits(ids, route_tokens=len(prompt))
+        losses[variants] = float(
+            torch.nn.functional.cross_entropy(logits[0, len(prompt) - 1 : -1], ids[0, len(prompt) :])
+        )
+        assert dl.runtime.route(["alice"], [prompt])[0] == frozenset()  # the lower-case request reaches the circuit
+    assert losses[("lower",)] < 0.8 * losses[()], losses

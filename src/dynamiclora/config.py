@@ -116,6 +116,9 @@ class AdapterConfig:
         )
 
 
+LEARN_VARIANTS = ("chat", "lower")  # the learner's own rewrites of a prompt (LearningConfig.learn_variants)
+
+
 @dataclass
 class LearningConfig:
     """Online learning into the context tier (the only tier with an optimizer)."""
@@ -202,8 +205,10 @@ class LearningConfig:
         default=(),
         metadata=_help(
             "The learner's own rewrites of a plain-text prompt trained beside it, each step: 'chat' (the prompt as a "
-            "user's message through the chat template, the completion as the assistant's reply). Teaches the "
-            "pattern for the same request asked in a conversation; costs one more forward and backward per step."
+            "user's message through the chat template, the completion as the assistant's reply), 'lower' (the "
+            "prompt in lower case, where that is other tokens: a name in lower case is other pieces, whose states "
+            "the circuit must also answer). Each teaches the pattern for the same request asked that way; each "
+            "costs one more forward and backward per step."
         ),
     )
     subject_locality: float = field(
@@ -258,8 +263,9 @@ class LearningConfig:
         _check(self.route_keys >= 1, f"LearningConfig.route_keys must be >= 1, got {self.route_keys}")
         self.learn_variants = tuple(self.learn_variants)
         _check(
-            set(self.learn_variants) <= {"chat"},
-            f"LearningConfig.learn_variants may hold only 'chat', got {self.learn_variants!r}",
+            set(self.learn_variants) <= set(LEARN_VARIANTS),
+            f"LearningConfig.learn_variants may hold only {' and '.join(map(repr, LEARN_VARIANTS))}, got "
+            f"{self.learn_variants!r}",
         )
         if self.circuit_modules is not None:
             self.circuit_modules = tuple(self.circuit_modules)

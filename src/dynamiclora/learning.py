@@ -290,11 +290,16 @@ class ContextLearner:
 
     def _variants(self, prompt_ids: list[int], completion_ids: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The learner's own rewrites of the interaction (``LearningConfig.learn_variants``), as (ids, labels): a
-        plain-text prompt as a user's message through the chat template, answered by the completion."""
+        plain-text prompt as a user's message through the chat template, or in lower case, answered by the
+        completion."""
         rt = self.rt
         out = []
+        variants = rt.config.learning.learn_variants
         plain = rt.chat.content_span(prompt_ids) == (0, len(prompt_ids))
-        if "chat" in rt.config.learning.learn_variants and plain and getattr(rt.tokenizer, "chat_template", None):
+        if "lower" in variants:  # (none for a conversation, or a prompt lower case leaves as it is)
+            lowered = rt.router.rewrites(prompt_ids, (str.lower,))
+            out += [_example(ids, completion_ids, rt.device) for ids in lowered]
+        if "chat" in variants and plain and getattr(rt.tokenizer, "chat_template", None):
             eos = rt.tokenizer.eos_token_id
             body = [t for t in completion_ids if t != eos]
             reply = rt.tokenizer.decode(body, skip_special_tokens=True).strip()

@@ -207,11 +207,11 @@ class Router:
         ones poorly: as one of the variants that set the threshold it pulled many gates down to where neighbours
         reach them (1,000 facts: 0.77 of neighbours reached some gate; with a prototype of its own, 0.16)."""
         out = [self._prototype(feature, prompt_ids, negatives)]
-        for lower in self._rewrites(prompt_ids, (str.lower,)):
+        for lower in self.rewrites(prompt_ids, (str.lower,)):
             out.append(self._prototype(self.features([lower])[0], lower, negatives))
         return out
 
-    def _rewrites(self, prompt_ids: list[int], rewrites: tuple[Callable[[str], str], ...]) -> list[list[int]]:
+    def rewrites(self, prompt_ids: list[int], rewrites: tuple[Callable[[str], str], ...]) -> list[list[int]]:
         """A plain-text prompt's token ids after each of ``rewrites`` of its text, where they are other ids than
         the prompt's (none for a conversation: its scaffold is not the learner's to rewrite)."""
         if self.chat.content_span(prompt_ids) != (0, len(prompt_ids)):
@@ -246,7 +246,7 @@ class Router:
             return 1.0 - probe.distance(states)  # at threshold 0: the mean (strict: lowest) best cosine
 
         floor = max(match(f) for f in [*self._reference_features(), *negatives]) + THRESHOLD_MARGIN
-        variants = self._rewrites(prompt_ids, VARIANTS)  # the learner's own variants of a plain-text prompt
+        variants = self.rewrites(prompt_ids, VARIANTS)  # the learner's own variants of a plain-text prompt
         worst = min((match(f) for f in self.features(variants)), default=0.95)
         return keys, float(min(max(0.9 * worst, floor), THRESHOLD_CAP))
 

@@ -290,8 +290,8 @@ def main(argv: list[str] | None = None) -> dict:
         parser.add_argument("--steps", help="edit counts, e.g. 1,10,100")
         parser.add_argument(
             "--methods",
-            help="of prototype, tokens, facts, facts-strict, facts-local, facts-keys, facts-late, tokens-still, peft,"
-            " replay, wise",
+            help="of prototype, tokens, facts, facts-strict, facts-local, facts-keys, facts-late, facts-lower,"
+            " tokens-still, peft, replay, wise",
         )
         parser.add_argument(
             "--checkpoint",
@@ -347,6 +347,17 @@ def main(argv: list[str] | None = None) -> dict:
             "fact circuits as facts-keys, from the route layer on (routed inside the forward)",
             lambda: DynamicLoRAMethod(
                 fresh(), tokenizer, ["editor"], tick_interval=ticks, capacity=capacity, **FACTS_LATE
+            ),
+        ),
+        "facts-lower": (
+            "fact circuits as facts-late, also trained on the prompt in lower case",
+            lambda: DynamicLoRAMethod(
+                fresh(),
+                tokenizer,
+                ["editor"],
+                tick_interval=ticks,
+                capacity=capacity,
+                **{**FACTS_LATE, "learn_variants": ("chat", "lower")},
             ),
         ),
         "tokens-still": (  # diagnostic: the same without ticks (no decay of the facts not used since)
