@@ -115,3 +115,33 @@ def test_each_stream_quick_dynamiclora_learns_without_touching_what_it_did_not_l
     assert result["plasticity"] > 0
     if stream.recurring:
         assert result["recurring_retained"] > 0
+
+
+def test_the_text_metric_reads_the_answer_with_white_space_aside_and_whole():
+    """A rewritten prompt answered on a line of its own counts, and so does one that goes on after the taught
+    text; another value, or the taught text going on within its word (``'pylon'.upper()``), does not."""
+    from dynamiclora.bench.continual import text_accuracy
+    from dynamiclora.continual.methods import Method, encode
+
+    _, tokenizer = tiny_model("llama")
+
+    class Answers(Method):  # greedy answers given in advance, one per prompt
+        def __init__(self, answers: list[str]) -> None:
+            self.answers = [tokenizer(a, add_special_tokens=False)["input_ids"] for a in answers]
+
+        def greedy(self, agent, prompt, tokens, eos=None):
+            return self.answers.pop(0)[:tokens]
+
+        def learn(self, agent, example):
+            pass
+
+        def logits(self, agent, ids, prompt_tokens=None):
+            raise AssertionError("not used")
+
+        def trainable_parameters(self):
+            return 0
+
+    example = encode(tokenizer, "# getter\ndef get_zephyr_bucket():", " return 'pylon'")
+    answers = ["\n    return 'pylon'", " return 'pylon'\n\ndef other():", " return 'pylon'.upper()", " return 'tye'"]
+    hits = [text_accuracy(Answers([a]), "a", tokenizer, [example]) for a in answers]
+    assert hits == [1.0, 1.0, 0.0, 0.0]

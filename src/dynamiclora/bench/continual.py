@@ -90,16 +90,32 @@ def run(stream: streams.Stream, method: Method, tokenizer, chunks: list[torch.Te
 
 
 def rewritten(stream: streams.Stream, method: Method, tokenizer, agent: str) -> dict:
-    """Accuracy at the end on the stream's rewritten prompts (the same requests, asked differently), if any."""
+    """Accuracy at the end on the stream's rewritten prompts (the same requests, asked differently), if any: the
+    taught completion exactly (``variants``), and its text with white space aside (``variants_text``: a body on
+    a line of its own, ``"\n    return 'pylon'"``, gives the taught ``" return 'pylon'"``)."""
     if not stream.variants:
         return {}
     items = [item for t in stream.tasks for item in t.items]
+    asked = {name: [encode(tokenizer, rewrite(p), c) for p, c in items] for name, rewrite in stream.variants.items()}
     return {
-        "variants": {
-            name: method.accuracy(agent, [encode(tokenizer, rewrite(p), c) for p, c in items])
-            for name, rewrite in stream.variants.items()
-        }
+        "variants": {name: method.accuracy(agent, examples) for name, examples in asked.items()},
+        "variants_text": {name: text_accuracy(method, agent, tokenizer, examples) for name, examples in asked.items()},
     }
+
+
+TEXT_SLACK = 6  # tokens a greedy answer may spend on white space (a new line, an indent) before the taught text
+
+
+def text_accuracy(method: Method, agent: str, tokenizer, examples: list[tuple[list[int], list[int]]]) -> float:
+    """The fraction of ``examples`` whose greedy answer begins with the completion's text, white space aside, and
+    where the text ends a word."""
+    eos = tokenizer.eos_token_id
+    words = lambda ids: " ".join(tokenizer.decode(ids, skip_special_tokens=True).split())  # noqa: E731
+    hits = 0
+    for p, c in examples:
+        answer, taught = words(method.greedy(agent, p, len(c) + TEXT_SLACK, eos)), words(c)
+        hits += answer == taught or answer.startswith(taught + " ")  # (the whole of it: not 'pylon' in 'pylons')
+    return hits / len(examples) if examples else 0.0
 
 
 def multitask(stream: streams.Stream, method: MultiTaskLoRA, tokenizer, chunks) -> dict:
@@ -207,14 +223,17 @@ def table(report: dict) -> list[str]:
         md[3] += "---|"
     names = list(next((r["variants"] for r in report["results"] if "variants" in r), {}))
     if names:
-        md[2] += f" rewritten prompts ({' / '.join(names)}) |"
-        md[3] += "---|"
+        md[2] += f" rewritten prompts ({' / '.join(names)}) | the same, white space aside |"
+        md[3] += "---|---|"
     for r in report["results"]:
         cells = [f"{r[k]:+.2f}" if k in r else "" for k in ("bwt", "forgetting")]
         acc = f"{r['acc']:.2f}" + (f" | {r['recurring_retained']:.2f}" if "recurring_retained" in r else "")
         plasticity = f"{r['plasticity']:.2f}" if "plasticity" in r else ""
-        scores = [f"{r['variants'][n]:.2f}" for n in names] if "variants" in r else [""] * bool(names)
-        rewritten = f" {' / '.join(scores)} |" if names else ""
+        rewritten = "".join(
+            f" {' / '.join(f'{r[kind][n]:.2f}' for n in names) if kind in r else ''} |"
+            for kind in ("variants", "variants_text")
+            if names
+        )
         md.append(
             f"| {r['method']} | {acc} | {cells[0]} | {cells[1]} | {plasticity} | "
             f"{r['perplexity']:.1f} ({r['perplexity'] / base - 1:+.0%}) | {r['learn_s']:.1f} s | "

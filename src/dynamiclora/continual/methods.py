@@ -80,6 +80,15 @@ class Method(ABC):
         hits = [produces(self.logits(agent, torch.tensor([p + c]), len(p)), (p, c)) for p, c in examples]
         return sum(hits) / len(hits) if hits else 0.0
 
+    @torch.no_grad()
+    def greedy(self, agent: str, prompt: list[int], tokens: int, eos: int | None = None) -> list[int]:
+        """Up to ``tokens`` greedy tokens after ``prompt`` (routed on the prompt), stopping after ``eos``."""
+        out: list[int] = []
+        while len(out) < tokens and (not out or out[-1] != eos):
+            logits = self.logits(agent, torch.tensor([prompt + out]), len(prompt))
+            out.append(int(logits[0, -1].argmax()))
+        return out
+
     def perplexity(self, agent: str, chunks: list[torch.Tensor]) -> float:
         return perplexity(lambda ids: self.logits(agent, ids), chunks)
 
