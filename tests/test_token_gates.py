@@ -451,3 +451,24 @@ def test_the_lower_case_variant_teaches_the_fact_for_the_request_in_lower_case()
         )
         assert dl.runtime.route(["alice"], [prompt])[0] == frozenset()  # the lower-case request reaches the circuit
     assert losses[("lower",)] < 0.8 * losses[()], losses
+
+
+def test_a_look_alike_that_matches_a_taught_prompts_keys_exactly_gets_its_own_circuit_and_leaves_the_fact():
+    """Two getters that differ after a long shared prefix: the first one's distinctive tokens all lie in the prefix,
+    so the second matches its keys exactly (a causal model gives the shared tokens the same states). Teaching the
+    second is another fact, not the first asked again: it gets a circuit of its own, the first gate is keyed again
+    on tokens the second lacks, and the first fact's outputs do not move."""
+    dl = tokens_dl()
+    alice = dl.agent("alice", swarm="s", domain="d")
+    first, second = "def get_zorbexkamun_qualtrip_w():", "def get_zorbexkamun_qualtrip_v():"
+    r1 = alice.learn(first, " return 7311")
+    ids = dl.encode(first)
+    x = torch.tensor([ids + dl.encode(" return 7311", special=False)])
+    before = alice.logits(x, route_tokens=len(ids))
+    ids2 = dl.encode(second)
+    assert dl.hierarchy.find_circuit(r1.circuit_id)[1].gate.distance(dl.router.features([ids2])[0]) < 1e-5
+    r2 = alice.learn(second, " return 2468")
+    assert r2.spawned and r2.circuit_id != r1.circuit_id
+    assert torch.equal(alice.logits(x, route_tokens=len(ids)), before)
+    assert r1.circuit_id in dl.runtime.route(["alice"], [ids2])[0]  # the first circuit no longer acts on the second
+    assert r1.circuit_id not in dl.runtime.route(["alice"], [ids])[0]  # and still on its own prompt

@@ -21,6 +21,7 @@ import torch
 
 from .circuits import Circuit
 from .config import TIERS
+from .gates import Gate
 from .keys import background_bases, init_factors, joined_bases, key_activations, screened_bases
 from .routing import first_kept
 from .subject import SubjectText, subject_text
@@ -311,12 +312,26 @@ class ContextLearner:
         return out
 
     @staticmethod
-    def _another_fact(circuit: Circuit, feature: torch.Tensor, completion: str) -> bool:
-        """Does this prompt, which reaches ``circuit`` without being one of its own prompts, teach something else?
-        Yes when none of the circuit's remembered examples has this completion."""
-        if circuit.gate is None or not circuit.gate.tokens or circuit.gate.distance(feature) <= 1e-6:
+    def _another_fact(circuit: Circuit, prompt: str, completion: str) -> bool:
+        """Does this prompt, which reaches ``circuit``, teach something else than the circuit holds? Yes when it is
+        none of the circuit's remembered prompts and none of its remembered examples has this completion. (Not
+        the gate's distance: a look-alike whose distinctive tokens lie in a prefix it shares with a taught prompt,
+        ``get_zephyr_port`` beside ``get_zephyr_bucket``, matches that prompt's keys exactly.)"""
+        if circuit.gate is None or not circuit.gate.tokens or not circuit.examples:
             return False
-        return bool(circuit.examples) and not any(e[2] == completion for e in circuit.examples)
+        if any(e[1] == prompt for e in circuit.examples):
+            return False
+        return not any(e[2] == completion for e in circuit.examples)
+
+    def _separated(self, circuit: Circuit, feature: torch.Tensor) -> Gate:
+        """``circuit``'s gate no longer reaching this input (another fact's prompt): raised above it, and where it
+        cannot be (the input matches its keys exactly), with those prototypes made again from the circuit's own
+        prompts, keyed on tokens the input lacks."""
+        gate = circuit.gate.excluding(feature)
+        if gate.distance(feature) > 1.0:
+            return gate
+        own = [self.rt.encode(e[1]) for e in circuit.examples]
+        return self.rt.router.separated(gate, feature, own)
 
     def _affinities(
         self, circuits: list[Circuit], capture: dict[str, torch.Tensor], feature: torch.Tensor | None
@@ -371,15 +386,15 @@ class ContextLearner:
         dropped = None
         spawned = best is None or best_act < cfg.attribution_threshold
         others: list[Circuit] = []  # token gates: circuits of other facts whose gates this prompt reaches
-        if not spawned and rt.router.tokens and self._another_fact(best, feature, texts[1]):
+        if not spawned and rt.router.tokens and self._another_fact(best, *texts):
             # a new prompt that reaches a circuit holding another answer is another fact that looks alike, not
             # that circuit's fact asked another way: it gets a circuit of its own, with a threshold above their prompts
             others = [c for c in context if c.gate is not None and c.gate.tokens and distance[c.id] <= 1.0]
             spawned = True
             if cfg.exclude_lookalikes:  # and theirs no longer reach it: their circuits stop acting on this prompt
                 for c in others:
-                    if self._another_fact(c, feature, texts[1]):
-                        c.gate = c.gate.excluding(feature)
+                    if self._another_fact(c, *texts):
+                        c.gate = self._separated(c, feature)
         if spawned:
             # kept out of the keys of the SCREENED circuits that act where it will: ungated ones and those whose
             # gates this prompt reaches (a gated circuit elsewhere never acts with it, and 576 rank-1 fact keys
@@ -398,6 +413,9 @@ class ContextLearner:
                 if spawned
                 else router.extend_gate(best.gate, feature, prompt_ids, agent_id)
             )
+            for negative in negatives:  # a look-alike that matches the new keys exactly: keyed where they differ
+                if best.gate.distance(negative) <= 1.0:
+                    best.gate = router.separated(best.gate, negative, [prompt_ids])
         best.observe_example(1.0 if spawned else best_act, *texts)
         routes = skip()
         subject = None

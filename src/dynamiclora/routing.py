@@ -199,16 +199,36 @@ class Router:
             gate = gate.with_key(keys, threshold, owner, self.config.route_strict)
         return gate
 
+    def separated(self, gate: Gate, feature: torch.Tensor, own: list[list[int]]) -> Gate:
+        """``gate`` with the prototypes that reach ``feature`` (another fact's prompt, whose tokens match their keys
+        exactly: a prefix both prompts share) made again from the gate's ``own`` prompts, keyed on their tokens
+        least like the background plus the one least like that prompt's, and raised above it."""
+        reached = gate.reached_by(feature)
+        owner = next((o[0] for o, r in zip(gate.owners, reached.tolist()) if r and o), None)
+        made = [p for ids in own for p in self._prototypes(self.features([ids])[0], ids, [feature], avoid=feature)]
+        kept = gate.keeping(~reached)
+        for keys, threshold in made:
+            kept = (
+                Gate.prototype(keys, threshold, owner, self.config.route_strict)
+                if kept is None
+                else kept.with_key(keys, threshold, owner, self.config.route_strict)
+            )
+        return kept.excluding(feature) if kept is not None else gate
+
     def _prototypes(
-        self, feature: torch.Tensor, prompt_ids: list[int], negatives: list[torch.Tensor] = ()
+        self,
+        feature: torch.Tensor,
+        prompt_ids: list[int],
+        negatives: list[torch.Tensor] = (),
+        avoid: torch.Tensor | None = None,
     ) -> list[tuple[torch.Tensor, float]]:
         """The prompt's prototype (keys, threshold), and for a plain-text prompt that lower case spells with other
         tokens, its lower-case form's too. A name in lower case is other tokens, whose states match the taught
         ones poorly: as one of the variants that set the threshold it pulled many gates down to where neighbours
         reach them (1,000 facts: 0.77 of neighbours reached some gate; with a prototype of its own, 0.16)."""
-        out = [self._prototype(feature, prompt_ids, negatives)]
+        out = [self._prototype(feature, prompt_ids, negatives, avoid)]
         for lower in self.rewrites(prompt_ids, (str.lower,)):
-            out.append(self._prototype(self.features([lower])[0], lower, negatives))
+            out.append(self._prototype(self.features([lower])[0], lower, negatives, avoid))
         return out
 
     def rewrites(self, prompt_ids: list[int], rewrites: tuple[Callable[[str], str], ...]) -> list[list[int]]:
@@ -232,14 +252,19 @@ class Router:
         return self.tokenizer.decode(prompt_ids[lo:hi], skip_special_tokens=True).strip()
 
     def _prototype(
-        self, feature: torch.Tensor, prompt_ids: list[int], negatives: list[torch.Tensor] = ()
+        self,
+        feature: torch.Tensor,
+        prompt_ids: list[int],
+        negatives: list[torch.Tensor] = (),
+        avoid: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, float]:
         """The prompt's most distinctive token states (least like any background token), and the threshold: 0.9 of
         the worst match among the learner's own variants of the prompt (a line before it, doubled spaces), never as
         low as the best match any background prompt or any of the ``negatives`` gets (+ ``THRESHOLD_MARGIN``).
         (Choosing the keys against the negatives too picks template words a neighbour shares: on the editing
-        benchmark neighbour locality fell from 0.94 to 0.78.)"""
-        keys = feature[self._distinctive(feature)]
+        benchmark neighbour locality fell from 0.94 to 0.78; ``avoid``, one look-alike's token states, is used
+        only to tell a gate from a prompt that matches its keys exactly, see :meth:`separated`.)"""
+        keys = feature[self._distinctive(feature, avoid)]
         probe = Gate.prototype(keys, 0.0, strict=self.config.route_strict)
 
         def match(states: torch.Tensor) -> float:
@@ -250,10 +275,15 @@ class Router:
         worst = min((match(f) for f in self.features(variants)), default=0.95)
         return keys, float(min(max(0.9 * worst, floor), THRESHOLD_CAP))
 
-    def _distinctive(self, feature: torch.Tensor) -> torch.Tensor:
-        """Indices of the ``route_keys`` token states of ``feature`` least like any background token."""
+    def _distinctive(self, feature: torch.Tensor, avoid: torch.Tensor | None = None) -> torch.Tensor:
+        """Indices of the ``route_keys`` token states of ``feature`` least like any background token; with
+        ``avoid`` (a look-alike's token states), also the one least like any of that input's, where it is another."""
         novelty = 1.0 - (feature @ self.background.T).max(dim=1).values
-        return novelty.topk(min(self.config.route_keys, feature.shape[0])).indices
+        chosen = novelty.topk(min(self.config.route_keys, feature.shape[0])).indices
+        if avoid is None:
+            return chosen
+        apart = int((1.0 - (feature @ avoid.to(feature).T).max(dim=1).values).argmax())
+        return chosen if apart in chosen.tolist() else torch.cat([chosen, torch.tensor([apart])])
 
     def distinctive_positions(self, feature: torch.Tensor, prompt_ids: list[int]) -> list[int]:
         """Where in ``prompt_ids`` the tokens a new gate would key on lie, the most distinctive first."""
