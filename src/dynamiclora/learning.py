@@ -29,6 +29,10 @@ from .subject import SubjectText, subject_text
 if TYPE_CHECKING:
     from .runtime import Runtime
 
+# a gate distance this small is an exact match (rounding of a unit vector's cosine with itself, over a prototype's
+# 1 - threshold of at least 0.005): the input has the very token states the keys were taken from
+EXACT = 1e-3
+
 
 def _example(prompt_ids: list[int], completion_ids: list[int], device) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids, labels) of one sequence: the completion's tokens are the targets."""
@@ -330,8 +334,12 @@ class ContextLearner:
         gate = circuit.gate.excluding(feature)
         if gate.distance(feature) > 1.0:
             return gate
-        own = [self.rt.encode(e[1]) for e in circuit.examples]
-        return self.rt.router.separated(gate, feature, own)
+        router = self.rt.router
+        # its prompts as its gate saw them (a conversation is remembered as what its author wrote, whose tokens
+        # alone are not the prompt the keys came from: that one is left as it is)
+        prompts = [self.rt.encode(e[1]) for e in circuit.examples]
+        own = [ids for ids in prompts if circuit.gate.distance(router.features([ids])[0]) <= EXACT]
+        return router.separated(gate, feature, own) if own else gate
 
     def _affinities(
         self, circuits: list[Circuit], capture: dict[str, torch.Tensor], feature: torch.Tensor | None
