@@ -472,3 +472,23 @@ def test_a_look_alike_that_matches_a_taught_prompts_keys_exactly_gets_its_own_ci
     assert torch.equal(alice.logits(x, route_tokens=len(ids)), before)
     assert r1.circuit_id in dl.runtime.route(["alice"], [ids2])[0]  # the first circuit no longer acts on the second
     assert r1.circuit_id not in dl.runtime.route(["alice"], [ids])[0]  # and still on its own prompt
+
+
+def test_a_new_gate_keyed_on_a_prefix_a_taught_prompt_shares_stays_off_that_prompt():
+    """The other way round from a look-alike: ``get_delta_owner``'s distinctive tokens all lie in ``get_delta``, which
+    the taught ``get_delta_timeout`` shares. The new prompt does not reach the old gate, but the old prompt matches
+    the new keys exactly, so the new circuit would act on the old fact. The new gate is raised above the other
+    fact's prompt and keyed apart from it: the old fact's outputs do not move."""
+    dl = tokens_dl()
+    alice = dl.agent("alice", swarm="s", domain="d")
+    old, new = "def get_delta_timeout():", "def get_delta_owner():"
+    r1 = alice.learn(old, " return 'tundra'")
+    ids, ids_new = dl.encode(old), dl.encode(new)
+    x = torch.tensor([ids + dl.encode(" return 'tundra'", special=False)])
+    before = alice.logits(x, route_tokens=len(ids))
+    assert dl.hierarchy.find_circuit(r1.circuit_id)[1].gate.distance(dl.router.features([ids_new])[0]) > 1.0
+    r2 = alice.learn(new, " return 'nectar'")
+    assert r2.spawned
+    assert torch.equal(alice.logits(x, route_tokens=len(ids)), before)
+    assert r2.circuit_id in dl.runtime.route(["alice"], [ids])[0]  # the new circuit does not act on the old prompt
+    assert r2.circuit_id not in dl.runtime.route(["alice"], [ids_new])[0]  # but on its own

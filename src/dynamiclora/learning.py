@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 # a gate distance this small is an exact match (rounding of a unit vector's cosine with itself, over a prototype's
 # 1 - threshold of at least 0.005): the input has the very token states the keys were taken from
 EXACT = 1e-3
+PROMPT_STATES_KEPT = 4096  # route features of remembered prompts a learner keeps (see ContextLearner._states)
 
 
 def _example(prompt_ids: list[int], completion_ids: list[int], device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,6 +63,7 @@ class ContextLearner:
         self._optimizers: dict[str, torch.optim.Optimizer] = {}
         self._background: dict[str, torch.Tensor] | None = None
         self._continuations: OrderedDict[tuple[int, ...], list[int]] = OrderedDict()  # (see subject.py)
+        self._prompt_states: OrderedDict[str, torch.Tensor] = OrderedDict()  # (see _states)
 
     def forget(self, circuit_id: str) -> None:
         self._optimizers.pop(circuit_id, None)
@@ -327,6 +329,29 @@ class ContextLearner:
             return False
         return not any(e[2] == completion for e in circuit.examples)
 
+    def _states(self, prompt: str) -> torch.Tensor:
+        """The route feature of a circuit's remembered prompt, from its text (as saved, so a reloaded learner
+        decides as this one would), kept for the next look-up."""
+        states = self._prompt_states.pop(prompt, None)
+        if states is None:
+            states = self.rt.router.features([self.rt.encode(prompt)])[0]
+        self._prompt_states[prompt] = states
+        while len(self._prompt_states) > PROMPT_STATES_KEPT:
+            self._prompt_states.popitem(last=False)
+        return states
+
+    def _reached_prompts(self, gate: Gate, circuits: list[Circuit], completion: str) -> list[torch.Tensor]:
+        """The route features of the other facts' prompts that ``gate`` (a new circuit's) reaches: prompts of
+        ``circuits`` with another answer than ``completion``. A new gate keyed on a prefix a taught prompt shares
+        (``get_delta_owner`` beside ``get_delta_timeout``) reaches that prompt though the new prompt does not
+        reach its gate: the other way round from a look-alike."""
+        out = []
+        for c in circuits:
+            if c.gate is None or not c.gate.tokens or any(e[2] == completion for e in c.examples):
+                continue
+            out += [f for f in (self._states(e[1]) for e in c.examples) if gate.distance(f) <= 1.0]
+        return out
+
     def _separated(self, circuit: Circuit, feature: torch.Tensor) -> Gate:
         """``circuit``'s gate no longer reaching this input (another fact's prompt): raised above it, and where it
         cannot be (the input matches its keys exactly), with those prototypes made again from the circuit's own
@@ -415,12 +440,18 @@ class ContextLearner:
         if feature is not None and (spawned or (best.gate is not None and best.gate.distance(feature) > 1e-6)):
             # a new prompt of this circuit becomes a key of its gate (a circuit made with routing off stays ungated)
             router = rt.router
-            negatives = [router.features([rt.encode(e[1])])[0] for c in others for e in c.examples]
+            negatives = [self._states(e[1]) for c in others for e in c.examples]
             best.gate = (
                 router.new_gate(feature, prompt_ids, agent_id, negatives)
                 if spawned
                 else router.extend_gate(best.gate, feature, prompt_ids, agent_id)
             )
+            if spawned and best.gate.tokens and cfg.exclude_lookalikes:  # and it stays off their prompts
+                known = {c.id for c in others}
+                reached = self._reached_prompts(best.gate, [c for c in context if c.id not in known], texts[1])
+                if reached:
+                    negatives += reached
+                    best.gate = router.new_gate(feature, prompt_ids, agent_id, negatives)
             for negative in negatives:  # a look-alike that matches the new keys exactly: keyed where they differ
                 if best.gate.distance(negative) <= 1.0:
                     best.gate = router.separated(best.gate, negative, [prompt_ids])
