@@ -359,12 +359,10 @@ class ContextLearner:
         gate = circuit.gate.excluding(feature)
         if gate.distance(feature) > 1.0:
             return gate
-        router = self.rt.router
         # its prompts as its gate saw them (a conversation is remembered as what its author wrote, whose tokens
         # alone are not the prompt the keys came from: that one is left as it is)
-        prompts = [self.rt.encode(e[1]) for e in circuit.examples]
-        own = [ids for ids in prompts if circuit.gate.distance(router.features([ids])[0]) <= EXACT]
-        return router.separated(gate, feature, own) if own else gate
+        own = [self.rt.encode(e[1]) for e in circuit.examples if circuit.gate.distance(self._states(e[1])) <= EXACT]
+        return self.rt.router.separated(gate, feature, own) if own else gate
 
     def _affinities(
         self, circuits: list[Circuit], capture: dict[str, torch.Tensor], feature: torch.Tensor | None
