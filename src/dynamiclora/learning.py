@@ -32,7 +32,9 @@ if TYPE_CHECKING:
 # a gate distance this small is an exact match (rounding of a unit vector's cosine with itself, over a prototype's
 # 1 - threshold of at least 0.005): the input has the very token states the keys were taken from
 EXACT = 1e-3
-PROMPT_STATES_KEPT = 4096  # route features of remembered prompts a learner keeps (see ContextLearner._states)
+# route features of remembered prompts a learner keeps (see ContextLearner._states): about 9,000 prompts of SmolLM2,
+# 1,300 of a model 4,096 wide; beyond it each new circuit computes the features of the prompts it checks again
+PROMPT_STATES_BYTES = 256 * 2**20
 
 
 def _example(prompt_ids: list[int], completion_ids: list[int], device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,6 +66,7 @@ class ContextLearner:
         self._background: dict[str, torch.Tensor] | None = None
         self._continuations: OrderedDict[tuple[int, ...], list[int]] = OrderedDict()  # (see subject.py)
         self._prompt_states: OrderedDict[str, torch.Tensor] = OrderedDict()  # (see _states)
+        self._prompt_states_bytes = 0
 
     def forget(self, circuit_id: str) -> None:
         self._optimizers.pop(circuit_id, None)
@@ -335,9 +338,10 @@ class ContextLearner:
         states = self._prompt_states.pop(prompt, None)
         if states is None:
             states = self.rt.router.features([self.rt.encode(prompt)])[0]
+            self._prompt_states_bytes += states.nbytes
         self._prompt_states[prompt] = states
-        while len(self._prompt_states) > PROMPT_STATES_KEPT:
-            self._prompt_states.popitem(last=False)
+        while self._prompt_states_bytes > PROMPT_STATES_BYTES and len(self._prompt_states) > 1:
+            self._prompt_states_bytes -= self._prompt_states.popitem(last=False)[1].nbytes
         return states
 
     def _reached_prompts(self, gate: Gate, circuits: list[Circuit], completion: str) -> list[torch.Tensor]:
