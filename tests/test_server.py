@@ -132,7 +132,7 @@ def test_concurrent_agents_share_one_batched_forward_with_unchanged_outputs(serv
         client.post("/v1/learn", json={"model": a, "prompt": "x =", "completion": f" {i}"}, headers=headers[a])
     bodies = {a: {"model": a, "prompt": "x =", "max_tokens": 6} for a in agents}
     alone = {a: dl.generate_batch([(a, "x =")], max_new_tokens=6)[0].text for a in agents}  # (the engine is idle)
-    engine = client.app.state.engine
+    engine = client.app.state.service.engine
     rows = engine.stats["rows"]
     engine.scheduler.stats["peak_rows"] = 0
     with ThreadPoolExecutor(len(agents)) as pool:
@@ -152,7 +152,7 @@ def test_a_full_queue_answers_429_and_the_server_recovers(tmp_path):
     app = create_app(dl, tmp_path / "state", admin_key=ADMIN, max_queue=1)
     with TestClient(app) as client:
         headers = register(client, "alice")
-        engine = client.app.state.engine
+        engine = client.app.state.service.engine
         release = threading.Event()
         engine.submit(CallJob(lambda: release.wait(30), durable=False))  # occupies the worker
         time.sleep(0.2)
@@ -523,7 +523,7 @@ def test_a_deleted_agent_leaves_no_key_tier_cache_entry_or_completion_behind(ser
     r = client.delete("/v1/agents/alice", headers=alice)
     assert r.status_code == 200 and r.json()["deleted"] and r.json()["circuits"] >= 1, r.text
     assert client.get("/v1/models", headers=alice).status_code == 401  # its key is gone
-    assert "alice" not in dl.hierarchy.agents and not client.app.state.keys.has_key("alice")
+    assert "alice" not in dl.hierarchy.agents and not client.app.state.service.keys.has_key("alice")
     assert not [k for k in dl.hierarchy.scopes if k.name == "alice" and k.tier in ("agent", "context")]
     assert not [e for e in dl.wavegen.cache.entries() if e.agent == "alice"]
     assert all("alice" not in [w[0] for w in who] for who in dl.wavegen.cache.requesters.values())

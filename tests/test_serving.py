@@ -136,7 +136,7 @@ def served(tmp_path):
     app = create_app(dl, tmp_path / "state", admin_key=ADMIN)
     with live(app) as url, httpx.Client(base_url=url, timeout=60) as http:
         headers = register(http, "alice")
-        yield http, headers, app.state.engine, dl
+        yield http, headers, app.state.service.engine, dl
 
 
 def events(lines) -> list[dict]:
@@ -210,7 +210,7 @@ def test_logprobs_are_the_models_on_the_same_tokens(tmp_path):
     populate(dl, {"alice": ("s", "d")}, per_scope=1)
     app = create_app(dl, tmp_path / "state", admin_key=ADMIN)
     with TestClient(app) as client:
-        key = client.app.state.keys.issue("alice")
+        key = client.app.state.service.keys.issue("alice")
         headers = {"Authorization": f"Bearer {key}"}
         prompt = "def parse(text):"
         body = {"model": "alice", "prompt": prompt, "max_tokens": 6, "logprobs": 3}

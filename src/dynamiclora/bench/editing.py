@@ -317,9 +317,9 @@ def main(argv: list[str] | None = None) -> dict:
     capacity = max(steps)
     ticks = args.tick_interval
 
-    def facts_method(**options):  # fact circuits (FACT_CIRCUITS) with these DynamicLoRAMethod options
+    def facts_method(circuits=FACT_CIRCUITS, **options):  # fact circuits with these DynamicLoRAMethod options
         return lambda: DynamicLoRAMethod(
-            fresh(), tokenizer, ["editor"], tick_interval=ticks, capacity=capacity, **options, **FACT_CIRCUITS
+            fresh(), tokenizer, ["editor"], tick_interval=ticks, capacity=capacity, **{**circuits, **options}
         )
 
     methods = {
@@ -345,20 +345,11 @@ def main(argv: list[str] | None = None) -> dict:
         ),
         "facts-late": (
             "fact circuits as facts-keys, from the route layer on (routed inside the forward)",
-            lambda: DynamicLoRAMethod(
-                fresh(), tokenizer, ["editor"], tick_interval=ticks, capacity=capacity, **FACTS_LATE
-            ),
+            facts_method(FACTS_LATE),
         ),
         "facts-lower": (
             "fact circuits as facts-late, also trained on the prompt in lower case",
-            lambda: DynamicLoRAMethod(
-                fresh(),
-                tokenizer,
-                ["editor"],
-                tick_interval=ticks,
-                capacity=capacity,
-                **{**FACTS_LATE, "learn_variants": ("chat", "lower")},
-            ),
+            facts_method(FACTS_LATE, learn_variants=("chat", "lower")),
         ),
         "tokens-still": (  # diagnostic: the same without ticks (no decay of the facts not used since)
             "token gate, no ticks",

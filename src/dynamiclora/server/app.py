@@ -55,7 +55,6 @@ def create_app(
 
     app = FastAPI(title="DynamicLoRA", lifespan=lifespan)
     app.state.service = svc
-    app.state.engine, app.state.keys, app.state.dl = engine, svc.keys, dl
     app.add_middleware(JSONBodies)
     install_error_handlers(app)
     for routes in (openai_routes, memory_routes, dashboard):
