@@ -82,6 +82,7 @@ def test_reach_benchmark_quick_counts_earlier_gates_each_prompt_reaches(tmp_path
             assert 0.0 <= r["prompts_reaching_any"] <= 1.0 and r["reached_per_prompt"] >= r["prompts_reaching_any"]
         assert rows[0]["reached_per_prompt"] <= (6 - 1) / 2  # at most the facts taught before each prompt
         assert all(0.0 <= v <= 1.0 for v in rule["own_gate_reached"].values())
+        assert 0.0 <= rule["subject_text_reaching_other"] <= 1.0 and 0.0 <= rule["neighbour_text_reaching_any"] <= 1.0
     # raising the reached gates lowers what later prompts reach on these facts (not in general: a raised gate can
     # make a prompt that would have joined it spawn a circuit of its own, which later prompts may reach)
     both, alike = (record["rules"][r]["spans"] for r in ("look-alike, both ways", "look-alike"))

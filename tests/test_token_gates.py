@@ -266,9 +266,9 @@ def test_many_token_gates_matched_at_once_reach_what_each_gate_reaches_alone():
     unit = lambda *shape: torch.nn.functional.normalize(torch.randn(*shape, generator=g), dim=-1)  # noqa: E731
     gates = []
     for i in range(40):  # one to three prototypes each, thresholds across the range the router gives, some strict
-        gate = Gate.prototype(unit(3, 16), 0.5 + 0.01 * i, strict=i % 4 == 0)
+        gate = Gate.prototype(unit(3, 16), 0.5 + 0.01 * i, strict=i % 4 == 0, ordered=i % 3 == 0)
         for k in range(i % 3):
-            gate = gate.with_key(unit(3, 16), 0.7 if k else 0.5, strict=i % 5 == 0)
+            gate = gate.with_key(unit(3, 16), 0.7 if k else 0.5, strict=i % 5 == 0, ordered=i % 2 == 0)
         gates.append(gate)
     index = TokenGateIndex(gates)
     hits = 0
@@ -334,37 +334,73 @@ def test_a_strict_gate_needs_every_key_so_an_input_sharing_two_of_three_does_not
     assert mean.covers(strict) and not strict.covers(mean)  # a strict prototype reaches less
 
 
-def test_a_strict_gate_is_content_and_survives_save_load_ranks_and_consensus(tmp_path):
+def test_an_ordered_gate_matches_its_keys_in_their_order_so_the_same_pieces_in_another_order_do_not_reach_it():
+    g = torch.Generator().manual_seed(2)
+    unit = lambda *shape: torch.nn.functional.normalize(torch.randn(*shape, generator=g), dim=-1)  # noqa: E731
+    keys = unit(3, 32)  # a name's three pieces, in the taught prompt's order
+    near = lambda x: torch.nn.functional.normalize(x + 0.2 * unit(*x.shape), dim=-1)  # noqa: E731
+    in_order = torch.cat([unit(2, 32), near(keys), unit(1, 32)])  # the name in another sentence
+    reordered = torch.cat([unit(1, 32), keys[2:], unit(1, 32), keys[:2]])  # "Velmun Belvelnix" for "Belvelmun"
+    for strict in (False, True):
+        plain = Gate.prototype(keys, 0.6, strict=strict)
+        ordered = Gate.prototype(keys, 0.6, strict=strict, ordered=True)
+        assert plain.distance(in_order) <= 1.0 and ordered.distance(in_order) <= 1.0
+        assert plain.distance(reordered) <= 1.0  # every piece is there, each matched exactly somewhere
+        assert ordered.distance(reordered) > 1.0
+        assert TokenGateIndex([plain, ordered]).reached(reordered).tolist() == [True, False]
+        assert plain.covers(ordered) and not ordered.covers(plain)  # an ordered prototype reaches less
+        assert ordered.excluding(in_order).distance(in_order) > 1.0  # raised above an input by its path's match
+    # the match is the best path of increasing positions, as enumerating every path gives it
+    import itertools
+
+    for strict in (False, True):
+        for _ in range(20):
+            k, t = int(torch.randint(1, 4, (1,), generator=g)), int(torch.randint(1, 7, (1,), generator=g))
+            keys, feature = unit(k, 8), unit(t, 8)
+            cos = keys @ feature.T
+            paths = [
+                [float(cos[i, p]) for i, p in enumerate(ps)] for ps in itertools.combinations(range(t), k)
+            ]  # (combinations are increasing)
+            best = max((min(c) if strict else sum(c) / k for c in paths), default=float("-inf"))
+            score = 1.0 - Gate.prototype(keys, 0.0, strict=strict, ordered=True).distance(feature)
+            if paths:
+                assert score == pytest.approx(best, abs=1e-5)
+            else:  # fewer tokens than keys: no path, not reached
+                assert Gate.prototype(keys, 0.0, strict=strict, ordered=True).distance(feature) > 1.0
+
+
+@pytest.mark.parametrize("option,flag", [("route_strict", "strict"), ("route_ordered", "ordered")])
+def test_a_strict_or_ordered_gate_is_content_and_survives_save_load_ranks_and_consensus(tmp_path, option, flag):
     from dynamiclora.dynamics.distributed import _pack, _unpack
     from dynamiclora.dynamics.resonance import Proposal
     from dynamiclora.gates import union
 
-    config = DynamicLoRAConfig(learning={"route_match": "tokens", "route_strict": True}, dynamics={"tick_interval": 0})
+    config = DynamicLoRAConfig(learning={"route_match": "tokens", option: True}, dynamics={"tick_interval": 0})
     dl = make_dl(config=config)
     circuit = learned(dl)
     gate = circuit.gate
-    assert gate.strict is not None and bool(gate.strict.all())
+    assert getattr(gate, flag) is not None and bool(getattr(gate, flag).all())
     feature = lambda text: dl.router.features([dl.encode(text)])[0]  # noqa: E731
     for text in REACHED:  # the paraphrases still reach it
         assert gate.distance(feature(text)) <= 1.0, text
     for text in NOT_REACHED:
         assert gate.distance(feature(text)) > 1.0, text
     digest = circuit.content_hash()
-    circuit.gate = Gate(gate.keys, gate.radii, gate.owners, gate.groups)  # the same numbers, not strict
+    circuit.gate = dataclasses.replace(gate, **{flag: None})  # the same numbers, without the flag
     assert circuit.content_hash() != digest
     circuit.gate = gate
     before = {t: agent_logits(dl, "alice", t) for t in (FACT[0], *REACHED, *NOT_REACHED)}
     dl.save(tmp_path / "state")
     again = DynamicLoRA.load(tmp_path / "state", model=make_dl().model, tokenizer=dl.tokenizer)
     loaded = again.hierarchy.find_circuit(circuit.id)[1]
-    assert loaded.content_hash() == digest and torch.equal(loaded.gate.strict, gate.strict)
+    assert loaded.content_hash() == digest and torch.equal(getattr(loaded.gate, flag), getattr(gate, flag))
     for text, then in before.items():
         torch.testing.assert_close(agent_logits(again, "alice", text), then, rtol=0, atol=0)
     back = _unpack(_pack(Proposal(circuit, frozenset({"alice"}), "alice", 1.0)), torch.device("cpu"))
     assert back.circuit.content_hash() == digest
     first = gate.groups == 0
     merged = union([gate.keeping(first), Gate.prototype(gate.keys[first], float(gate.radii[0]))])
-    assert merged.strict is not None and merged.strict.tolist() == [True] * 3 + [False] * 3  # a strict, a mean copy
+    assert getattr(merged, flag).tolist() == [True] * 3 + [False] * 3  # a flagged copy and a plain one
 
 
 def test_word_span_widens_token_pieces_to_whole_words():

@@ -193,6 +193,14 @@ class LearningConfig:
             "trained to 100 facts, reworded paraphrases lose some (0.83 -> 0.78; see docs/editing.md)."
         ),
     )
+    route_ordered: bool = field(
+        default=False,
+        metadata=_help(
+            "Token gates: a new prototype matches its keys at increasing positions of the input, in the order of "
+            "their tokens in the taught prompt, stored in the gate: a text holding a taught name's pieces in "
+            "another order (another name made of the same syllables) does not reach it (see docs/editing.md)."
+        ),
+    )
     exclude_lookalikes: bool = field(
         default=True,
         metadata=_help(

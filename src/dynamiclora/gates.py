@@ -16,15 +16,18 @@ Two kinds, one per routing mode (``LearningConfig.route_match``):
   reaches the prototype when the keys' mean match is at least the prototype's threshold (kept in ``radii``, the
   same for every key of a prototype). A *strict* prototype (``strict``) takes its keys' lowest match instead of
   their mean: every key must be matched, so a name that shares two of three distinctive pieces with a taught one
-  does not reach it. Rewording, a line before, a chat template or other spacing keep the fact's
-  distinctive tokens; a neighbour (the template about another entity) and unrelated inputs lack them.
+  does not reach it. An *ordered* prototype (``ordered``) matches its keys, which are kept in the order of their
+  tokens in the taught prompt, at increasing positions of the input: the best such path, not each key's best
+  token anywhere, so the pieces of a name matched in another order (``Velmun Belvelnix`` for ``Belvelmun``) do
+  not add up to it. Rewording, a line before, a chat template or other spacing keep the fact's distinctive
+  tokens, in their order; a neighbour (the template about another entity) and unrelated inputs lack them.
 """
 
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -46,6 +49,7 @@ class Gate:
     owners: Owners = ()
     groups: torch.Tensor | None = None  # (k,) int64: token gates, each key's prototype; None: a pooled gate
     strict: torch.Tensor | None = None  # (k,) bool: token gates, whether each key's prototype needs every key matched
+    ordered: torch.Tensor | None = None  # (k,) bool: token gates, whether each key's prototype matches keys in order
 
     def __post_init__(self) -> None:
         if self.keys.dim() != 2 or self.radii.shape != (self.keys.shape[0],):
@@ -58,6 +62,8 @@ class Gate:
             raise InvalidInputError(f"a token gate of {self.keys.shape[0]} keys has groups {tuple(self.groups.shape)}")
         if self.strict is not None and (self.groups is None or self.strict.shape != (self.keys.shape[0],)):
             raise InvalidInputError("only a token gate is strict, with one flag per key")
+        if self.ordered is not None and (self.groups is None or self.ordered.shape != (self.keys.shape[0],)):
+            raise InvalidInputError("only a token gate is ordered, with one flag per key")
 
     @property
     def tokens(self) -> bool:
@@ -69,10 +75,10 @@ class Gate:
         return torch.unique(self.groups, return_inverse=True)[1]
 
     @functools.cached_property
-    def prototypes(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Token gates: per prototype, its number of keys, its threshold and whether it is strict (see
+    def prototypes(self) -> Prototypes:
+        """Token gates: per prototype, its number of keys, its threshold and whether it is strict and ordered (see
         :func:`_prototypes`), kept once computed."""
-        return _prototypes(self.prototype_index, self.radii, self.strict)
+        return _prototypes(self.prototype_index, self.radii, self.strict, self.ordered)
 
     @classmethod
     def single(cls, feature: torch.Tensor, radius: float, owner: str | None = None) -> Gate:
@@ -81,20 +87,32 @@ class Gate:
         return cls(feature.reshape(1, -1).float().cpu(), torch.tensor([float(radius)]), owners)
 
     @classmethod
-    def prototype(cls, keys: torch.Tensor, threshold: float, owner: str | None = None, strict: bool = False) -> Gate:
+    def prototype(
+        cls,
+        keys: torch.Tensor,
+        threshold: float,
+        owner: str | None = None,
+        strict: bool = False,
+        ordered: bool = False,
+    ) -> Gate:
         """A token gate of one prototype: ``keys`` (k, d) unit-norm token states, reached at mean match (``strict``:
-        lowest match) at least ``threshold``."""
+        lowest match) at least ``threshold``; ``ordered``: matched at increasing positions, in the keys' order."""
         k = keys.shape[0]
         owners = ((owner,),) * k if owner is not None else ()
         flags = torch.ones(k, dtype=torch.bool) if strict else None
-        return cls(
-            keys.float().cpu(), torch.full((k,), float(threshold)), owners, torch.zeros(k, dtype=torch.long), flags
-        )
+        order = torch.ones(k, dtype=torch.bool) if ordered else None
+        groups = torch.zeros(k, dtype=torch.long)
+        return cls(keys.float().cpu(), torch.full((k,), float(threshold)), owners, groups, flags, order)
 
     @property
     def strictness(self) -> torch.Tensor:
         """(k,) bool: ``strict``, or all false."""
         return self.strict if self.strict is not None else torch.zeros(self.keys.shape[0], dtype=torch.bool)
+
+    @property
+    def orderedness(self) -> torch.Tensor:
+        """(k,) bool: ``ordered``, or all false."""
+        return self.ordered if self.ordered is not None else torch.zeros(self.keys.shape[0], dtype=torch.bool)
 
     def owner_of(self, i: int) -> tuple[str, ...]:
         return self.owners[i] if self.owners else ()
@@ -104,8 +122,7 @@ class Gate:
         if not self.tokens:
             return (self.keys - feature.reshape(1, -1).float()).norm(dim=-1) / self.radii.clamp_min(1e-12)
         index = self.prototype_index
-        count, threshold, strict = self.prototypes
-        return _prototype_distances(self.keys, index, count, threshold, strict, feature)[index]
+        return _prototype_distances(self.keys, index, self.prototypes, feature)[index]
 
     def distance(self, feature: torch.Tensor) -> float:
         """Distance to the nearest key (token gates: prototype) in units of its radius: ≤ 1 means the input
@@ -122,10 +139,10 @@ class Gate:
         if not self.tokens:
             raise InvalidInputError("only a token gate can be raised above an input")
         index = self.prototype_index
-        count, threshold, strict = self.prototypes
-        score = _prototype_scores(self.keys, index, count, strict, feature)
+        threshold = self.prototypes.threshold
+        score = _prototype_scores(self.keys, index, self.prototypes, feature)
         raised = torch.where(score >= threshold, (score + THRESHOLD_MARGIN).clamp(max=THRESHOLD_CAP), threshold)
-        return Gate(self.keys, raised.maximum(threshold)[index], self.owners, self.groups, self.strict)
+        return Gate(self.keys, raised.maximum(threshold)[index], self.owners, self.groups, self.strict, self.ordered)
 
     def keeping(self, keep: torch.Tensor, owners: Owners | None = None) -> Gate | None:
         """This gate with only the keys where ``keep`` (k,) is true (and ``owners`` for them, if given); None when
@@ -135,14 +152,20 @@ class Gate:
         index = keep.nonzero().flatten().tolist()
         kept = owners if owners is not None else tuple(self.owners[i] for i in index) if self.owners else ()
         groups = None if self.groups is None else torch.unique(self.groups[keep], return_inverse=True)[1]
-        return Gate(
-            self.keys[keep], self.radii[keep], kept, groups, None if self.strict is None else self.strict[keep]
-        )
+        strict, ordered = (None if flags is None else flags[keep] for flags in (self.strict, self.ordered))
+        return Gate(self.keys[keep], self.radii[keep], kept, groups, strict, ordered)
 
-    def with_key(self, feature: torch.Tensor, radius: float, owner: str | None = None, strict: bool = False) -> Gate:
+    def with_key(
+        self,
+        feature: torch.Tensor,
+        radius: float,
+        owner: str | None = None,
+        strict: bool = False,
+        ordered: bool = False,
+    ) -> Gate:
         """This gate plus one key at ``radius`` (token gates: one prototype, ``feature`` its keys (k, d) and
-        ``radius`` its threshold, ``strict`` whether it needs every key); the oldest go beyond ``MAX_KEYS`` keys
-        (token gates: prototypes)."""
+        ``radius`` its threshold, ``strict`` whether it needs every key, ``ordered`` whether in their order); the
+        oldest go beyond ``MAX_KEYS`` keys (token gates: prototypes)."""
         new = feature.reshape(-1, self.keys.shape[1]).float().cpu()
         keys = torch.cat([self.keys, new])
         radii = torch.cat([self.radii, torch.full((new.shape[0],), float(radius))])
@@ -150,15 +173,17 @@ class Gate:
         if owner is not None:
             known = self.owners or tuple(() for _ in range(self.keys.shape[0]))
             owners = (*known, *(((owner,),) * new.shape[0]))
-        groups = flags = None
+        groups = flags = order = None
         if self.groups is not None:
             groups = torch.cat([self.groups, torch.full((new.shape[0],), int(self.groups.max()) + 1)])
             alive = groups > int(groups.max()) - MAX_KEYS  # the newest MAX_KEYS prototypes
             if strict or self.strict is not None:
                 flags = torch.cat([self.strictness, torch.full((new.shape[0],), bool(strict))])
+            if ordered or self.ordered is not None:
+                order = torch.cat([self.orderedness, torch.full((new.shape[0],), bool(ordered))])
         else:
             alive = torch.arange(keys.shape[0]) >= keys.shape[0] - MAX_KEYS
-        gate = Gate(keys, radii, owners, groups, flags)
+        gate = Gate(keys, radii, owners, groups, flags, order)
         return gate if bool(alive.all()) else gate.keeping(alive)
 
     def covers(self, other: Gate) -> bool:
@@ -168,9 +193,10 @@ class Gate:
             return False
         gaps = torch.cdist(other.keys, self.keys)  # (k_other, k_self)
         same = gaps <= 1e-6 * other.keys.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        if self.tokens:  # (and as strict or less: a strict prototype reaches less than a mean one)
+        if self.tokens:  # (and as strict or less, as ordered or less: either reaches less than a mean one)
             wide = self.radii.unsqueeze(0) <= other.radii.unsqueeze(1) + 1e-6
             wide &= ~self.strictness.unsqueeze(0) | other.strictness.unsqueeze(1)
+            wide &= ~self.orderedness.unsqueeze(0) | other.orderedness.unsqueeze(1)
         else:
             wide = self.radii.unsqueeze(0) >= other.radii.unsqueeze(1) * (1 - 1e-6)
         return bool((same & wide).any(dim=1).all())
@@ -184,19 +210,23 @@ class Gate:
         if self.strict is not None and bool(self.strict.any()):  # (a gate with none strict hashes as before)
             hasher.update(b"strict")
             tensor_digest(hasher, self.strict.to(torch.uint8))
+        if self.ordered is not None and bool(self.ordered.any()):  # (likewise)
+            hasher.update(b"ordered")
+            tensor_digest(hasher, self.ordered.to(torch.uint8))
 
     @classmethod
     def restore(cls, tensors: dict[str, torch.Tensor], record: dict[str, Any]) -> Gate:
         """A gate from its tensors (as :meth:`to_tensors` gives them) and its circuit's record (which holds the
         owners)."""
         owners = tuple(tuple(o) for o in record.get("gate_owners", []))
-        groups, strict = tensors.get("groups"), tensors.get("strict")
+        groups, strict, ordered = tensors.get("groups"), tensors.get("strict"), tensors.get("ordered")
         return cls(
             tensors["route"],
             tensors["radii"],
             owners,
             None if groups is None else groups.long(),
             None if strict is None else strict > 0.5,
+            None if ordered is None else ordered > 0.5,
         )
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
@@ -205,6 +235,8 @@ class Gate:
             out["groups"] = self.groups.contiguous()
         if self.strict is not None:
             out["strict"] = self.strict.contiguous()
+        if self.ordered is not None:
+            out["ordered"] = self.ordered.contiguous()
         return out
 
 
@@ -219,16 +251,17 @@ class TokenGateIndex:
         self.size = len(gates)
         self.keys = torch.cat([g.keys for g in gates]) if gates else torch.zeros(0, 0)
         strict = torch.cat([g.strictness for g in gates]) if any(g.strict is not None for g in gates) else None
+        ordered = torch.cat([g.orderedness for g in gates]) if any(g.ordered is not None for g in gates) else None
         offsets, owner, groups = 0, [], []
         for i, g in enumerate(gates):
             groups.append(g.prototype_index + offsets)
-            count = len(g.prototypes[0])
+            count = len(g.prototypes.sizes)
             owner += [i] * count
             offsets += count
         self.groups = torch.cat(groups) if gates else torch.zeros(0, dtype=torch.long)
         self.owner = torch.tensor(owner, dtype=torch.long)  # (G,) the gate of each prototype
         radii = torch.cat([g.radii for g in gates]) if gates else torch.zeros(0)
-        self.count, self.threshold, self.strict = _prototypes(self.groups, radii, strict)
+        self.prototypes = _prototypes(self.groups, radii, strict, ordered)
 
     def reached(self, feature: torch.Tensor, slack: float = 0.0) -> torch.Tensor:
         """(gates,) bool: which gates this input's token states (T, d) reach; ``slack``: with every prototype's
@@ -240,7 +273,7 @@ class TokenGateIndex:
         that prototype's threshold, as :meth:`Gate.distance` gives it per gate (up to rounding)."""
         if self.size == 0:
             return torch.zeros(0)
-        distance = _prototype_distances(self.keys, self.groups, self.count, self.threshold, self.strict, feature)
+        distance = _prototype_distances(self.keys, self.groups, self.prototypes, feature)
         nearest = torch.full((self.size,), float("inf"))
         return nearest.scatter_reduce(0, self.owner, distance, reduce="amin", include_self=True)
 
@@ -248,51 +281,93 @@ class TokenGateIndex:
         """(len(slacks), gates) bool: :meth:`reached` at each slack, the input matched once."""
         if self.size == 0:
             return torch.zeros(len(slacks), 0, dtype=torch.bool)
-        distance = _prototype_distances(self.keys, self.groups, self.count, self.threshold, self.strict, feature)
-        room = (1.0 - self.threshold).clamp_min(1e-6)
+        distance = _prototype_distances(self.keys, self.groups, self.prototypes, feature)
+        room = (1.0 - self.prototypes.threshold).clamp_min(1e-6)
         near = torch.stack([distance <= 1.0 + slack / room for slack in slacks])
         return torch.zeros(len(slacks), self.size).index_add_(1, self.owner, near.float()) > 0
 
 
+class Prototypes(NamedTuple):
+    """Per prototype of a token gate (or of many, see :class:`TokenGateIndex`): its number of keys (``sizes``),
+    its threshold, and whether it is strict and whether ordered (None: none is)."""
+
+    sizes: torch.Tensor
+    threshold: torch.Tensor
+    strict: torch.Tensor | None
+    ordered: torch.Tensor | None
+
+
 def _prototypes(
-    groups: torch.Tensor, radii: torch.Tensor, strict: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Per prototype (``groups``: each key's prototype, 0 … G-1): its number of keys, its threshold, and whether it
-    is strict (None: none is)."""
+    groups: torch.Tensor, radii: torch.Tensor, strict: torch.Tensor | None = None, ordered: torch.Tensor | None = None
+) -> Prototypes:
+    """Per prototype (``groups``: each key's prototype, 0 … G-1): see :class:`Prototypes`."""
     size = int(groups.max()) + 1 if groups.numel() else 0
     count = torch.zeros(size).index_add_(0, groups, torch.ones(len(groups)))
     threshold = torch.zeros(size).scatter_reduce(0, groups, radii, reduce="amin", include_self=False)
-    if strict is None or not bool(strict.any()):
-        return count, threshold, None
-    flags = torch.zeros(size).scatter_reduce(0, groups, strict.float(), reduce="amax", include_self=False) > 0.5
-    return count, threshold, flags
+
+    def flags(per_key: torch.Tensor | None) -> torch.Tensor | None:
+        if per_key is None or not bool(per_key.any()):
+            return None
+        return torch.zeros(size).scatter_reduce(0, groups, per_key.float(), reduce="amax", include_self=False) > 0.5
+
+    return Prototypes(count, threshold, flags(strict), flags(ordered))
 
 
 def _prototype_distances(
-    keys: torch.Tensor,
-    groups: torch.Tensor,
-    count: torch.Tensor,
-    threshold: torch.Tensor,
-    strict: torch.Tensor | None,
-    feature: torch.Tensor,
+    keys: torch.Tensor, groups: torch.Tensor, prototypes: Prototypes, feature: torch.Tensor
 ) -> torch.Tensor:
     """(G,) each prototype's distance to an input's token states (T, d), in units of its threshold: its match
     (see :func:`_prototype_scores`) as ``(1 - match) / (1 - threshold)``; at most 1 where the input reaches it."""
-    score = _prototype_scores(keys, groups, count, strict, feature)
-    return (1.0 - score).clamp_min(0.0) / (1.0 - threshold).clamp_min(1e-6)
+    score = _prototype_scores(keys, groups, prototypes, feature)
+    return (1.0 - score).clamp_min(0.0) / (1.0 - prototypes.threshold).clamp_min(1e-6)
 
 
 def _prototype_scores(
-    keys: torch.Tensor, groups: torch.Tensor, count: torch.Tensor, strict: torch.Tensor | None, feature: torch.Tensor
+    keys: torch.Tensor, groups: torch.Tensor, prototypes: Prototypes, feature: torch.Tensor
 ) -> torch.Tensor:
     """(G,) each prototype's match to an input's token states (T, d): its keys' best cosines over the tokens,
-    averaged over the prototype's keys (a strict prototype: their lowest)."""
-    best = (keys @ feature.float().T).max(dim=1).values  # each key's best match among the input's tokens
-    mean = torch.zeros(len(count)).index_add_(0, groups, best) / count
-    if strict is None:
-        return mean
-    lowest = torch.full((len(count),), 2.0).scatter_reduce(0, groups, best, reduce="amin", include_self=True)
-    return torch.where(strict, lowest, mean)
+    averaged over the prototype's keys (a strict prototype: their lowest; an ordered one: over the best path of
+    increasing positions)."""
+    count, strict, ordered = prototypes.sizes, prototypes.strict, prototypes.ordered
+    cosines = keys @ feature.float().T  # (k, T)
+    best = cosines.max(dim=1).values  # each key's best match among the input's tokens
+    score = torch.zeros(len(count)).index_add_(0, groups, best) / count
+    if strict is not None:
+        lowest = torch.full((len(count),), 2.0).scatter_reduce(0, groups, best, reduce="amin", include_self=True)
+        score = torch.where(strict, lowest, score)
+    if ordered is not None:
+        score = torch.where(ordered, _in_order(cosines, groups, count, strict), score)
+    return score
+
+
+def _in_order(
+    cosines: torch.Tensor, groups: torch.Tensor, count: torch.Tensor, strict: torch.Tensor | None
+) -> torch.Tensor:
+    """(G,) each prototype's match when its keys (in their rows' order) must be matched at increasing positions:
+    the best such path's mean cosine (strict: its lowest), by dynamic programming over the keys' ranks; -inf where
+    the input has fewer tokens than the prototype keys."""
+    rows = torch.sort(groups, stable=True).indices  # each prototype's keys together, in their order
+    group = groups[rows]
+    starts = torch.ones(len(rows), dtype=torch.bool)
+    starts[1:] = group[1:] != group[:-1]
+    position = torch.arange(len(rows))
+    rank = position - torch.where(starts, position, 0).cummax(dim=0).values
+    lowest = strict[group] if strict is not None else torch.zeros(len(rows), dtype=torch.bool)
+    sims = cosines[rows]
+    path = torch.empty_like(sims)  # best path through this key at a position at or before each token
+    for r in range(int(rank.max()) + 1 if len(rows) else 0):
+        at = (rank == r).nonzero().flatten()
+        if r == 0:
+            path[at] = sims[at].cummax(dim=1).values
+            continue
+        before = torch.full_like(sims[at], float("-inf"))
+        before[:, 1:] = path[at - 1][:, :-1]  # the previous key matched strictly earlier
+        step = torch.where(lowest[at, None], torch.minimum(before, sims[at]), before + sims[at])
+        path[at] = step.cummax(dim=1).values
+    ends = torch.ones(len(rows), dtype=torch.bool)
+    ends[:-1] = group[1:] != group[:-1]
+    total = torch.zeros(len(count)).index_copy_(0, group[ends], path[ends, -1])
+    return total / count if strict is None else torch.where(strict, total, total / count)
 
 
 def covers(outer: Gate | None, inner: Gate | None) -> bool:
@@ -343,25 +418,28 @@ def _token_union(gates: list[Gate]) -> Gate:
     if not all(g.tokens for g in gates):
         raise InvalidInputError("cannot merge token gates with pooled ones; both sides must route the same way")
     seen: dict[bytes, int] = {}
-    protos: list[list] = []  # [keys, threshold, owners, strict]
+    protos: list[list] = []  # [keys, threshold, owners, strict, ordered]
     for g in gates:
         for group in g.groups.unique().tolist():
             rows = (g.groups == group).nonzero().flatten().tolist()
             keys, who = g.keys[rows], set().union(*(g.owner_of(i) for i in rows))
-            strict = bool(g.strictness[rows[0]])
-            sig = keys.numpy().tobytes() + bytes([strict])
+            strict, ordered = bool(g.strictness[rows[0]]), bool(g.orderedness[rows[0]])
+            sig = keys.numpy().tobytes() + bytes([strict, ordered])
             if sig in seen:
                 p = protos[seen[sig]]
                 p[1], p[2] = min(p[1], float(g.radii[rows[0]])), p[2] | who
             else:
                 seen[sig] = len(protos)
-                protos.append([keys, float(g.radii[rows[0]]), who, strict])
+                protos.append([keys, float(g.radii[rows[0]]), who, strict, ordered])
     keys = torch.cat([p[0] for p in protos])
     radii = torch.cat([torch.full((p[0].shape[0],), p[1]) for p in protos])
     groups = torch.cat([torch.full((p[0].shape[0],), i, dtype=torch.long) for i, p in enumerate(protos)])
     recorded = any(g.owners for g in gates)
     owners = tuple(tuple(sorted(p[2])) for p in protos for _ in range(p[0].shape[0])) if recorded else ()
-    flags = None
-    if any(p[3] for p in protos):
-        flags = torch.cat([torch.full((p[0].shape[0],), p[3]) for p in protos])
-    return Gate(keys, radii, owners, groups, flags)
+
+    def flags(which: int) -> torch.Tensor | None:
+        if not any(p[which] for p in protos):
+            return None
+        return torch.cat([torch.full((p[0].shape[0],), p[which]) for p in protos])
+
+    return Gate(keys, radii, owners, groups, flags(3), flags(4))

@@ -185,7 +185,7 @@ class Router:
         if not self.tokens:
             return Gate.single(feature, self.new_radius, owner)
         (keys, threshold), *more = self._prototypes(feature, prompt_ids, list(negatives))
-        gate = Gate.prototype(keys, threshold, owner, self.config.route_strict)
+        gate = Gate.prototype(keys, threshold, owner, *self._flags)
         return self._with(gate, more, owner)
 
     def extend_gate(self, gate: Gate, feature: torch.Tensor, prompt_ids: list[int], owner: str) -> Gate:
@@ -196,8 +196,13 @@ class Router:
 
     def _with(self, gate: Gate, prototypes: list[tuple[torch.Tensor, float]], owner: str) -> Gate:
         for keys, threshold in prototypes:
-            gate = gate.with_key(keys, threshold, owner, self.config.route_strict)
+            gate = gate.with_key(keys, threshold, owner, *self._flags)
         return gate
+
+    @property
+    def _flags(self) -> tuple[bool, bool]:
+        """A new prototype's: strict, ordered."""
+        return self.config.route_strict, self.config.route_ordered
 
     def separated(self, gate: Gate, feature: torch.Tensor, own: list[list[int]]) -> Gate:
         """``gate`` with the prototypes that reach ``feature`` (another fact's prompt, whose tokens match their keys
@@ -209,9 +214,9 @@ class Router:
         kept = gate.keeping(~reached)
         for keys, threshold in made:
             kept = (
-                Gate.prototype(keys, threshold, owner, self.config.route_strict)
+                Gate.prototype(keys, threshold, owner, *self._flags)
                 if kept is None
-                else kept.with_key(keys, threshold, owner, self.config.route_strict)
+                else kept.with_key(keys, threshold, owner, *self._flags)
             )
         return kept.excluding(feature) if kept is not None else gate
 
@@ -264,8 +269,9 @@ class Router:
         (Choosing the keys against the negatives too picks template words a neighbour shares: on the editing
         benchmark neighbour locality fell from 0.94 to 0.78; ``avoid``, one look-alike's token states, is used
         only to tell a gate from a prompt that matches its keys exactly, see :meth:`separated`.)"""
-        keys = feature[self._distinctive(feature, avoid)]
-        probe = Gate.prototype(keys, 0.0, strict=self.config.route_strict)
+        chosen = self._distinctive(feature, avoid)
+        keys = feature[chosen.sort().values if self.config.route_ordered else chosen]  # (ordered: as in the prompt)
+        probe = Gate.prototype(keys, 0.0, None, *self._flags)
 
         def match(states: torch.Tensor) -> float:
             return 1.0 - probe.distance(states)  # at threshold 0: the mean (strict: lowest) best cosine

@@ -120,7 +120,7 @@ def atomic_write(path: Path, write: Any) -> None:
 
 
 GATE = ("route", "radii")  # a gate's keys and radii, stored beside the factors as "<id>//route", "<id>//radii"
-TOKEN_GATE = ("groups", "strict")  # and a token gate's prototype of each key, "<id>//groups", and strictness
+TOKEN_GATE = ("groups", "strict", "ordered")  # and a token gate's prototype of each key, "<id>//groups", and its flags
 
 
 def _tensor_key(circuit_id: str, module: str, which: str) -> str:

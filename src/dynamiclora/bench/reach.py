@@ -13,11 +13,12 @@ circuits' weights), under three rules:
   (``LearningConfig.exclude_lookalikes``).
 
 Reported per span of edits: earlier gates a taught prompt reaches; at the end: the share of each paraphrase kind
-that reaches its own fact's gate (generalization needs it), that reaches another fact's gate, and of neighbours
-that reach any gate.
+that reaches its own fact's gate (generalization needs it), that reaches another fact's gate, of neighbours
+that reach any gate, and of the held-out perplexity's texts (``editing_data.heldout_texts``): sentences about a
+taught subject that reach another fact's gate, neighbours' prompts with an answer of their kind that reach any.
 
 Run: ``python benchmarks/reach.py`` (SmolLM2, 1,000 facts, a few minutes; ``--quick``: a tiny model, 60 facts;
-``--strict``: strict gates, ``LearningConfig.route_strict``).
+``--strict``: strict gates, ``LearningConfig.route_strict``; ``--ordered``: ordered ones, ``route_ordered``).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import torch
 from ..continual.methods import FACT_CIRCUITS, DynamicLoRAMethod
 from ..gates import Gate, TokenGateIndex
 from .editing import chat_prompt
-from .editing_data import PARAPHRASE_KINDS, facts
+from .editing_data import PARAPHRASE_KINDS, facts, heldout_texts
 from .record import arguments, model_path, model_suffix, selected_model, write
 
 RULES = ("first prompt", "look-alike", "look-alike, both ways")
@@ -75,8 +76,10 @@ def teach(router, features: list[torch.Tensor], prompts: list[list[int]], answer
     return circuits, own, reached_before
 
 
-def measure(model, tokenizer, total: int, strict: bool = False) -> dict:
-    fact_circuits = DynamicLoRAMethod(model, tokenizer, ["editor"], capacity=1, route_strict=strict, **FACT_CIRCUITS)
+def measure(model, tokenizer, total: int, strict: bool = False, ordered: bool = False) -> dict:
+    fact_circuits = DynamicLoRAMethod(
+        model, tokenizer, ["editor"], capacity=1, route_strict=strict, route_ordered=ordered, **FACT_CIRCUITS
+    )
     router = fact_circuits.dl.runtime.router
     data = facts(total)
     encode = lambda text: list(tokenizer(text)["input_ids"])  # noqa: E731
@@ -88,6 +91,7 @@ def measure(model, tokenizer, total: int, strict: bool = False) -> dict:
         for kind in PARAPHRASE_KINDS
     }  # fmt: skip
     neighbours = router.features([encode(f.neighbour) for f in data])
+    heldout = router.features([encode(t) for t in heldout_texts(data)])  # per fact: about its subject, a neighbour's
     out = {}
     for rule in RULES:
         circuits, own, before = teach(router, features, prompts, [f.target for f in data], rule)
@@ -110,12 +114,18 @@ def measure(model, tokenizer, total: int, strict: bool = False) -> dict:
             "own_gate_reached": generalizes,
             "other_gate_reached": strays,
             "neighbours_reaching_any": sum(bool(index.reached(f).any()) for f in neighbours) / total,
+            "subject_text_reaching_other": sum(
+                int(h.sum()) - int(h[own[i]]) > 0 for i, h in enumerate(index.reached(f) for f in heldout[::2])
+            )
+            / total,
+            "neighbour_text_reaching_any": sum(bool(index.reached(f).any()) for f in heldout[1::2]) / total,
         }
     return out
 
 
-def markdown(rules: dict, strict: bool = False) -> str:
-    title = "# Gate reach among taught facts" + (", strict gates" if strict else "") + " (cpu)"
+def markdown(rules: dict, strict: bool = False, ordered: bool = False) -> str:
+    kind = ", ".join(["strict"] * strict + ["ordered"] * ordered)
+    title = "# Gate reach among taught facts" + (f", {kind} gates" if kind else "") + " (cpu)"
     lines = [title, "", "Earlier facts' gates a taught prompt reaches:", "",
              "| edits | " + " | ".join(f"{r}: per prompt / any" for r in rules) + " |",
              "|---|" + "---|" * len(rules)]  # fmt: skip
@@ -124,12 +134,15 @@ def markdown(rules: dict, strict: bool = False) -> str:
                  for r in rules.values()]  # fmt: skip
         lines.append(f"| {span['edits'][0]}–{span['edits'][1]} | " + " | ".join(cells) + " |")
     lines += ["", "After the last edit: paraphrases reaching their own fact's gate / another fact's gate "
-              "(" + " / ".join(PARAPHRASE_KINDS) + "), neighbours reaching any gate:", "",
-              "| rule | circuits | own gate | another gate | neighbours |", "|---|---|---|---|---|"]  # fmt: skip
+              "(" + " / ".join(PARAPHRASE_KINDS) + "), neighbours reaching any gate; held-out texts: about a "
+              "subject, reaching another fact's gate / a neighbour's with an answer, reaching any:", "",
+              "| rule | circuits | own gate | another gate | neighbours | held-out texts |",
+              "|---|---|---|---|---|---|"]  # fmt: skip
     for name, r in rules.items():
         own = " / ".join(f"{r['own_gate_reached'][k]:.2f}" for k in PARAPHRASE_KINDS)
         other = " / ".join(f"{r['other_gate_reached'][k]:.2f}" for k in PARAPHRASE_KINDS)
-        lines.append(f"| {name} | {r['circuits']} | {own} | {other} | {r['neighbours_reaching_any']:.2f} |")
+        held = f"{r['subject_text_reaching_other']:.2f} / {r['neighbour_text_reaching_any']:.2f}"
+        lines.append(f"| {name} | {r['circuits']} | {own} | {other} | {r['neighbours_reaching_any']:.2f} | {held} |")
     return "\n".join(lines) + "\n"
 
 
@@ -137,6 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
     def extra(parser):
         parser.add_argument("--facts", type=int, help="how many facts (default 1,000; quick: 60)")
         parser.add_argument("--strict", action="store_true", help="strict gates (learning.route_strict)")
+        parser.add_argument("--ordered", action="store_true", help="ordered gates (learning.route_ordered)")
 
     args = arguments(__doc__, argv, extra=extra)
     if args.quick:
@@ -149,10 +163,12 @@ def main(argv: list[str] | None = None) -> dict:
         path = model_path(progress=True)
         model, tokenizer = AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
     total = args.facts or (60 if args.quick else 1000)
-    rules = measure(model, tokenizer, total, args.strict)
-    record = {"model": selected_model(), "facts": total, "strict": args.strict, "rules": rules}
-    name = "reach-cpu" + ("-strict" if args.strict else "") + ("-quick" if args.quick else model_suffix())
-    md = markdown(rules, args.strict)
+    rules = measure(model, tokenizer, total, args.strict, args.ordered)
+    record = {"model": selected_model(), "facts": total, "rules": rules}
+    record.update(strict=args.strict, ordered=args.ordered)
+    flags = "-strict" * args.strict + "-ordered" * args.ordered
+    name = "reach-cpu" + flags + ("-quick" if args.quick else model_suffix())
+    md = markdown(rules, args.strict, args.ordered)
     write(Path(args.out), name, record, md)
     print(md)
     return record

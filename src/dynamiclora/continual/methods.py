@@ -120,6 +120,7 @@ class DynamicLoRAMethod(Method):
         rank: int = 8,
         learn_variants: tuple[str, ...] = (),
         route_strict: bool = False,
+        route_ordered: bool = False,
         subject_locality: float = 0.0,
         key_background: int = 0,
         circuits_after_route: bool = False,
@@ -138,6 +139,7 @@ class DynamicLoRAMethod(Method):
                 circuit_modules=circuit_modules,
                 learn_variants=learn_variants,
                 route_strict=route_strict,
+                route_ordered=route_ordered,
                 subject_locality=subject_locality,
                 key_background=key_background,
                 circuits_after_route=circuits_after_route,
@@ -155,6 +157,7 @@ class DynamicLoRAMethod(Method):
             + ([f"on {', '.join(circuit_modules)}"] if circuit_modules else [])
             + ([f"learns {', '.join(learn_variants)} variants"] if learn_variants else [])
             + (["strict gates"] if route_strict else [])
+            + (["ordered gates"] if route_ordered else [])
             + ([f"subject locality {subject_locality:g}"] if subject_locality else [])
             + ([f"keys off {key_background} background directions"] if key_background else [])
             + (["circuits from the route layer on"] if circuits_after_route else [])
