@@ -38,6 +38,7 @@ MAX_KEYS = 16  # per gate (token gates: prototypes); a circuit attributed more p
 THRESHOLD_MARGIN = 0.02  # token gates: a threshold set against a prompt lies this far above that prompt's match
 THRESHOLD_CAP = 0.995  # token gates: no threshold above this (a prompt's own variants must still reach it)
 Owners = tuple[tuple[str, ...], ...]
+FLAGS = ("strict", "ordered")  # a token gate's per-key flags (see Gate), each None where no key has it
 
 
 @dataclass(frozen=True)
@@ -60,10 +61,10 @@ class Gate:
             raise InvalidInputError(f"a gate of {self.keys.shape[0]} keys has {len(self.owners)} owner entries")
         if self.groups is not None and self.groups.shape != (self.keys.shape[0],):
             raise InvalidInputError(f"a token gate of {self.keys.shape[0]} keys has groups {tuple(self.groups.shape)}")
-        if self.strict is not None and (self.groups is None or self.strict.shape != (self.keys.shape[0],)):
-            raise InvalidInputError("only a token gate is strict, with one flag per key")
-        if self.ordered is not None and (self.groups is None or self.ordered.shape != (self.keys.shape[0],)):
-            raise InvalidInputError("only a token gate is ordered, with one flag per key")
+        for name in FLAGS:
+            flags = getattr(self, name)
+            if flags is not None and (self.groups is None or flags.shape != (self.keys.shape[0],)):
+                raise InvalidInputError(f"only a token gate is {name}, with one flag per key")
 
     @property
     def tokens(self) -> bool:
@@ -104,15 +105,10 @@ class Gate:
         groups = torch.zeros(k, dtype=torch.long)
         return cls(keys.float().cpu(), torch.full((k,), float(threshold)), owners, groups, flags, order)
 
-    @property
-    def strictness(self) -> torch.Tensor:
-        """(k,) bool: ``strict``, or all false."""
-        return self.strict if self.strict is not None else torch.zeros(self.keys.shape[0], dtype=torch.bool)
-
-    @property
-    def orderedness(self) -> torch.Tensor:
-        """(k,) bool: ``ordered``, or all false."""
-        return self.ordered if self.ordered is not None else torch.zeros(self.keys.shape[0], dtype=torch.bool)
+    def flag(self, name: str) -> torch.Tensor:
+        """(k,) bool: the per-key flag ``name`` (one of ``FLAGS``), or all false."""
+        flags = getattr(self, name)
+        return flags if flags is not None else torch.zeros(self.keys.shape[0], dtype=torch.bool)
 
     def owner_of(self, i: int) -> tuple[str, ...]:
         return self.owners[i] if self.owners else ()
@@ -152,8 +148,8 @@ class Gate:
         index = keep.nonzero().flatten().tolist()
         kept = owners if owners is not None else tuple(self.owners[i] for i in index) if self.owners else ()
         groups = None if self.groups is None else torch.unique(self.groups[keep], return_inverse=True)[1]
-        strict, ordered = (None if flags is None else flags[keep] for flags in (self.strict, self.ordered))
-        return Gate(self.keys[keep], self.radii[keep], kept, groups, strict, ordered)
+        flags = {n: None if getattr(self, n) is None else getattr(self, n)[keep] for n in FLAGS}
+        return Gate(self.keys[keep], self.radii[keep], kept, groups, **flags)
 
     def with_key(
         self,
@@ -173,17 +169,16 @@ class Gate:
         if owner is not None:
             known = self.owners or tuple(() for _ in range(self.keys.shape[0]))
             owners = (*known, *(((owner,),) * new.shape[0]))
-        groups = flags = order = None
+        groups, flags = None, {}
         if self.groups is not None:
             groups = torch.cat([self.groups, torch.full((new.shape[0],), int(self.groups.max()) + 1)])
             alive = groups > int(groups.max()) - MAX_KEYS  # the newest MAX_KEYS prototypes
-            if strict or self.strict is not None:
-                flags = torch.cat([self.strictness, torch.full((new.shape[0],), bool(strict))])
-            if ordered or self.ordered is not None:
-                order = torch.cat([self.orderedness, torch.full((new.shape[0],), bool(ordered))])
+            for name, on in zip(FLAGS, (strict, ordered)):
+                if on or getattr(self, name) is not None:
+                    flags[name] = torch.cat([self.flag(name), torch.full((new.shape[0],), bool(on))])
         else:
             alive = torch.arange(keys.shape[0]) >= keys.shape[0] - MAX_KEYS
-        gate = Gate(keys, radii, owners, groups, flags, order)
+        gate = Gate(keys, radii, owners, groups, **flags)
         return gate if bool(alive.all()) else gate.keeping(alive)
 
     def covers(self, other: Gate) -> bool:
@@ -195,8 +190,8 @@ class Gate:
         same = gaps <= 1e-6 * other.keys.norm(dim=1, keepdim=True).clamp_min(1e-12)
         if self.tokens:  # (and as strict or less, as ordered or less: either reaches less than a mean one)
             wide = self.radii.unsqueeze(0) <= other.radii.unsqueeze(1) + 1e-6
-            wide &= ~self.strictness.unsqueeze(0) | other.strictness.unsqueeze(1)
-            wide &= ~self.orderedness.unsqueeze(0) | other.orderedness.unsqueeze(1)
+            for name in FLAGS:
+                wide &= ~self.flag(name).unsqueeze(0) | other.flag(name).unsqueeze(1)
         else:
             wide = self.radii.unsqueeze(0) >= other.radii.unsqueeze(1) * (1 - 1e-6)
         return bool((same & wide).any(dim=1).all())
@@ -207,36 +202,28 @@ class Gate:
         if self.groups is not None:  # a token gate: its keys mean something else
             hasher.update(b"tokens")
             tensor_digest(hasher, self.groups)
-        if self.strict is not None and bool(self.strict.any()):  # (a gate with none strict hashes as before)
-            hasher.update(b"strict")
-            tensor_digest(hasher, self.strict.to(torch.uint8))
-        if self.ordered is not None and bool(self.ordered.any()):  # (likewise)
-            hasher.update(b"ordered")
-            tensor_digest(hasher, self.ordered.to(torch.uint8))
+        for name in FLAGS:  # (a gate with no key flagged hashes as before the flag was)
+            flags = getattr(self, name)
+            if flags is not None and bool(flags.any()):
+                hasher.update(name.encode())
+                tensor_digest(hasher, flags.to(torch.uint8))
 
     @classmethod
     def restore(cls, tensors: dict[str, torch.Tensor], record: dict[str, Any]) -> Gate:
         """A gate from its tensors (as :meth:`to_tensors` gives them) and its circuit's record (which holds the
         owners)."""
         owners = tuple(tuple(o) for o in record.get("gate_owners", []))
-        groups, strict, ordered = tensors.get("groups"), tensors.get("strict"), tensors.get("ordered")
-        return cls(
-            tensors["route"],
-            tensors["radii"],
-            owners,
-            None if groups is None else groups.long(),
-            None if strict is None else strict > 0.5,
-            None if ordered is None else ordered > 0.5,
-        )
+        groups = tensors.get("groups")
+        flags = {n: tensors[n] > 0.5 for n in FLAGS if n in tensors}
+        return cls(tensors["route"], tensors["radii"], owners, None if groups is None else groups.long(), **flags)
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
         out = {"route": self.keys.contiguous(), "radii": self.radii.contiguous()}
         if self.groups is not None:
             out["groups"] = self.groups.contiguous()
-        if self.strict is not None:
-            out["strict"] = self.strict.contiguous()
-        if self.ordered is not None:
-            out["ordered"] = self.ordered.contiguous()
+        for name in FLAGS:
+            if getattr(self, name) is not None:
+                out[name] = getattr(self, name).contiguous()
         return out
 
 
@@ -250,8 +237,10 @@ class TokenGateIndex:
             raise InvalidInputError("TokenGateIndex takes token gates only")
         self.size = len(gates)
         self.keys = torch.cat([g.keys for g in gates]) if gates else torch.zeros(0, 0)
-        strict = torch.cat([g.strictness for g in gates]) if any(g.strict is not None for g in gates) else None
-        ordered = torch.cat([g.orderedness for g in gates]) if any(g.ordered is not None for g in gates) else None
+        strict, ordered = (
+            torch.cat([g.flag(n) for g in gates]) if any(getattr(g, n) is not None for g in gates) else None
+            for n in FLAGS
+        )
         offsets, owner, groups = 0, [], []
         for i, g in enumerate(gates):
             groups.append(g.prototype_index + offsets)
@@ -423,7 +412,7 @@ def _token_union(gates: list[Gate]) -> Gate:
         for group in g.groups.unique().tolist():
             rows = (g.groups == group).nonzero().flatten().tolist()
             keys, who = g.keys[rows], set().union(*(g.owner_of(i) for i in rows))
-            strict, ordered = bool(g.strictness[rows[0]]), bool(g.orderedness[rows[0]])
+            strict, ordered = (bool(g.flag(n)[rows[0]]) for n in FLAGS)
             sig = keys.numpy().tobytes() + bytes([strict, ordered])
             if sig in seen:
                 p = protos[seen[sig]]

@@ -164,8 +164,13 @@ def main(argv: list[str] | None = None) -> dict:
         model, tokenizer = AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
     total = args.facts or (60 if args.quick else 1000)
     rules = measure(model, tokenizer, total, args.strict, args.ordered)
-    record = {"model": selected_model(), "facts": total, "rules": rules}
-    record.update(strict=args.strict, ordered=args.ordered)
+    record = {
+        "model": selected_model(),
+        "facts": total,
+        "strict": args.strict,
+        "ordered": args.ordered,
+        "rules": rules,
+    }
     flags = "-strict" * args.strict + "-ordered" * args.ordered
     name = "reach-cpu" + flags + ("-quick" if args.quick else model_suffix())
     md = markdown(rules, args.strict, args.ordered)
