@@ -229,3 +229,8 @@ def test_an_editing_run_cut_off_goes_on_from_its_checkpoint_to_the_figures_of_a_
     }
     assert resumed["per_edit"]["learn_calls"] == whole["per_edit"]["learn_calls"]
     assert resumed["per_edit"]["sessions_began_at"] == [0, 2]
+
+    # the finished run's memory measured again from its checkpoint: the same figures, nothing learned
+    again = editing.main([*resumable, "--evaluate-again", "--out", str(tmp_path / "again")])["methods"][0]
+    assert figures(again["rows"]) == figures(whole["rows"])
+    assert again["per_edit"]["learn_calls"] == whole["per_edit"]["learn_calls"]

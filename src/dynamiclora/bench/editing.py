@@ -178,11 +178,13 @@ def run(
     agent: str = "editor",
     saved=lambda partial: None,
     checkpoint: Checkpoint | None = None,
+    evaluate_again: bool = False,
 ) -> dict:
     """Edit facts one by one with a fresh method; evaluate after the T-th edit for every T in ``steps``. ``saved``
     gets the result so far after each evaluation (a long run that is cut off keeps what it measured); with
     ``checkpoint`` (DynamicLoRA methods), a run goes on from the progress saved there, and saves its own every
-    ``checkpoint.EVERY`` edits and after each evaluation."""
+    ``checkpoint.EVERY`` edits and after each evaluation. ``evaluate_again``: a run resumed just after an
+    evaluation measures that memory again with this code (its row replaced), learning nothing."""
     method = make()
     if not isinstance(method, DynamicLoRAMethod):
         checkpoint = None
@@ -195,6 +197,37 @@ def run(
         per_edit = {"learn_s": learn_s, "learn_calls": tries, "sessions_began_at": progress.sessions}
         return {"method": method.name, "rows": rows, "per_edit": per_edit}
 
+    def measure(t: int) -> None:  # evaluate the memory after the t-th edit, a row of the record
+        r = evaluate(method, agent, probe, t)
+        recent = learn_s[-max(10, t // 10) :]  # the last tenth of the edits (at least ten)
+        r.update(
+            edits=t,
+            learn_s_per_edit=statistics.mean(learn_s),
+            learn_s_recent=statistics.mean(recent),
+            learn_calls_per_edit=statistics.mean(tries),
+            bytes_per_fact=bytes_of(method) / t,
+            forward_ratio=forward_ratio(method, agent, base, [p for p, _ in probe.general]),
+            # a new request for a taught fact (it reaches its circuit), routed from scratch
+            forward_ratio_first=forward_ratio(
+                method, agent, base, [p for p, _ in probe.edits[max(0, t - 16) : t]], first_time=True
+            ),
+        )
+        if isinstance(method, DynamicLoRAMethod):  # what the memory dynamics did to the facts meanwhile
+            circuits = [c for scope in method.dl.hierarchy.scopes.values() for c in scope.circuits.values()]
+            r.update(
+                circuits=len(circuits),
+                strength_mean=statistics.mean(c.strength for c in circuits) if circuits else 0.0,
+                vigor_mean=statistics.mean(c.vigor for c in circuits) if circuits else 0.0,  # (disuse fades it)
+                forgotten=len(method.dl.memory.forgotten),
+            )
+        rows.append(r)
+        saved(measured())
+        print(f"  {method.name} T={t}: rel {r['reliability']:.2f} gen {r['generalization_mean']:.2f} "
+              f"loc {r['locality_neighbour']:.2f}/{r['locality_general']:.2f}", flush=True)  # fmt: skip
+
+    if evaluate_again and progress.edits in steps:
+        rows[:] = [r for r in rows if r["edits"] != progress.edits]
+        measure(progress.edits)
     for i, pair in enumerate(probe.edits[: max(steps)]):
         if i < progress.edits:
             continue
@@ -212,33 +245,7 @@ def run(
             print(f"  edit {i + 1}: last 50 {statistics.mean(learn_s[-50:]):.2f} s/edit, "
                   f"{statistics.mean(tries[-50:]):.2f} learn calls/edit", flush=True)  # fmt: skip
         if i + 1 in steps:
-            t = i + 1
-            r = evaluate(method, agent, probe, t)
-            recent = learn_s[-max(10, t // 10) :]  # the last tenth of the edits (at least ten)
-            r.update(
-                edits=t,
-                learn_s_per_edit=statistics.mean(learn_s),
-                learn_s_recent=statistics.mean(recent),
-                learn_calls_per_edit=statistics.mean(tries),
-                bytes_per_fact=bytes_of(method) / t,
-                forward_ratio=forward_ratio(method, agent, base, [p for p, _ in probe.general]),
-                # a new request for a taught fact (it reaches its circuit), routed from scratch
-                forward_ratio_first=forward_ratio(
-                    method, agent, base, [p for p, _ in probe.edits[max(0, t - 16) : t]], first_time=True
-                ),
-            )
-            if isinstance(method, DynamicLoRAMethod):  # what the memory dynamics did to the facts meanwhile
-                circuits = [c for scope in method.dl.hierarchy.scopes.values() for c in scope.circuits.values()]
-                r.update(
-                    circuits=len(circuits),
-                    strength_mean=statistics.mean(c.strength for c in circuits) if circuits else 0.0,
-                    vigor_mean=statistics.mean(c.vigor for c in circuits) if circuits else 0.0,  # (disuse fades it)
-                    forgotten=len(method.dl.memory.forgotten),
-                )
-            rows.append(r)
-            saved(measured())
-            print(f"  {method.name} T={t}: rel {r['reliability']:.2f} gen {r['generalization_mean']:.2f} "
-                  f"loc {r['locality_neighbour']:.2f}/{r['locality_general']:.2f}", flush=True)  # fmt: skip
+            measure(i + 1)
         if checkpoint is not None and ((i + 1) % EVERY == 0 or i + 1 in steps):
             checkpoint.save(method, progress)  # after the evaluation: what it read is part of the memory's history
     out = measured()
@@ -297,6 +304,12 @@ def main(argv: list[str] | None = None) -> dict:
             "--checkpoint",
             help="a directory where a DynamicLoRA method's run keeps its progress (every 50 edits), and from which a"
             " run cut off goes on when started again with the same arguments",
+        )
+        parser.add_argument(
+            "--evaluate-again",
+            action="store_true",
+            help="with --checkpoint, a run saved just after an evaluation measures that memory again with the code"
+            " now checked out (its row replaced; nothing is learned, and the PEFT export is measured too)",
         )
         parser.add_argument(
             "--tick-interval",
@@ -390,6 +403,7 @@ def main(argv: list[str] | None = None) -> dict:
             checkpoint=Checkpoint(checkpoints, label, {"steps": steps, "model": model_id, "ticks": ticks})
             if checkpoints
             else None,
+            evaluate_again=args.evaluate_again,
         )
         r["label"], r["wall_s"] = label, time.perf_counter() - t0
         results.append(r)
