@@ -234,3 +234,5 @@ def test_an_editing_run_cut_off_goes_on_from_its_checkpoint_to_the_figures_of_a_
     again = editing.main([*resumable, "--evaluate-again", "--out", str(tmp_path / "again")])["methods"][0]
     assert figures(again["rows"]) == figures(whole["rows"])
     assert again["per_edit"]["learn_calls"] == whole["per_edit"]["learn_calls"]
+    with pytest.raises(ValueError, match="no --checkpoint"):  # nothing to measure again: said, not a fresh run
+        editing.main([*args, "--evaluate-again", "--out", str(tmp_path / "none")])

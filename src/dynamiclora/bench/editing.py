@@ -225,7 +225,13 @@ def run(
         print(f"  {method.name} T={t}: rel {r['reliability']:.2f} gen {r['generalization_mean']:.2f} "
               f"loc {r['locality_neighbour']:.2f}/{r['locality_general']:.2f}", flush=True)  # fmt: skip
 
-    if evaluate_again and progress.edits in steps:
+    if evaluate_again:
+        if progress.edits not in steps:
+            raise ValueError(
+                f"--evaluate-again measures a memory saved just after an evaluation (after T in {steps} edits), but "
+                + (f"the checkpoint holds {progress.edits} edits" if checkpoint else "there is no --checkpoint")
+                + "; give the --checkpoint directory of a run that reached one of its --steps"
+            )
         rows[:] = [r for r in rows if r["edits"] != progress.edits]
         measure(progress.edits)
     for i, pair in enumerate(probe.edits[: max(steps)]):
